@@ -1,0 +1,350 @@
+"""The plan spec: pydantic models of the YAML file users write.
+
+``load_spec(path)`` parses, validates and resolves a spec. Errors name the file,
+the field path (``stages[1].keep``) and, where the YAML parser knows it, the
+line. Relative paths are resolved against the spec file's folder. Stage fields
+left out inherit the previous stage's value, so a second stage only says what
+changes (usually ``proxy`` and ``tokens``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rbridge.errors import InputError
+
+_STRICT = ConfigDict(extra="forbid", frozen=False)
+
+
+class TokenizerTrain(BaseModel):
+    model_config = _STRICT
+    vocab_size: int = Field(8192, ge=259, le=1_000_000)
+
+
+class TokenizerSpec(BaseModel):
+    """Either train a byte-level BPE on the sources, or load a tokenizer directory."""
+
+    model_config = _STRICT
+    train: TokenizerTrain | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.train is None) == (self.path is None):
+            raise ValueError("give exactly one of 'train' or 'path'")
+        return self
+
+
+class SourceSpec(BaseModel):
+    """Named raw text: one file (.txt, .gz, .jsonl with `field`) or a glob of files."""
+
+    model_config = _STRICT
+    path: Path | None = None
+    glob: str | None = None
+    field: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.path is None) == (self.glob is None):
+            raise ValueError("give exactly one of 'path' or 'glob'")
+        return self
+
+
+class CandidateSpec(BaseModel):
+    """A candidate pre-training dataset: a mixture of sources by token share."""
+
+    model_config = _STRICT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    mix: dict[str, float]
+
+    @field_validator("mix")
+    @classmethod
+    def _shares(cls, mix: dict[str, float]) -> dict[str, float]:
+        if not mix:
+            raise ValueError("a mixture needs at least one source")
+        for source, share in mix.items():
+            if not (share > 0):
+                raise ValueError(f"share of '{source}' must be > 0, got {share}")
+        total = sum(mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"token shares must sum to 1, they sum to {total:.6g}")
+        return mix
+
+
+class BenchmarkSpec(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1)
+    traces: Path
+    context: Literal["none", "question", "fewshot"] = "question"
+    minmax: Literal["trace", "benchmark", "none"] = "trace"
+    aggregate: Literal["mean", "weighted"] = "mean"
+
+
+class KeepWithin(BaseModel):
+    model_config = _STRICT
+    within: float = Field(gt=0)
+
+
+Keep = Union[int, float, KeepWithin]
+
+
+class StageSpec(BaseModel):
+    """One stage: a proxy shape, a token budget, rungs and how many survive.
+
+    Every field but ``name`` may be left out and then inherits the previous
+    stage's value (the first stage falls back to the defaults below).
+    """
+
+    model_config = _STRICT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    proxy: dict[str, Any] | None = None
+    tokens: int | None = Field(None, gt=0)
+    seq_len: int | None = Field(None, gt=1)
+    batch_size: int | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0)
+    warmup: float | None = Field(None, ge=0, lt=1)
+    evals: int | None = Field(None, ge=1)
+    keep: Keep | None = None
+    reduction_factor: float | None = Field(None, gt=1)
+    metric: Literal["rbridge", "nll", "rbridge_no_minmax", "bpb"] | None = None
+    precision: Literal["auto", "fp32", "bf16"] | None = None
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep(cls, keep):
+        if keep is None or isinstance(keep, KeepWithin):
+            return keep
+        if isinstance(keep, dict):
+            return KeepWithin.model_validate(keep)
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ValueError(f"keep must be a count (3), a fraction (0.25) or {{within: X}}, got {keep!r}")
+        if isinstance(keep, int) and keep < 1:
+            raise ValueError("keep must be at least 1")
+        if isinstance(keep, float) and not (0 < keep <= 1):
+            raise ValueError("a fractional keep must lie in (0, 1]")
+        return keep
+
+
+STAGE_DEFAULTS: dict[str, Any] = {
+    "seq_len": 256, "batch_size": 16, "lr": 3e-3, "warmup": 0.05, "evals": 4,
+    "metric": "rbridge", "precision": "auto",
+}
+
+
+class Spec(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    store: str | None = None
+    cache: Path | None = None
+    seed: int = 0
+    heldout_fraction: float = Field(0.05, gt=0, lt=0.5)
+    tokenizer: TokenizerSpec = Field(default_factory=lambda: TokenizerSpec(train=TokenizerTrain()))
+    sources: dict[str, SourceSpec]
+    candidates: list[CandidateSpec] = Field(min_length=1)
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1)
+    targets: Path | None = None
+
+    # Filled by load_spec, not by the user.
+    path: Path | None = Field(None, exclude=True)
+    text: str = Field("", exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [c.name for c in self.candidates]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"candidate names must be unique: {', '.join(dupes)}")
+        for i, cand in enumerate(self.candidates):
+            for source in cand.mix:
+                if source not in self.sources:
+                    raise _FieldError(("candidates", i, "mix", source),
+                                      f"unknown source '{source}' (sources: {', '.join(self.sources)})")
+        stage_names = [s.name for s in self.stages]
+        if len(set(stage_names)) != len(stage_names):
+            raise ValueError("stage names must be unique")
+        bench_names = [b.name for b in self.benchmarks]
+        if len(set(bench_names)) != len(bench_names):
+            raise ValueError("benchmark names must be unique")
+        return self
+
+    def resolved_stages(self) -> list[StageSpec]:
+        """Stages with every field filled: inherited from the previous stage, else defaulted."""
+        out: list[StageSpec] = []
+        prev: dict[str, Any] = dict(STAGE_DEFAULTS)
+        for i, stage in enumerate(self.stages):
+            values = stage.model_dump()
+            for key, value in values.items():
+                if value is None and key in prev and key not in ("keep", "reduction_factor"):
+                    values[key] = prev[key]
+            if values["proxy"] is None:
+                raise _FieldError(("stages", i, "proxy"), "the first stage must declare a proxy")
+            if values["tokens"] is None:
+                raise _FieldError(("stages", i, "tokens"), "the first stage must declare tokens")
+            resolved = StageSpec(**values)
+            out.append(resolved)
+            prev = {k: v for k, v in values.items() if k != "name"}
+        return out
+
+    @property
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+class _FieldError(ValueError):
+    """A cross-field error that knows the exact field path it belongs to."""
+
+    def __init__(self, loc: tuple, message: str):
+        self.loc = loc
+        super().__init__(message)
+
+
+def keep_count(keep: Keep | None, n: int, scores: list[float] | None = None) -> int:
+    """How many of ``n`` candidates a ``keep`` value lets through.
+
+    ``within: X`` keeps everyone whose score is within X of the best
+    (lower-is-better scores), so it needs the scores.
+    """
+    if keep is None:
+        return n
+    if isinstance(keep, KeepWithin):
+        if scores is None:
+            return n
+        best = min(scores)
+        return max(1, sum(1 for s in scores if s <= best + keep.within))
+    if isinstance(keep, int):
+        return max(1, min(n, keep))
+    return max(1, min(n, math.ceil(keep * n)))
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
+    """Line (1-based) of the YAML node at a pydantic error location, or its nearest parent."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for key, value in node.value:
+                if key.value == str(part):
+                    nxt, line = value, key.start_mark.line + 1
+                    break
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _resolve_paths(spec: Spec, base: Path) -> None:
+    def rel(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    if spec.tokenizer.path is not None:
+        spec.tokenizer.path = rel(spec.tokenizer.path)
+    for src in spec.sources.values():
+        src.path = rel(src.path)
+        if src.glob is not None and not Path(src.glob).is_absolute():
+            src.glob = str(base / src.glob)
+    for bench in spec.benchmarks:
+        bench.traces = rel(bench.traces)
+    spec.targets = rel(spec.targets)
+    spec.cache = rel(spec.cache)
+    if spec.store and "://" not in spec.store and not Path(spec.store).is_absolute():
+        spec.store = str(base / spec.store)
+
+
+def _check_files(spec: Spec, path: Path, root: yaml.Node | None) -> None:
+    def missing(loc: tuple, p: Path):
+        raise InputError(f"file not found: {p}", file=path, line=_line_of(root, loc), field=_loc_str(loc))
+
+    if spec.tokenizer.path is not None and not spec.tokenizer.path.exists():
+        missing(("tokenizer", "path"), spec.tokenizer.path)
+    for name, src in spec.sources.items():
+        if src.path is not None and not src.path.is_file():
+            missing(("sources", name, "path"), src.path)
+        if src.glob is not None:
+            import glob as _glob
+            if not _glob.glob(src.glob, recursive=True):
+                raise InputError(f"glob matches no file: {src.glob}", file=path,
+                                 line=_line_of(root, ("sources", name, "glob")), field=f"sources.{name}.glob")
+    for i, bench in enumerate(spec.benchmarks):
+        if not bench.traces.is_file():
+            missing(("benchmarks", i, "traces"), bench.traces)
+    if spec.targets is not None and not spec.targets.is_file():
+        missing(("targets",), spec.targets)
+
+
+def parse_spec(text: str, path: Path, check_files: bool = True) -> Spec:
+    """Validate spec text that came from ``path`` (used for messages and relative paths)."""
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"not valid YAML: {problem}", file=path, line=line) from None
+    if not isinstance(data, dict):
+        raise InputError("a spec must be a YAML mapping (name:, sources:, candidates:, ...)", file=path)
+    try:
+        spec = Spec.model_validate(data)
+        spec.resolved_stages()
+    except _FieldError as exc:
+        raise InputError(str(exc), file=path, line=_line_of(root, exc.loc), field=_loc_str(exc.loc)) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        ctx_err = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_err, _FieldError):
+            loc = ctx_err.loc
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        # Union types add the member's name to the path; drop those parts.
+        clean = tuple(p for p in loc if isinstance(p, int) or not p[:1].isupper() and p not in ("int", "float"))
+        more = f" (and {len(exc.errors()) - 1} more errors)" if len(exc.errors()) > 1 else ""
+        raise InputError(msg + more, file=path, line=_line_of(root, clean), field=_loc_str(clean)) from None
+    spec.path = path
+    spec.text = text
+    _resolve_paths(spec, path.parent)
+    if check_files:
+        _check_files(spec, path, root)
+    return spec
+
+
+def load_spec(path: str | Path, check_files: bool = True) -> Spec:
+    """Read, validate and resolve the spec at ``path``; raises InputError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("spec file not found", file=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read spec: {exc}", file=path) from None
+    return parse_spec(text, path, check_files=check_files)
