@@ -1,0 +1,108 @@
+"""What a plan has done so far, per stage: candidates, scores, ranks, decisions, compute.
+
+Read-only: safe to call from another process while a plan runs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlmodel import select
+
+from rbridge.errors import InputError
+from rbridge.spec import parse_spec
+from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store
+
+
+def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
+    """A JSON-ready summary of one plan in the store (the only or most recent one by default)."""
+    with store.session() as s:
+        q = select(Plan).order_by(Plan.updated_at.desc())
+        if plan_name:
+            q = select(Plan).where(Plan.name == plan_name)
+        plan = s.exec(q).first()
+        if plan is None:
+            raise InputError("no plan in this store" + (f" named '{plan_name}'" if plan_name else ""),
+                             file=store.url)
+        cands = {c.id: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
+        runs = s.exec(select(Run).where(Run.plan_id == plan.id).order_by(Run.stage_index, Run.id)).all()
+        evals = s.exec(select(Evaluation).join(Run, Run.id == Evaluation.run_id)
+                       .where(Run.plan_id == plan.id)).all()
+        decisions = s.exec(select(Decision).where(Decision.plan_id == plan.id)
+                           .order_by(Decision.rung)).all()
+    from pathlib import Path
+    try:
+        stage_specs = {st.name: st for st in parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"),
+                                                         check_files=False).resolved_stages()}
+    except InputError:
+        stage_specs = {}
+
+    by_run: dict[int, list[Evaluation]] = {}
+    for e in evals:
+        by_run.setdefault(e.run_id, []).append(e)
+    last_decision: dict[tuple[str, int], Decision] = {}
+    for d in decisions:
+        last_decision[(d.stage, d.candidate_id)] = d
+
+    stages: list[dict[str, Any]] = []
+    stage_order: list[str] = []
+    for run in runs:
+        if run.stage not in stage_order:
+            stage_order.append(run.stage)
+    for name in stage_order:
+        spec = stage_specs.get(name)
+        metric = spec.metric if spec else "rbridge"
+        rows = []
+        for run in (r for r in runs if r.stage == name):
+            ev = by_run.get(run.id, [])
+            rung = max((e.rung for e in ev), default=0)
+            at_rung = [e for e in ev if e.rung == rung]
+            score_vals = [e.value for e in at_rung if e.metric == metric]
+            scores = {f"{e.benchmark}/{e.metric}": e.value for e in at_rung}
+            d = last_decision.get((name, run.candidate_id))
+            rows.append({
+                "candidate": cands[run.candidate_id].name,
+                "status": run.status,
+                "rung": rung,
+                "tokens_seen": run.tokens_seen,
+                "tokens_target": run.tokens_target,
+                "score": sum(score_vals) / len(score_vals) if score_vals else None,
+                "scores": scores,
+                "decision": None if d is None else {"rung": d.rung, "kept": d.kept, "rank": d.rank, "why": d.why},
+                "params": run.params,
+                "non_embedding_params": run.non_embedding_params,
+                "train_flops": run.train_flops,
+                "score_flops": run.score_flops,
+                "wall_s": run.wall_s,
+                "tokens_per_s": run.tokens_per_s,
+            })
+        reached = sorted(rows, key=lambda r: (-r["tokens_seen"], r["score"] if r["score"] is not None else 1e300,
+                                              r["candidate"]))
+        for i, r in enumerate(reached, start=1):
+            r["rank"] = i if r["score"] is not None else None
+        stages.append({
+            "name": name,
+            "metric": metric,
+            "evals": spec.evals if spec else None,
+            "tokens": spec.tokens if spec else None,
+            "candidates": reached,
+            "survivors": [r["candidate"] for r in reached if r["status"] not in ("pruned",)],
+            "train_flops": sum(r["train_flops"] for r in rows),
+            "score_flops": sum(r["score_flops"] for r in rows),
+            "wall_s": sum(r["wall_s"] for r in rows),
+        })
+    return {
+        "plan": plan.name,
+        "status": plan.status,
+        "spec_hash": plan.spec_hash,
+        "store": store.url,
+        "candidates": [c.name for c in sorted(cands.values(), key=lambda c: c.position)],
+        "mixtures": {c.name: json.loads(c.mix) for c in cands.values()},
+        "stages": stages,
+        "compute": {
+            "train_flops": sum(s["train_flops"] for s in stages),
+            "score_flops": sum(s["score_flops"] for s in stages),
+            "wall_s": sum(s["wall_s"] for s in stages),
+        },
+    }

@@ -1,0 +1,177 @@
+"""The ``rbridge`` command: thin click wrappers over library functions.
+
+Exit codes: 0 success, 2 bad input (one message naming the file, line or field),
+1 anything else. Set RBRIDGE_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from rbridge.errors import InputError
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False)
+
+
+def _guard(fn):
+    """Turn InputError into exit 2 and other failures into exit 1, each with one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get("RBRIDGE_DEBUG"):
+                raise
+            err_console.print(f"[red]failed:[/] {type(exc).__name__}: {exc}  (RBRIDGE_DEBUG=1 for a traceback)",
+                              soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rbridge")
+def main() -> None:
+    """rbridge: choose pre-training data for reasoning models with tiny proxies scored by rBridge."""
+
+
+# ---------------------------------------------------------------------------- plan / resume / validate
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@_guard
+def validate(spec_path: Path) -> None:
+    """Check a spec without running anything."""
+    from rbridge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    stages = spec.resolved_stages()
+    console.print(f"{spec_path}: ok - plan '{spec.name}', {len(spec.sources)} sources, "
+                  f"{len(spec.candidates)} candidates, {len(spec.benchmarks)} benchmarks, "
+                  f"stages {' -> '.join(s.name for s in stages)}")
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", "store", default=None, help="SQLite path or SQLAlchemy URL (default stores/<name>.db).")
+@click.option("--force", is_flag=True, help="Accept a spec that changed since the plan began.")
+@_guard
+def plan(spec_path: Path, store: str | None, force: bool) -> None:
+    """Run the plan declared in SPEC; continues it if the store already holds it."""
+    from rbridge.spec import load_spec
+
+    _run(load_spec(spec_path), store, force)
+
+
+@main.command()
+@click.option("--store", "store", default=None, help="Store to continue (default: the most recent under stores/).")
+@click.option("--force", is_flag=True, help="Accept a spec file that changed since the plan began.")
+@_guard
+def resume(store: str | None, force: bool) -> None:
+    """Continue the unfinished plan in the store."""
+    from rbridge.spec import parse_spec
+    from rbridge.store import Plan, latest_store, open_store
+    from sqlmodel import select
+
+    if store is None:
+        found = latest_store("stores")
+        if found is None:
+            raise InputError("no store found under stores/; pass --store", file="stores/")
+        store = str(found)
+    st = open_store(store, create=False)
+    with st.session() as s:
+        row = s.exec(select(Plan).order_by(Plan.updated_at.desc())).first()
+    if row is None:
+        raise InputError("the store holds no plan", file=store)
+    # The stored spec text is the plan; paths in it resolve against where it was written.
+    spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
+    st.close()
+    _run(spec, store, force)
+
+
+def _run(spec, store: str | None, force: bool) -> None:
+    from rbridge.planner.plan import run_plan
+
+    console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
+                  f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
+    result = run_plan(spec, store, console=console, force=force)
+    console.print(f"store: {result.store_url}")
+    console.print(f"runs trained this time: {result.trained_runs}, already done and reused: {result.reused_runs}")
+    _print_ranking(result.ranking, spec.resolved_stages())
+    console.print(f"done in {result.wall_s:.1f} s")
+
+
+def _print_ranking(rows: list[dict], stages) -> None:
+    metric_of = {s.name: s.metric for s in stages}
+    for stage in [s.name for s in stages]:
+        sel = [r for r in rows if r["stage"] == stage and r["metric"] == metric_of[stage]]
+        if not sel:
+            continue
+        table = Table(title=f"ranking - stage {stage} ({metric_of[stage]}, lower is better)")
+        for col in ("rank", "candidate", "benchmark", metric_of[stage], "tokens", "status"):
+            table.add_column(col, justify="right" if col in ("rank", "tokens", metric_of[stage]) else "left")
+        for r in sel:
+            table.add_row(str(r["rank"]), r["candidate"], r["benchmark"], f"{r['value']:.4f}",
+                          f"{r['tokens_seen']:,}", r["status"])
+        console.print(table)
+
+
+# ---------------------------------------------------------------------------- status
+@main.command()
+@click.option("--store", "store", default=None, help="Store to read (default: the most recent under stores/).")
+@click.option("--plan", "plan_name", default=None, help="Plan name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_guard
+def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
+    """Stages, candidates, decisions, scores, progress, compute spent."""
+    from rbridge.analysis.status import plan_status
+    from rbridge.store import latest_store, open_store
+
+    if store is None:
+        found = latest_store("stores")
+        if found is None:
+            raise InputError("no store found under stores/; pass --store", file="stores/")
+        store = str(found)
+    st = open_store(store, create=False)
+    info = plan_status(st, plan_name)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    console.print(f"[bold]plan {info['plan']}[/] ({info['status']}) in {info['store']}")
+    for stage in info["stages"]:
+        table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
+                            f"{len(stage['survivors'])} survivors")
+        for col in ("rank", "candidate", stage["metric"], "rung", "tokens", "status", "decision",
+                    "params", "train FLOPs", "tok/s"):
+            table.add_column(col)
+        for r in stage["candidates"]:
+            d = r["decision"]
+            dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} @ rung {d['rung']}"
+            table.add_row(str(r["rank"] or "-"), r["candidate"],
+                          "-" if r["score"] is None else f"{r['score']:.4f}", str(r["rung"]),
+                          f"{r['tokens_seen']:,}/{r['tokens_target']:,}", r["status"], dec,
+                          f"{r['params']:,}", f"{r['train_flops']:.2e}", f"{r['tokens_per_s']:,.0f}")
+        console.print(table)
+        console.print(f"  compute: train {stage['train_flops']:.2e} FLOPs, scoring {stage['score_flops']:.2e} "
+                      f"FLOPs, {stage['wall_s']:.0f} s of training")
+    c = info["compute"]
+    console.print(f"total: train {c['train_flops']:.2e} FLOPs, scoring {c['score_flops']:.2e} FLOPs, "
+                  f"{c['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

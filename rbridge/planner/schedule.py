@@ -1,0 +1,76 @@
+"""Rungs and rung decisions: synchronous successive halving.
+
+Every survivor of a stage is scored at rung r before anyone is dropped at r, and
+the decision depends only on the scores (ties broken by candidate name), never
+on the order in which runs finished or candidates were listed in the spec.
+Optuna's own SuccessiveHalvingPruner decides each trial as it reports, against
+whatever trials happened to report before it, so it is order-dependent; the
+studies here record trials and intermediate values, and this module decides.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rbridge.spec import Keep, KeepWithin, StageSpec, keep_count
+
+
+def rung_tokens(stage: StageSpec) -> list[int]:
+    """Tokens seen at each rung: ``evals`` evenly spaced points, the last one the stage's budget."""
+    return [round(stage.tokens * r / stage.evals) for r in range(1, stage.evals + 1)]
+
+
+def survivors_at(rung: int, n_rungs: int, n_start: int, keep: Keep | None,
+                 reduction_factor: float | None, scores: list[float] | None = None) -> int:
+    """How many candidates stay after ``rung`` (1-based) of ``n_rungs``.
+
+    The stage ends with ``keep`` survivors. Without a ``reduction_factor`` the
+    field shrinks geometrically from ``n_start`` to the final count across the
+    rungs; with one, each rung keeps 1/reduction_factor of the field (never fewer
+    than the final count). ``within: X`` decides at the last rung only.
+    """
+    if keep is None:
+        return n_start
+    if isinstance(keep, KeepWithin):
+        if rung < n_rungs:
+            if reduction_factor is None:
+                return n_start
+            return max(1, math.ceil(n_start / reduction_factor ** rung))
+        return keep_count(keep, n_start, scores)
+    final = keep_count(keep, n_start)
+    if rung >= n_rungs:
+        return final
+    if reduction_factor is not None:
+        return max(final, math.ceil(n_start / reduction_factor ** rung))
+    # Geometric interpolation; the small epsilon keeps exact powers from rounding up.
+    return max(final, math.ceil(n_start * (final / n_start) ** (rung / n_rungs) - 1e-9))
+
+
+@dataclass(frozen=True)
+class RungDecision:
+    candidate: str
+    score: float
+    rank: int
+    kept: bool
+    why: str
+
+
+def decide(scores: dict[str, float], n_keep: int, rung: int, metric: str) -> list[RungDecision]:
+    """Keep the ``n_keep`` lowest scores (lower is better); ties go to the name order."""
+    order = sorted(scores, key=lambda c: (_nan_last(scores[c]), c))
+    cutoff = scores[order[n_keep - 1]] if n_keep else math.inf
+    out = []
+    for rank, cand in enumerate(order, start=1):
+        kept = rank <= n_keep
+        if kept:
+            why = f"rank {rank}/{len(order)} at rung {rung}: {metric} {scores[cand]:.4f} <= cut {cutoff:.4f}"
+        else:
+            why = (f"rank {rank}/{len(order)} at rung {rung}: {metric} {scores[cand]:.4f} > cut {cutoff:.4f}; "
+                   f"{n_keep} kept")
+        out.append(RungDecision(cand, scores[cand], rank, kept, why))
+    return out
+
+
+def _nan_last(x: float) -> float:
+    return math.inf if x != x else x
