@@ -18,7 +18,8 @@ from rich.table import Table
 
 from rbridge.errors import InputError
 
-console = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -155,22 +156,30 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
     for stage in info["stages"]:
         table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
                             f"{len(stage['survivors'])} survivors")
-        for col in ("rank", "candidate", stage["metric"], "rung", "tokens", "status", "decision",
-                    "params", "train FLOPs", "tok/s"):
-            table.add_column(col)
+        for col in ("rank", "candidate", stage["metric"], "tokens", "status", "decision", "params", "FLOPs",
+                    "tok/s"):
+            table.add_column(col, no_wrap=True)
         for r in stage["candidates"]:
             d = r["decision"]
-            dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} @ rung {d['rung']}"
+            dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} r{d['rung']}"
             table.add_row(str(r["rank"] or "-"), r["candidate"],
-                          "-" if r["score"] is None else f"{r['score']:.4f}", str(r["rung"]),
-                          f"{r['tokens_seen']:,}/{r['tokens_target']:,}", r["status"], dec,
-                          f"{r['params']:,}", f"{r['train_flops']:.2e}", f"{r['tokens_per_s']:,.0f}")
+                          "-" if r["score"] is None else f"{r['score']:.4f}",
+                          f"{_si(r['tokens_seen'])}/{_si(r['tokens_target'])}", r["status"], dec,
+                          _si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}")
         console.print(table)
         console.print(f"  compute: train {stage['train_flops']:.2e} FLOPs, scoring {stage['score_flops']:.2e} "
                       f"FLOPs, {stage['wall_s']:.0f} s of training")
     c = info["compute"]
     console.print(f"total: train {c['train_flops']:.2e} FLOPs, scoring {c['score_flops']:.2e} FLOPs, "
                   f"{c['wall_s']:.0f} s")
+
+
+def _si(n: float) -> str:
+    """1234567 -> '1.2M': compact counts for tables."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,334 @@
+"""Train one proxy LlamaForCausalLM on packed token rows, with resumable checkpoints.
+
+The loop, top to bottom (``ProxyTrainer._train_step``):
+
+    rows  = data[(step*B + j) mod n_rows for j in this rank's slice of 0..B-1]
+    loss  = model(rows, labels=rows).loss          # bf16 autocast if precision says so
+    backward, clip grad norm, AdamW step, LR schedule step
+    step += 1; tokens_seen = step * B * seq_len    # global tokens, whatever the world size
+
+The learning-rate schedule (linear warmup, cosine decay to ``min_lr_ratio * lr``)
+always spans the full ``total_tokens``, so training to a rung, checkpointing,
+and continuing in a fresh process follows the same trajectory as one
+uninterrupted run. Accelerate places the model, wraps it for multi-process
+runs (``accelerate launch``) and saves/loads model, optimizer, scheduler and
+RNG states (``save_state`` / ``load_state``); this module adds the atomic
+``step_<n>/`` directories around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rbridge.errors import InputError
+
+MARKER = "COMPLETE"          # written last; a step_<n>/ without it is ignored
+STATE_FILE = "trainer.json"  # step, tokens, wall time and the run's identity
+KEEP_CHECKPOINTS = 2
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak LR used by optimizer step ``step`` (0-based).
+
+    Linear warmup reaches the peak at step ``warmup_steps - 1``; cosine decay then
+    reaches ``min_lr_ratio`` exactly at the last step ``total_steps - 1``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" on CUDA with bf16 support, else "fp32".
+
+    CPUs get fp32: measured on the development machine (Xeon with AVX-512 but no
+    AVX512_BF16/AMX), bf16 autocast trained a 10M Llama about 3x *slower* than
+    fp32 (benchmarks/proxy_throughput.py). Ask for "bf16" explicitly on CPUs with
+    bf16 units (AMX) after measuring there.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise InputError(f"must be auto, fp32 or bf16 (got {precision!r})", field="precision")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def latest_checkpoint(checkpoint_dir: str | Path | None) -> Path | None:
+    """The complete ``step_<n>/`` with the largest n under ``checkpoint_dir``, or None."""
+    found = _complete_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def _complete_checkpoints(checkpoint_dir: str | Path | None) -> list[Path]:
+    if checkpoint_dir is None or not Path(checkpoint_dir).is_dir():
+        return []
+    found = []
+    for p in Path(checkpoint_dir).iterdir():
+        name = p.name
+        if name.startswith("step_") and name[5:].isdigit() and (p / MARKER).is_file():
+            found.append((int(name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+class ProxyTrainer:
+    """Train a proxy from ``data`` rows for ``total_tokens``, in rungs via ``train_to``.
+
+    ``data`` is an int array of shape (n_rows, seq_len), already shuffled; row
+    order is data order, wrapping around when exhausted. Under ``accelerate
+    launch`` each rank trains on its slice of every global batch, so the run is
+    the same whatever the world size (``batch_size`` must divide evenly).
+    A fresh trainer resumes from the latest complete checkpoint in
+    ``checkpoint_dir``. A passed ``accelerator`` must not have prepared anything
+    else: its ``save_state`` saves everything it prepared.
+    """
+
+    def __init__(self, model_config: LlamaConfig, data: np.ndarray, *, total_tokens: int, batch_size: int,
+                 lr: float, warmup_frac: float = 0.05, min_lr_ratio: float = 0.1, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), grad_clip: float | None = 1.0, seed: int,
+                 precision: str = "auto", checkpoint_dir: str | Path | None = None,
+                 save_every_s: float | None = None, accelerator: Accelerator | None = None):
+        _check_data(data, model_config)
+        _check_positive(total_tokens=total_tokens, batch_size=batch_size, lr=lr)
+        if not 0.0 <= warmup_frac < 1.0:
+            raise InputError(f"must be in [0, 1) (got {warmup_frac})", field="warmup_frac")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise InputError(f"must be in [0, 1] (got {min_lr_ratio})", field="min_lr_ratio")
+        if save_every_s is not None and save_every_s <= 0:
+            raise InputError(f"must be positive (got {save_every_s})", field="save_every_s")
+        if save_every_s is not None and checkpoint_dir is None:
+            raise InputError("needs checkpoint_dir", field="save_every_s")
+
+        self.accelerator = accelerator if accelerator is not None else Accelerator()
+        acc = self.accelerator
+        if acc._models or acc._optimizers or acc._custom_objects:
+            raise ValueError("the accelerator already prepared other objects; give each ProxyTrainer its own")
+        if batch_size % acc.num_processes:
+            raise InputError(f"batch_size {batch_size} is not divisible by the {acc.num_processes} processes",
+                             field="batch_size")
+        self.precision = _precision_with(acc, resolve_precision(precision, acc.device), precision)
+
+        self.data = data
+        self.seq_len = data.shape[1]
+        self.batch_size = batch_size
+        self.total_tokens = total_tokens
+        self.tokens_per_step = batch_size * self.seq_len
+        self.total_steps = math.ceil(total_tokens / self.tokens_per_step)
+        self.warmup_steps = min(self.total_steps, max(1, round(warmup_frac * self.total_steps)))
+        self.grad_clip = grad_clip
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.save_every_s = save_every_s
+
+        # Same seed on every rank: identical initial weights, identical data order.
+        set_seed(seed)
+        model = LlamaForCausalLM(model_config)
+        # nanoGPT's rule: decay matrices and embeddings, not norm gains or biases.
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+        schedule = functools.partial(lr_factor, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+                                     min_lr_ratio=min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self._model, self.optimizer = acc.prepare(model, optimizer)
+        # Not prepare()d: an AcceleratedScheduler steps once per process unless split_batches,
+        # but our global batch is already split across ranks, so one step per optimizer step.
+        acc.register_for_checkpointing(self.scheduler)
+
+        # Everything that tells two runs apart; a checkpoint of another run is refused.
+        self._identity = dict(config=model_config.to_diff_dict(), n_rows=int(data.shape[0]), seq_len=self.seq_len,
+                              total_tokens=total_tokens, batch_size=batch_size, lr=lr, warmup_frac=warmup_frac,
+                              min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, betas=list(betas),
+                              grad_clip=grad_clip, seed=seed, precision=self.precision)
+        self._step = 0
+        self._wall_time_s = 0.0
+        self._last_loss = float("nan")
+        if (ckpt := latest_checkpoint(self.checkpoint_dir)) is not None:
+            self._load_checkpoint(ckpt)
+
+    # ---- progress --------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken."""
+        return self._step
+
+    @property
+    def tokens_seen(self) -> int:
+        """Global training tokens consumed (all ranks): step * batch_size * seq_len."""
+        return self._step * self.tokens_per_step
+
+    @property
+    def wall_time_s(self) -> float:
+        """Seconds spent in training steps, summed over resumed runs."""
+        return self._wall_time_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_seen / self._wall_time_s if self._wall_time_s > 0 else 0.0
+
+    @property
+    def model(self) -> LlamaForCausalLM:
+        """The trained model, unwrapped from DDP and in eval mode (training puts it back in train mode)."""
+        model = self.accelerator.unwrap_model(self._model)
+        model.eval()
+        return model
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used by optimizer step ``step``."""
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def train_to(self, tokens: int, on_step: Callable[[int, float], None] | None = None) -> float:
+        """Train until ``tokens_seen >= tokens`` (capped at ``total_tokens``); return the last loss.
+
+        ``on_step(tokens_seen, loss)`` is called after every step with the loss
+        averaged over ranks. With ``save_every_s`` a checkpoint is written whenever
+        that many seconds have passed since the last one.
+        """
+        target = min(int(tokens), self.total_tokens)
+        last_save = time.monotonic()
+        while self.tokens_seen < target and self._step < self.total_steps:
+            t0 = time.perf_counter()
+            self._last_loss = self._train_step()
+            self._wall_time_s += time.perf_counter() - t0
+            if on_step is not None:
+                on_step(self.tokens_seen, self._last_loss)
+            if self.save_every_s is not None and time.monotonic() - last_save >= self.save_every_s:
+                self.save_checkpoint()
+                last_save = time.monotonic()
+        return self._last_loss
+
+    def _train_step(self) -> float:
+        batch = self._batch(self._step)
+        self._model.train()
+        with self._autocast():
+            loss = self._model(input_ids=batch, labels=batch).loss
+        self.accelerator.backward(loss)
+        if self.grad_clip:
+            self.accelerator.clip_grad_norm_(self._model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        return self.accelerator.reduce(loss.detach(), reduction="mean").item()
+
+    def _batch(self, step: int) -> torch.Tensor:
+        """This rank's rows of global batch ``step``: rows (step*B + j) mod n_rows, j in its slice."""
+        per_rank = self.batch_size // self.accelerator.num_processes
+        first = step * self.batch_size + self.accelerator.process_index * per_rank
+        rows = (first + np.arange(per_rank)) % self.data.shape[0]
+        return torch.from_numpy(np.asarray(self.data[rows], dtype=np.int64)).to(self.accelerator.device)
+
+    def _autocast(self):
+        # torch.autocast instead of Accelerator(mixed_precision="bf16"): Accelerate keeps the
+        # precision in a process-wide singleton that cannot change once set, and rbridge trains
+        # proxies in fp32 and bf16 within one process (tests, benchmarks, a planner). When the
+        # accelerator itself was made with bf16 (accelerate launch --mixed_precision bf16),
+        # prepare() already wrapped forward in autocast and this is a no-op.
+        if self.precision == "bf16" and self.accelerator.mixed_precision == "no":
+            return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint_dir/step_<n>/`` atomically and keep the last two; return its path.
+
+        Accelerate's ``save_state`` writes model, optimizer, scheduler and every rank's
+        RNG states into ``step_<n>.tmp/``; then ``trainer.json`` and the ``COMPLETE``
+        marker are written and the folder is renamed, so a crash leaves either a complete
+        checkpoint or one that ``latest_checkpoint`` ignores.
+        """
+        if self.checkpoint_dir is None:
+            raise ValueError("this trainer has no checkpoint_dir")
+        acc = self.accelerator
+        final = self.checkpoint_dir / f"step_{self._step}"
+        tmp = self.checkpoint_dir / f"step_{self._step}.tmp"
+        if (final / MARKER).is_file():
+            return final
+        if acc.is_main_process:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for stale in (tmp, final):           # leftovers of a crash at this very step
+                if stale.exists():
+                    shutil.rmtree(stale)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = dict(step=self._step, tokens_seen=self.tokens_seen, wall_time_s=self._wall_time_s,
+                         last_loss=self._last_loss, identity=self._identity)
+            _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
+            _write_synced(tmp / MARKER, "")
+            os.replace(tmp, final)
+            for old in _complete_checkpoints(self.checkpoint_dir)[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / STATE_FILE).read_text())
+        saved = json.loads(json.dumps(state["identity"]))
+        current = json.loads(json.dumps(self._identity))
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise InputError(f"{path} belongs to another run (differs in: {', '.join(diff)})",
+                             field="checkpoint_dir")
+        self.accelerator.load_state(str(path))
+        self._step = state["step"]
+        self._wall_time_s = state["wall_time_s"]
+        self._last_loss = state["last_loss"]
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _precision_with(acc: Accelerator, resolved: str, asked: str) -> str:
+    """Reconcile the asked precision with an accelerator that already has one."""
+    if acc.mixed_precision == "no":
+        return resolved
+    if asked == "auto" or (asked, acc.mixed_precision) == ("bf16", "bf16"):
+        return acc.mixed_precision
+    raise InputError(f"precision {asked!r} conflicts with the accelerator's mixed_precision "
+                     f"{acc.mixed_precision!r}", field="precision")
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise InputError(f"must be positive (got {v!r})", field=name)
+
+
+def _check_data(data: np.ndarray, config: LlamaConfig) -> None:
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
+        raise InputError("must be an integer array of shape (n_rows, seq_len)", field="data")
+    if data.shape[0] < 1 or data.shape[1] < 2:
+        raise InputError(f"needs at least 1 row of at least 2 tokens (shape {data.shape})", field="data")
+    if data.shape[1] > config.max_position_embeddings:
+        raise InputError(f"seq_len {data.shape[1]} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings}", field="data")
+    lo, hi = int(data.min()), int(data.max())
+    if lo < 0 or hi >= config.vocab_size:
+        raise InputError(f"token ids must be in [0, {config.vocab_size}) (found {lo}..{hi})", field="data")
