@@ -58,9 +58,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "bf16" on CUDA with bf16 support, else "fp32".
 
     CPUs get fp32: measured on the development machine (Xeon with AVX-512 but no
-    AVX512_BF16/AMX), bf16 autocast trained a 10M Llama about 3x *slower* than
-    fp32 (benchmarks/proxy_throughput.py). Ask for "bf16" explicitly on CPUs with
-    bf16 units (AMX) after measuring there.
+    AVX512_BF16/AMX), bf16 autocast trained the 0.5M-8M presets at 0.3-0.7x the
+    speed of fp32, i.e. 1.5-3.5x *slower* (benchmarks/proxy_throughput.py). Ask for
+    "bf16" explicitly on CPUs with bf16 units (AMX) after measuring there.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"must be auto, fp32 or bf16 (got {precision!r})", field="precision")
@@ -118,7 +118,7 @@ class ProxyTrainer:
 
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         acc = self.accelerator
-        if acc._models or acc._optimizers or acc._custom_objects:
+        if any(getattr(acc, name, None) for name in ("_models", "_optimizers", "_custom_objects")):
             raise ValueError("the accelerator already prepared other objects; give each ProxyTrainer its own")
         if batch_size % acc.num_processes:
             raise InputError(f"batch_size {batch_size} is not divisible by the {acc.num_processes} processes",
@@ -153,7 +153,8 @@ class ProxyTrainer:
         acc.register_for_checkpointing(self.scheduler)
 
         # Everything that tells two runs apart; a checkpoint of another run is refused.
-        self._identity = dict(config=model_config.to_diff_dict(), n_rows=int(data.shape[0]), seq_len=self.seq_len,
+        config_fields = {k: v for k, v in model_config.to_diff_dict().items() if k != "transformers_version"}
+        self._identity = dict(config=config_fields, n_rows=int(data.shape[0]), seq_len=self.seq_len,
                               total_tokens=total_tokens, batch_size=batch_size, lr=lr, warmup_frac=warmup_frac,
                               min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, betas=list(betas),
                               grad_clip=grad_clip, seed=seed, precision=self.precision)
@@ -200,8 +201,8 @@ class ProxyTrainer:
     def train_to(self, tokens: int, on_step: Callable[[int, float], None] | None = None) -> float:
         """Train until ``tokens_seen >= tokens`` (capped at ``total_tokens``); return the last loss.
 
-        ``on_step(tokens_seen, loss)`` is called after every step with the loss
-        averaged over ranks. With ``save_every_s`` a checkpoint is written whenever
+        ``on_step(tokens_seen, loss)`` is called after every step, on every rank, with
+        the loss averaged over ranks (record it on the main process only). With ``save_every_s`` a checkpoint is written whenever
         that many seconds have passed since the last one.
         """
         target = min(int(tokens), self.total_tokens)

@@ -1,0 +1,228 @@
+"""Proxy presets, counts and the resumable training loop, on real tiny Llamas (CPU, fp32)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from rbridge.errors import InputError
+from rbridge.proxy import (PRESETS, ProxyTrainer, latest_checkpoint, lr_factor, param_counts, proxy_config,
+                           proxy_train_flops, resolve_precision, train_flops)
+
+VOCAB, SEQ, BATCH = 256, 32, 8
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+
+
+def tiny_config(**overrides):
+    return proxy_config({**TINY, **overrides}, VOCAB, SEQ)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a shared CPU: a second thread mostly waits for the first (3x slower here).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def random_data():
+    return np.random.default_rng(0).integers(0, VOCAB, size=(40, SEQ), dtype=np.int32)
+
+
+def trainer(data, steps=12, **kw):
+    args = dict(total_tokens=steps * BATCH * SEQ, batch_size=BATCH, lr=3e-3, seed=7, precision="fp32")
+    args.update(kw)
+    return ProxyTrainer(tiny_config(), data, **args)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---- presets and counts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"tie_word_embeddings": False}, {"num_attention_heads": 4, "num_key_value_heads": 2},
+    {"attention_bias": True, "mlp_bias": True, "intermediate_size": 80}, {"head_dim": 8},
+])
+def test_param_counts_match_model(overrides):
+    cfg = tiny_config(**overrides)
+    model = LlamaForCausalLM(cfg)
+    total, non_emb = param_counts(cfg)
+    assert total == sum(p.numel() for p in model.parameters())
+    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    assert non_emb == sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_counts_match_model_and_name(name):
+    cfg = proxy_config({"preset": name}, 8192, 256)
+    with torch.device("meta"):                       # shapes only: 1B costs nothing
+        model = LlamaForCausalLM(cfg)
+    total, non_emb = param_counts(cfg)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert total == non_emb + 8192 * cfg.hidden_size        # tied embeddings
+    nominal = float(name[:-1]) * {"M": 1e6, "B": 1e9}[name[-1]]
+    assert 0.75 < non_emb / nominal < 1.25
+
+
+def test_flops():
+    cfg = tiny_config()
+    total, non_emb = param_counts(cfg)
+    assert train_flops(1000, 50) == 300_000
+    assert proxy_train_flops(cfg, 10) == {"non_embedding": 60.0 * non_emb, "total": 60.0 * total}
+
+
+def test_proxy_config_presets_overrides_and_defaults():
+    cfg = proxy_config({"preset": "2M", "num_hidden_layers": 2}, 1000, 128, bos_token_id=1, eos_token_id=2)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (192, 2, 1000)
+    assert (cfg.max_position_embeddings, cfg.bos_token_id, cfg.tie_word_embeddings) == (128, 1, True)
+    cfg = proxy_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}, 1000, 256)
+    assert (cfg.intermediate_size, cfg.num_key_value_heads) == (192, 2)
+
+
+@pytest.mark.parametrize("spec, field, words", [
+    ({"preset": "3M"}, "proxy.preset", ["0.5M", "8M", "1B"]),
+    ({**TINY, "hiden_size": 3}, "proxy.hiden_size", ["unknown LlamaConfig field"]),
+    ({"preset": "2M", "return_dict": False}, "proxy.return_dict", ["unknown"]),
+    ({**TINY, "vocab_size": 10}, "proxy.vocab_size", ["tokenizer"]),
+    ({"num_hidden_layers": 2}, "proxy.hidden_size", ["required"]),
+    ({**TINY, "num_attention_heads": 3}, "proxy.num_attention_heads", ["divisible"]),
+    ({**TINY, "num_key_value_heads": 3}, "proxy.num_key_value_heads", ["divisible"]),
+    ({**TINY, "num_hidden_layers": 0}, "proxy.num_hidden_layers", ["positive"]),
+    ({**TINY, "max_position_embeddings": 8}, "proxy.max_position_embeddings", ["seq_len"]),
+])
+def test_proxy_config_errors(spec, field, words):
+    with pytest.raises(InputError) as e:
+        proxy_config(spec, VOCAB, SEQ)
+    assert e.value.field == field
+    assert all(w in str(e.value) for w in words)
+
+
+# ---- schedule, precision, data order ------------------------------------------------------------
+
+def test_warmup_cosine_schedule(random_data):
+    f = lambda s: lr_factor(s, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(10 + 99 // 2) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 49 / 99)))
+    assert f(109) == pytest.approx(0.1)
+    t = trainer(random_data, steps=40, warmup_frac=0.05)          # 2 warmup steps
+    assert (t.total_steps, t.warmup_steps) == (40, 2)
+    seen = []
+    t.train_to(3 * BATCH * SEQ, on_step=lambda *_: seen.append(t.optimizer.param_groups[0]["lr"]))
+    # the lr after step i is the one step i+1 will use
+    assert seen == pytest.approx([3e-3, t.lr_at(2), t.lr_at(3)])
+    assert t.lr_at(0) == pytest.approx(1.5e-3) and t.lr_at(39) == pytest.approx(3e-4)
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(InputError):
+        resolve_precision("fp16x", torch.device("cpu"))
+
+
+def test_bf16_autocast_trains(random_data):
+    t = trainer(random_data, steps=2, precision="bf16")
+    assert math.isfinite(t.train_to(10**9)) and t.step == 2
+    assert next(t.model.parameters()).dtype == torch.float32          # master weights stay fp32
+
+
+def test_global_batch_is_the_same_for_any_world_size():
+    data = np.arange(10 * 4).reshape(10, 4)
+
+    def batch(step, world, rank):
+        fake = SimpleNamespace(batch_size=4, data=data, accelerator=SimpleNamespace(
+            num_processes=world, process_index=rank, device=torch.device("cpu")))
+        return ProxyTrainer._batch(fake, step)
+
+    for step in range(4):
+        whole = batch(step, 1, 0)
+        assert whole[:, 0].tolist() == [4 * ((step * 4 + j) % 10) for j in range(4)]     # wraps
+        assert torch.equal(torch.cat([batch(step, 2, r) for r in range(2)]), whole)
+        assert torch.equal(torch.cat([batch(step, 4, r) for r in range(4)]), whole)
+
+
+def test_bad_inputs(random_data):
+    with pytest.raises(InputError, match="token ids"):
+        trainer(random_data + VOCAB)
+    with pytest.raises(InputError) as e:
+        trainer(random_data, lr=0)
+    assert e.value.field == "lr"
+    with pytest.raises(InputError) as e:
+        trainer(random_data.astype(np.float32))
+    assert e.value.field == "data"
+
+
+# ---- training and checkpoints ----------------------------------------------------------------
+
+def test_loss_decreases_on_learnable_pattern():
+    rng = np.random.default_rng(1)
+    starts = rng.integers(0, 16, size=(64, 1))
+    data = (starts + np.arange(SEQ)) % 16 * 3                      # next token is a function of this one
+    losses = []
+    t = trainer(data, steps=60, lr=1e-2)
+    t.train_to(10**9, on_step=lambda tokens, loss: losses.append(loss))
+    assert len(losses) == 60 and t.tokens_seen == 60 * BATCH * SEQ
+    assert losses[0] > 4.5 and np.mean(losses[-5:]) < 1.0
+    assert t.tokens_per_s > 0 and t.wall_time_s > 0
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(random_data, tmp_path):
+    total = 12 * BATCH * SEQ
+    whole = trainer(random_data)
+    whole_losses = []
+    whole.train_to(total, on_step=lambda _, loss: whole_losses.append(loss))
+
+    first = trainer(random_data, checkpoint_dir=tmp_path)
+    losses = []
+    first.train_to(5 * BATCH * SEQ - 1, on_step=lambda _, loss: losses.append(loss))  # rung 1: 5 steps
+    assert first.step == 5
+    first.save_checkpoint()
+    first.train_to(total)                  # run on past the checkpoint; the fresh trainer must not see it
+    del first
+
+    second = trainer(random_data, checkpoint_dir=tmp_path)
+    assert (second.step, second.tokens_seen) == (5, 5 * BATCH * SEQ)
+    assert second.train_to(8 * BATCH * SEQ, on_step=lambda _, loss: losses.append(loss)) == losses[-1]
+    assert second.step == 8
+    second.save_checkpoint()
+    second.train_to(total + 10**6, on_step=lambda _, loss: losses.append(loss))      # capped at total
+    assert second.step == 12
+
+    assert np.allclose(losses, whole_losses, rtol=0, atol=1e-6)
+    assert max_diff(weights(second.model), weights(whole.model)) <= 1e-6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_5", "step_8"]
+
+
+def test_incomplete_checkpoint_is_ignored_and_old_ones_pruned(random_data, tmp_path):
+    t = trainer(random_data, checkpoint_dir=tmp_path, save_every_s=1e-9)
+    t.train_to(3 * BATCH * SEQ)                                     # saves after every step
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_3"]
+    (tmp_path / "step_3" / "COMPLETE").unlink()                     # as if killed mid-write
+    shutil.copytree(tmp_path / "step_2", tmp_path / "step_9.tmp")   # a crashed temp folder
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_2"
+    assert trainer(random_data, checkpoint_dir=tmp_path).step == 2
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_checkpoint_of_another_run_is_refused(random_data, tmp_path):
+    t = trainer(random_data, checkpoint_dir=tmp_path)
+    t.train_to(BATCH * SEQ)
+    t.save_checkpoint()
+    with pytest.raises(InputError, match="another run") as e:
+        trainer(random_data, checkpoint_dir=tmp_path, lr=1e-3)
+    assert e.value.field == "checkpoint_dir"
