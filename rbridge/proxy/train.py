@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,20 @@ from accelerate.utils import set_seed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rbridge.errors import InputError
+
+
+class _TiedWeightsNotice(logging.Filter):
+    """Drop Accelerate's "Removed shared tensor {'lm_head.weight'}" warning.
+
+    Proxies tie input and output embeddings, so safetensors stores the shared
+    tensor once; the reload restores the tie and the resume tests check it bitwise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 MARKER = "COMPLETE"          # written last; a step_<n>/ without it is ignored
 STATE_FILE = "trainer.json"  # step, tokens, wall time and the run's identity
