@@ -11,7 +11,7 @@ through the model's chat template with the generation prompt.
   the generated token stream and JSON escapes (``\\n \\t \\" \\\\ \\/ \\b \\f
   \\r \\uXXXX``, surrogate pairs included) are mapped back to characters.
   Malformed output (no JSON object with a non-empty string ``reasoning`` and a
-  ``final_answer``) is retried once: with twice the token budget when the
+  ``final_answer``, or the template's placeholder reasoning copied back) is retried once: with twice the token budget when the
   first try ran out of tokens, otherwise by sampling at ``retry_temperature``
   with a seed derived from the question's index (greedy again would repeat the
   same output). A question malformed twice is dropped and counted.
@@ -38,7 +38,6 @@ from __future__ import annotations
 import bisect
 import datetime as _dt
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from rbridge.scoring.traces import Frontier, FrontierToken, Trace, write_traces
 INSTRUCTION = ('\nRespond ONLY with a JSON object in this exact format: '
                '{ "reasoning": "your step by step reasoning", "final_answer": "your final answer" }')
 PROMPT_NAME = "rbridge-paper-json"
+PLACEHOLDER = "your step by step reasoning"   # small models copy the template; that is malformed
 
 
 @dataclass
@@ -263,7 +263,8 @@ def find_reasoning(text: str) -> tuple[list[str], list[int], Any] | None:
     """Locate the first JSON object in ``text`` with a string ``reasoning`` and a ``final_answer``.
 
     Returns (reasoning characters, raw end index of each, final_answer value),
-    or None when the output is malformed (no such object, or empty reasoning).
+    or None when the output is malformed: no such object, an empty reasoning,
+    or the prompt's placeholder "your step by step reasoning" copied back.
     """
     decoder = json.JSONDecoder()
     for m in re.finditer(r"\{", text):
@@ -272,7 +273,8 @@ def find_reasoning(text: str) -> tuple[list[str], list[int], Any] | None:
         except json.JSONDecodeError:
             continue
         if not (isinstance(obj, dict) and isinstance(obj.get("reasoning"), str)
-                and "final_answer" in obj and obj["reasoning"].strip()):
+                and "final_answer" in obj and obj["reasoning"].strip()
+                and obj["reasoning"].strip().lower() != PLACEHOLDER):
             continue
         # Walk the object again, keeping raw positions of the reasoning value.
         found = None
@@ -365,14 +367,14 @@ def _generate_once(model, tokenizer, ids: list[int], *, max_new_tokens: int,
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature is not None,
                            temperature=temperature if temperature is not None else 1.0,
                            top_k=0 if temperature is not None else None, top_p=1.0,
-                           eos_token_id=eos or None, pad_token_id=pad)
+                           eos_token_id=eos or None, pad_token_id=pad,
+                           output_logits=True, return_dict_in_generate=True)
     device = next(model.parameters()).device
     inp = torch.tensor([ids], dtype=torch.long, device=device)
     if temperature is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=cfg,
-                             output_logits=True, return_dict_in_generate=True)
+        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=cfg)
     new = out.sequences[0, len(ids):].tolist()
     lps = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(out.logits, new)]
     stop = next((k for k, t in enumerate(new) if t in eos), None)

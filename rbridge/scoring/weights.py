@@ -20,7 +20,8 @@ Three steps, each a function:
    the default) or over all tokens of a benchmark (:func:`minmax_benchmark`,
    the draft reading).
 
-Everything is float64 and exact: no clipping, no epsilon.
+Everything is float64 with no clipping and no epsilon; a token whose characters
+all weigh the same gets exactly that weight, so equal weights stay equal.
 """
 
 from __future__ import annotations
@@ -53,12 +54,19 @@ def token_weights(letters: np.ndarray, offsets: Iterable[tuple[int, int]]) -> np
     starts, ends = offs[:, 0], offs[:, 1]
     if (starts < 0).any() or (ends > n).any() or (ends < starts).any():
         raise ValueError(f"token offsets outside the text of {n} characters")
-    # Prefix sums give each span's mean in one pass.
-    csum = np.concatenate([[0.0], np.cumsum(letters)])
     width = ends - starts
     out = np.empty(len(offs), dtype=np.float64)
     wide = width > 0
-    out[wide] = (csum[ends[wide]] - csum[starts[wide]]) / width[wide]
+    if wide.any():
+        # Mean as first letter + mean of differences from it: a span of equal
+        # letter weights gets exactly that weight (a plain sum / n can be off
+        # in the last bit, and MinMax would then turn equal weights into 0 and 1).
+        s, w = starts[wide], width[wide]
+        seg = np.concatenate([[0], np.cumsum(w)[:-1]])
+        idx = np.repeat(s - seg, w) + np.arange(int(w.sum()))
+        base = letters[s]
+        diffs = letters[idx] - np.repeat(base, w)
+        out[wide] = base + np.add.reduceat(diffs, seg) / w
     zero = ~wide
     out[zero] = letters[np.minimum(starts[zero], n - 1)]
     return out
