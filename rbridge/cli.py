@@ -70,19 +70,24 @@ def validate(spec_path: Path) -> None:
 @click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--store", "store", default=None, help="SQLite path or SQLAlchemy URL (default stores/<name>.db).")
 @click.option("--force", is_flag=True, help="Accept a spec that changed since the plan began.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
+              help="CPU threads for torch (default: 1 for proxies under 10M non-embedding parameters, "
+                   "else torch's default).")
 @_guard
-def plan(spec_path: Path, store: str | None, force: bool) -> None:
+def plan(spec_path: Path, store: str | None, force: bool, threads: int | None) -> None:
     """Run the plan declared in SPEC; continues it if the store already holds it."""
     from rbridge.spec import load_spec
 
-    _run(load_spec(spec_path), store, force)
+    _run(load_spec(spec_path), store, force, threads)
 
 
 @main.command()
 @click.option("--store", "store", default=None, help="Store to continue (default: the most recent under stores/).")
 @click.option("--force", is_flag=True, help="Accept a spec file that changed since the plan began.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
+              help="CPU threads for torch (see rbridge plan --help).")
 @_guard
-def resume(store: str | None, force: bool) -> None:
+def resume(store: str | None, force: bool, threads: int | None) -> None:
     """Continue the unfinished plan in the store."""
     from rbridge.spec import parse_spec
     from rbridge.store import Plan, latest_store, open_store
@@ -101,17 +106,18 @@ def resume(store: str | None, force: bool) -> None:
     # The stored spec text is the plan; paths in it resolve against where it was written.
     spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
     st.close()
-    _run(spec, store, force)
+    _run(spec, store, force, threads)
 
 
-def _run(spec, store: str | None, force: bool) -> None:
+def _run(spec, store: str | None, force: bool, threads: int | None = None) -> None:
     from rbridge.planner.plan import run_plan
 
     console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
-    result = run_plan(spec, store, console=console, force=force)
+    result = run_plan(spec, store, console=console, force=force, threads=threads)
     console.print(f"store: {result.store_url}")
-    console.print(f"runs trained this time: {result.trained_runs}, already done and reused: {result.reused_runs}")
+    console.print(f"rungs trained and scored this time: {result.trained_runs}; already done and reused: "
+                  f"{result.reused_runs}")
     _print_ranking(result.ranking, spec.resolved_stages())
     console.print(f"done in {result.wall_s:.1f} s")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 # Bump when the bytes a cache entry holds would change for the same inputs
 # (document splitting, held-out rule, shard layout, window selection ...).
-DATA_FORMAT_VERSION = 1
+DATA_FORMAT_VERSION = 2
 
 MANIFEST = "manifest.json"
 

@@ -210,8 +210,13 @@ def source_fingerprint(src: SourceConfig) -> str:
 
 # -- held-out split ---------------------------------------------------------
 
+# Salted, so the split is independent of any hash-based selection upstream (a corpus
+# built by taking documents in sha1 order would otherwise have no held-out slice).
+_SPLIT_SALT = b"rbridge-heldout-v2\0"
+
+
 def _doc_hash(doc: str) -> int:
-    return int.from_bytes(hashlib.sha1(doc.encode("utf-8", "surrogatepass")).digest(), "big")
+    return int.from_bytes(hashlib.sha1(_SPLIT_SALT + doc.encode("utf-8", "surrogatepass")).digest(), "big")
 
 
 def _check_fraction(heldout_fraction: float) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
                           train_tokenizer)
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
@@ -71,6 +73,31 @@ def describe_proxy(stage: StageSpec, data: PlanData, index: int = 0) -> dict[str
             "non_embedding_params": non_emb}
 
 
+_DEFAULT_THREADS = torch.get_num_threads()
+# Below this many non-embedding parameters a CPU proxy trains fastest on one thread:
+# its matmuls are too small to amortise the threads' synchronisation. Measured on a
+# 2-core machine (benchmarks/proxy_throughput.py): 0.5M preset 5.9k tok/s on 1 thread
+# vs 3.4k on 2; 2M preset 2.9k vs 0.7k.
+SMALL_PROXY_PARAMS = 10_000_000
+
+
+def cpu_threads(non_embedding_params: int, requested: int | None = None) -> int:
+    """Set and return torch's CPU thread count for a stage's proxies.
+
+    ``requested`` (the CLI's --threads) wins; otherwise one thread for small
+    proxies on a CPU-only machine, else torch's default. Fixed per stage, so a
+    resumed stage computes with the same thread count.
+    """
+    if requested:
+        n = requested
+    elif not torch.cuda.is_available() and non_embedding_params < SMALL_PROXY_PARAMS:
+        n = 1
+    else:
+        n = _DEFAULT_THREADS
+    torch.set_num_threads(n)
+    return n
+
+
 @dataclass
 class RunContext:
     spec: Spec
@@ -108,7 +135,8 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
                            warmup_frac=stage.warmup, seed=ctx.model_seed, precision=stage.precision,
                            checkpoint_dir=ctx.checkpoint_dir)
     if trainer.tokens_seen < tokens:
-        progress = make_progress(console) if hasattr(console, "size") else None
+        # Live bars only on a terminal; logs and pipes get the one line per rung the planner prints.
+        progress = make_progress(console) if getattr(console, "is_terminal", False) else None
         if progress is None:
             trainer.train_to(tokens)
         else:

@@ -25,7 +25,7 @@ from sqlmodel import select
 from rbridge.errors import InputError
 from rbridge.planner.schedule import decide, rung_tokens, survivors_at
 from rbridge.spec import Spec, StageSpec
-from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store, open_store
+from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store, open_store, store_url
 from rbridge.store.models import utcnow
 
 # Metrics where a higher value is better; every other stored metric is lower-is-better.
@@ -59,8 +59,8 @@ class PlanResult:
     store_url: str
     wall_s: float
     ranking: list[dict] = field(default_factory=list)
-    reused_runs: int = 0
-    trained_runs: int = 0
+    reused_runs: int = 0   # (run, rung) steps found done in the store
+    trained_runs: int = 0  # (run, rung) steps trained and scored by this call
 
 
 class _Quiet:
@@ -77,9 +77,11 @@ class Planner:
     """Runs one spec against one store. ``Planner(spec).run()`` is the whole job."""
 
     def __init__(self, spec: Spec, store: str | None = None, console: Console | None = None,
-                 force: bool = False):
+                 force: bool = False, threads: int | None = None):
         self.spec = spec
-        self.store = open_store(store or default_store_path(spec))
+        self.store_arg = store or default_store_path(spec)
+        self.store: Store | None = None
+        self.threads = threads
         self.console = console or _Quiet()
         self.force = force
         self.stages = spec.resolved_stages()
@@ -89,27 +91,45 @@ class Planner:
         self.trained_runs = 0
 
     # ------------------------------------------------------------------ plan row
+    def _check_store(self) -> None:
+        """Refuse a store that holds another plan, or this plan with another spec; changes nothing."""
+        url = store_url(self.store_arg)
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+            return
+        st = open_store(self.store_arg)
+        try:
+            with st.session() as s:
+                plans = s.exec(select(Plan)).all()
+        finally:
+            st.close()
+        mine = [p for p in plans if p.name == self.spec.name]
+        if not mine:
+            if plans and url.startswith("sqlite"):
+                raise InputError(f"this store holds plan '{plans[0].name}', not '{self.spec.name}'; "
+                                 "use another --store", file=self.store_arg)
+            return
+        plan = mine[0]
+        if plan.spec_hash != self.spec.spec_hash and not self.force:
+            diff = "\n".join(difflib.unified_diff(plan.spec_text.splitlines(), self.spec.text.splitlines(),
+                                                  "stored spec", "this spec", lineterm="", n=1))
+            raise InputError("the spec changed since this plan began; rerun with --force to accept, "
+                             f"or use another --store. Changes:\n{diff}", file=self.spec.path)
+
     def _plan_row(self) -> Plan:
         with self.store.session() as s:
             plan = s.exec(select(Plan).where(Plan.name == self.spec.name)).first()
-            if plan is None:
-                others = s.exec(select(Plan)).all()
-                if others and self.store.url.startswith("sqlite"):
-                    raise InputError(f"this store holds plan '{others[0].name}', not '{self.spec.name}'; "
-                                     f"use another --store", file=self.store.url)
-                plan = Plan(name=self.spec.name, spec_text=self.spec.text, spec_hash=self.spec.spec_hash,
-                            spec_path=str(self.spec.path or ""), seed=self.spec.seed)
-                s.add(plan)
-                s.flush()
-                for i, cand in enumerate(self.spec.candidates):
-                    s.add(Candidate(plan_id=plan.id, name=cand.name, mix=json.dumps(cand.mix, sort_keys=True),
-                                    position=i))
+            if plan is not None:
+                if plan.spec_hash != self.spec.spec_hash:  # accepted with --force
+                    plan.spec_text, plan.spec_hash = self.spec.text, self.spec.spec_hash
+                    plan.updated_at = utcnow()
                 return plan
-            if plan.spec_hash != self.spec.spec_hash and not self.force:
-                diff = "\n".join(difflib.unified_diff(plan.spec_text.splitlines(), self.spec.text.splitlines(),
-                                                      "stored spec", "this spec", lineterm="", n=1))
-                raise InputError("the spec changed since this plan began; rerun with --force to accept, "
-                                 f"or use another --store. Changes:\n{diff}", file=self.spec.path)
+            plan = Plan(name=self.spec.name, spec_text=self.spec.text, spec_hash=self.spec.spec_hash,
+                        spec_path=str(self.spec.path.resolve() if self.spec.path else ""), seed=self.spec.seed)
+            s.add(plan)
+            s.flush()
+            for i, cand in enumerate(self.spec.candidates):
+                s.add(Candidate(plan_id=plan.id, name=cand.name, mix=json.dumps(cand.mix, sort_keys=True),
+                                position=i))
             return plan
 
     # ------------------------------------------------------------------ data
@@ -128,10 +148,12 @@ class Planner:
     # ------------------------------------------------------------------ run
     def run(self) -> PlanResult:
         t0 = time.perf_counter()
-        # Validate every input before the store changes.
+        # Every input is read and validated before the store is created or changed.
         self._load_traces()
-        plan = self._plan_row()
+        self._check_store()
         data = self._prepare_data()
+        self.store = open_store(self.store_arg)
+        plan = self._plan_row()
         with self.store.session() as s:
             cands = {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
         survivors = sorted(cands)
@@ -152,28 +174,31 @@ class Planner:
 
     def _run_stage(self, plan: Plan, index: int, stage: StageSpec, entrants: list[str],
                    cands: dict[str, Candidate], data) -> list[str]:
-        from rbridge.planner.components import RunContext
+        from rbridge.planner.components import RunContext, cpu_threads
 
         rungs = rung_tokens(stage)
         study = self._study(stage)
         runs = {name: self._run_row(plan, index, stage, cands[name], study, data) for name in entrants}
         active = sorted(entrants)
+        first = next(iter(runs.values()))
+        threads = cpu_threads(first.non_embedding_params, self.threads)
         self.console.print(f"[bold]stage {stage.name}[/]: {len(active)} candidates, proxy "
-                           f"{_fmt_params(next(iter(runs.values())).params)} params, "
-                           f"{stage.tokens:,} tokens each, {len(rungs)} rungs")
+                           f"{_fmt_params(first.params)} params ({_fmt_params(first.non_embedding_params)} "
+                           f"non-embedding), {stage.tokens:,} tokens each, {len(rungs)} rungs, "
+                           f"{threads} CPU thread{'s' if threads > 1 else ''}")
         for rung, tokens in enumerate(rungs, start=1):
             todo = [n for n in active if not self._has_eval(runs[n], rung)]
-            if not todo:
-                self.console.print(f"  rung {rung}: {len(active)} runs already scored (reused)")
-                self.reused_runs += len(active) if rung == len(rungs) else 0
+            if len(todo) < len(active):
+                self.console.print(f"  rung {rung}: {len(active) - len(todo)} of {len(active)} runs already "
+                                   "trained and scored (reused)")
+            self.reused_runs += len(active) - len(todo)
+            self.trained_runs += len(todo)
             for name in todo:
                 ctx = RunContext(self.spec, stage, index, cands[name], runs[name], data, self._load_traces(),
                                  runs_dir(self.store, self.spec.name) / stage.name / name,
                                  seed=derive_seed(self.spec.seed, stage.name, name),
                                  model_seed=derive_seed(self.spec.seed, stage.name))
                 self._advance(ctx, rung, tokens)
-                if rung == len(rungs):
-                    self.trained_runs += 1
             active = self._decide(plan, stage, rung, len(rungs), entrants, active, runs, cands, study)
         return active
 
@@ -302,9 +327,13 @@ def final_ranking(store: Store, plan_name: str) -> list[dict]:
         "WHERE plan = :plan ORDER BY stage_index, benchmark, metric, rank, candidate", plan=plan_name)
 
 
-def run_plan(spec: Spec, store: str | None = None, console: Console | None = None, force: bool = False) -> PlanResult:
-    """Run (or continue) the plan a spec declares; returns the final ranking."""
-    return Planner(spec, store, console, force).run()
+def run_plan(spec: Spec, store: str | None = None, console: Console | None = None, force: bool = False,
+             threads: int | None = None) -> PlanResult:
+    """Run (or continue) the plan a spec declares; returns the final ranking.
+
+    ``threads``: CPU threads for torch; None picks per stage (see ``cpu_threads``).
+    """
+    return Planner(spec, store, console, force, threads).run()
 
 
 def make_progress(console: Console) -> Progress:

@@ -1,0 +1,134 @@
+"""A tiny two-stage plan through the CLI in real subprocesses, against a real SQLite file.
+
+Uses the repository's own corpora (specs/data) and GSM8K traces (specs/traces),
+trimmed by the spec to a few thousand tokens so the whole plan runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = f"""\
+name: tiny
+seed: 1
+tokenizer: {{train: {{vocab_size: 320}}}}
+sources:
+  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
+  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
+  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
+candidates:
+  - {{name: spam, mix: {{spam: 1.0}}}}
+  - {{name: kjv, mix: {{kjv: 1.0}}}}
+  - {{name: cot, mix: {{cot: 1.0}}}}
+  - {{name: kjv-cot, mix: {{kjv: 0.5, cot: 0.5}}}}
+benchmarks:
+  - {{name: gsm8k, traces: traces.jsonl}}
+stages:
+  - name: filter
+    proxy: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2}}
+    tokens: 6144
+    seq_len: 64
+    batch_size: 8
+    lr: 0.01
+    evals: 2
+    keep: 2
+  - name: rank
+    proxy: {{hidden_size: 48, num_hidden_layers: 2, num_attention_heads: 2}}
+    tokens: 8192
+    evals: 1
+"""
+
+
+def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    d = tmp_path_factory.mktemp("plan")
+    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:12]
+    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "tiny.yaml").write_text(SPEC)
+    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    first = _rbridge("plan", "tiny.yaml", cwd=d, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return d, env, first
+
+
+def test_plan_fills_store_and_ranking(plan_dir):
+    d, _env, first = plan_dir
+    db = d / "stores" / "tiny.db"
+    assert db.is_file()
+    con = sqlite3.connect(db)
+    rows = con.execute("select stage, candidate, value, rank, tokens_seen, status from ranking "
+                       "where metric = 'rbridge' order by stage_index, rank").fetchall()
+    filter_rows = [r for r in rows if r[0] == "filter"]
+    rank_rows = [r for r in rows if r[0] == "rank"]
+    assert sorted(r[1] for r in filter_rows) == ["cot", "kjv", "kjv-cot", "spam"]
+    assert len(rank_rows) == 2
+    assert all(0 < r[2] < 20 for r in rows)
+    # Survivors of stage 1 are exactly the stage 2 candidates, and they ranked 1-2 in stage 1.
+    kept = {r[1] for r in filter_rows if r[3] <= 2}
+    assert {r[1] for r in rank_rows} == kept
+    # Decisions are stored with their scores; 4 -> 2 over 2 rungs drops one at each rung.
+    dec = con.execute("select rung, count(*), sum(kept) from decisions where stage = 'filter' "
+                      "group by rung order by rung").fetchall()
+    assert dec == [(1, 4, 3), (2, 3, 2)]
+    # The candidate dropped at rung 1 stopped training there.
+    tokens = dict(con.execute("select c.name, r.tokens_seen from runs r join candidates c on c.id = r.candidate_id "
+                              "where r.stage = 'filter' and r.status = 'pruned'").fetchall())
+    assert sorted(tokens.values()) == [3072, 6144]
+    # Every metric is stored per rung, and one Optuna study per stage.
+    metrics = {m for (m,) in con.execute("select distinct metric from evaluations")}
+    assert metrics == {"rbridge", "nll", "rbridge_no_minmax", "bpb"}
+    studies = {n for (n,) in con.execute("select study_name from studies")}
+    assert studies == {"tiny:filter", "tiny:rank"}
+    assert "ranking - stage rank" in first.stdout
+
+
+def test_second_plan_reuses_everything(plan_dir):
+    d, env, _first = plan_dir
+    before = sqlite3.connect(d / "stores" / "tiny.db").execute("select count(*) from evaluations").fetchone()
+    again = _rbridge("plan", "tiny.yaml", cwd=d, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "reused from cache" in again.stdout and "reused cached shards" in again.stdout
+    assert "rungs trained and scored this time: 0;" in again.stdout
+    after = sqlite3.connect(d / "stores" / "tiny.db").execute("select count(*) from evaluations").fetchone()
+    assert before == after
+
+
+def test_status_json_and_changed_spec_refused(plan_dir):
+    d, env, _first = plan_dir
+    st = _rbridge("status", "--store", "stores/tiny.db", "--json", cwd=d, env=env)
+    assert st.returncode == 0, st.stderr
+    info = json.loads(st.stdout)
+    assert info["status"] == "done" and [s["name"] for s in info["stages"]] == ["filter", "rank"]
+    assert len(info["stages"][1]["survivors"]) == 2
+    changed = d / "changed.yaml"
+    changed.write_text(SPEC.replace("tokens: 8192", "tokens: 9000"))
+    count = "select (select count(*) from runs), (select count(*) from evaluations), (select count(*) from plans)"
+    before = sqlite3.connect(d / "stores" / "tiny.db").execute(count).fetchone()
+    res = _rbridge("plan", "changed.yaml", "--store", "stores/tiny.db", cwd=d, env=env)
+    assert res.returncode == 2
+    assert "spec changed" in res.stderr and "+    tokens: 9000" in res.stderr
+    assert sqlite3.connect(d / "stores" / "tiny.db").execute(count).fetchone() == before
+
+
+def test_bad_traces_exit_2_and_store_untouched(plan_dir, tmp_path):
+    d, env, _first = plan_dir
+    (tmp_path / "traces.jsonl").write_text('{"id": "x", "benchmark": "gsm8k"\n')
+    (tmp_path / "tiny.yaml").write_text(SPEC)
+    res = _rbridge("plan", "tiny.yaml", cwd=tmp_path, env=env)
+    assert res.returncode == 2
+    assert "traces.jsonl:1" in res.stderr
+    assert not (tmp_path / "stores" / "tiny.db").exists()
