@@ -188,5 +188,11 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
+guard = _guard  # for rbridge.commands.*
+
+# Command modules register themselves on `main` when imported.
+from rbridge.commands import score as _score_cmds  # noqa: E402,F401
+from rbridge.commands import analysis as _analysis_cmds  # noqa: E402,F401
+
 if __name__ == "__main__":  # pragma: no cover
     main()
