@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from rbridge.errors import InputError
+from rbridge.errors import InputError, StoreBusy
 
 # Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -33,6 +33,9 @@ def _guard(fn):
         except InputError as exc:
             err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(2)
+        except StoreBusy as exc:
+            err_console.print(f"[red]busy:[/] {exc}", soft_wrap=True)
+            sys.exit(1)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
@@ -102,7 +105,8 @@ def resume(store: str | None, force: bool, threads: int | None) -> None:
     with st.session() as s:
         row = s.exec(select(Plan).order_by(Plan.updated_at.desc())).first()
     if row is None:
-        raise InputError("the store holds no plan", file=store)
+        raise InputError("the store holds no plan yet (a plan killed before it was recorded); "
+                         "start it again with `rbridge plan SPEC.yaml`", file=store)
     # The stored spec text is the plan; paths in it resolve against where it was written.
     spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
     st.close()

@@ -30,3 +30,7 @@ class InputError(Exception):
         if self.field:
             where = f"{where}: {self.field}" if where else self.field
         return f"{where}: {self.message}" if where else self.message
+
+
+class StoreBusy(Exception):
+    """Another live process is running a plan on this store (the CLI exits 1)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rbridge._failpoints import failpoint
 from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
                           train_tokenizer)
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
@@ -138,12 +139,17 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
         # Live bars only on a terminal; logs and pipes get the one line per rung the planner prints.
         progress = make_progress(console) if getattr(console, "is_terminal", False) else None
         if progress is None:
-            trainer.train_to(tokens)
+            trainer.train_to(tokens, on_step=lambda seen, loss: failpoint("train-step"))
         else:
             with progress:
                 task = progress.add_task(f"  train {stage.name}/{ctx.candidate.name}",
                                          total=tokens, completed=trainer.tokens_seen)
-                trainer.train_to(tokens, on_step=lambda seen, loss: progress.update(task, completed=seen))
+
+                def on_step(seen: int, loss: float) -> None:
+                    progress.update(task, completed=seen)
+                    failpoint("train-step")
+
+                trainer.train_to(tokens, on_step=on_step)
         trainer.save_checkpoint()
     flops = proxy_train_flops(cfg, trainer.tokens_seen)["non_embedding"]
     model = trainer.model

@@ -9,10 +9,13 @@ the candidate's name, so a resumed plan equals an uninterrupted one.
 from __future__ import annotations
 
 import difflib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from sqlmodel import select
 
-from rbridge.errors import InputError
+from rbridge._failpoints import failpoint
+from rbridge.errors import InputError, StoreBusy
 from rbridge.planner.schedule import decide, rung_tokens, survivors_at
 from rbridge.spec import Spec, StageSpec
 from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store, open_store, store_url
@@ -37,6 +41,40 @@ def derive_seed(*parts: Any) -> int:
     """A 31-bit seed from any parts (spec seed, stage, candidate name)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()
     return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+@contextmanager
+def plan_lock(store: str):
+    """Hold an exclusive lock on a SQLite store for the life of a plan.
+
+    An OS file lock (flock) beside the database: the kernel releases it when its
+    process dies, even by SIGKILL, so a crashed plan never leaves a stale lock and
+    any run still marked RUNNING afterwards belongs to a dead process.
+    """
+    url = store_url(store)
+    if not url.startswith("sqlite:///"):
+        yield  # shared stores coordinate through the database (rbridge worker)
+        return
+    path = Path(url[len("sqlite:///"):] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise StoreBusy(f"{path.with_suffix('')}: another rbridge plan ({holder}) is running on this store; "
+                            "wait for it, watch it with `rbridge status`, or use another --store") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def default_store_path(spec: Spec) -> str:
@@ -130,6 +168,7 @@ class Planner:
             for i, cand in enumerate(self.spec.candidates):
                 s.add(Candidate(plan_id=plan.id, name=cand.name, mix=json.dumps(cand.mix, sort_keys=True),
                                 position=i))
+            failpoint("plan-row")
             return plan
 
     # ------------------------------------------------------------------ data
@@ -150,12 +189,25 @@ class Planner:
         t0 = time.perf_counter()
         # Every input is read and validated before the store is created or changed.
         self._load_traces()
-        self._check_store()
-        data = self._prepare_data()
-        self.store = open_store(self.store_arg)
+        with plan_lock(self.store_arg):
+            self._check_store()
+            data = self._prepare_data()
+            failpoint("data-prepared")
+            self.store = open_store(self.store_arg)
+            try:
+                return self._run_locked(data, t0)
+            finally:
+                self.store.close()
+
+    def _run_locked(self, data, t0: float) -> PlanResult:
         plan = self._plan_row()
         with self.store.session() as s:
             cands = {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
+            # The lock proves whoever left these RUNNING is dead: take them over.
+            stale = s.exec(select(Run).where(Run.plan_id == plan.id, Run.status == "running")).all()
+        for run in stale:
+            self.console.print(f"taking over run {run.stage}/{next(n for n, c in cands.items() if c.id == run.candidate_id)}"
+                               f" left running by a process that died (resuming from its last checkpoint)")
         survivors = sorted(cands)
         for index, stage in enumerate(self.stages):
             survivors = self._run_stage(plan, index, stage, survivors, cands, data)
@@ -220,6 +272,7 @@ class Planner:
                       trial_number=trial.number)
             s.add(run)
             s.flush()
+            failpoint("run-row")
             return run
 
     def _has_eval(self, run: Run, rung: int) -> bool:
@@ -237,7 +290,9 @@ class Planner:
             run.started_at = run.started_at or utcnow()
             run.checkpoint = str(ctx.checkpoint_dir)
         trained = train_run(ctx, tokens, self.console)
+        failpoint("after-checkpoint")
         scores, score_flops = score_run(ctx, trained.model)
+        failpoint("after-score")
         with self.store.session() as s:
             run = s.get(Run, ctx.run.id)
             for bench, values in scores.items():
@@ -253,6 +308,8 @@ class Planner:
             if run.tokens_seen >= run.tokens_target:
                 run.status = "done"
                 run.finished_at = utcnow()
+            s.flush()
+            failpoint("eval-write")  # dies mid-transaction: nothing of it lands
         short = ", ".join(f"{b} {v[ctx.stage.metric]:.4f}" for b, v in scores.items())
         self.console.print(f"  {ctx.stage.name}/{ctx.candidate.name} rung {rung}: {ctx.stage.metric} {short} "
                            f"({trained.tokens_seen:,} tokens, {trained.tokens_per_s:,.0f} tok/s)")
@@ -280,6 +337,7 @@ class Planner:
         decisions = decide(scores, n_keep, rung, stage.metric)
         tokens = rung_tokens(stage)[rung - 1]
         self._tell_study(study, runs, decisions, rung, tokens, final=rung == n_rungs)
+        failpoint("after-tell")
         with self.store.session() as s:
             for d in decisions:
                 s.add(Decision(plan_id=plan.id, stage=stage.name, rung=rung, candidate_id=cands[d.candidate].id,
@@ -288,6 +346,8 @@ class Planner:
                     run = s.get(Run, runs[d.candidate].id)
                     run.status = "pruned"
                     run.finished_at = utcnow()
+            s.flush()
+            failpoint("decision-write")
         dropped = [d.candidate for d in decisions if not d.kept]
         if dropped:
             self.console.print(f"  rung {rung} decision: keep {n_keep}/{len(active)}; dropped {', '.join(dropped)}")

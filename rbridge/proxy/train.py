@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from rbridge._failpoints import failpoint
 from rbridge.errors import InputError
 
 
@@ -289,6 +290,7 @@ class ProxyTrainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
+        failpoint("checkpoint-write")
         if acc.is_main_process:
             state = dict(step=self._step, tokens_seen=self.tokens_seen, wall_time_s=self._wall_time_s,
                          last_loss=self._last_loss, identity=self._identity)

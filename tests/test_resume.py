@@ -1,0 +1,170 @@
+"""Crash-proof plans: SIGKILL a real `rbridge plan` at every phase, resume, compare with an uninterrupted run.
+
+Each kill is a fail point (rbridge/_failpoints.py): the process SIGKILLs itself at
+the n-th pass through a named place, so every phase is hit exactly: mid training
+step, mid checkpoint write, between checkpoint and scoring, inside the evaluation
+and decision transactions, between Optuna's tell and the decision write, ...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = f"""\
+name: crash
+seed: 3
+tokenizer: {{train: {{vocab_size: 300}}}}
+sources:
+  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
+  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
+  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
+candidates:
+CANDIDATES
+benchmarks:
+  - {{name: gsm8k, traces: traces.jsonl}}
+stages:
+  - name: filter
+    proxy: {{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2}}
+    tokens: 2048
+    seq_len: 32
+    batch_size: 8
+    lr: 0.01
+    evals: 2
+    keep: 2
+  - name: rank
+    proxy: {{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2}}
+    tokens: 2048
+    evals: 1
+"""
+CANDIDATES = ["  - {name: spam, mix: {spam: 1.0}}",
+              "  - {name: kjv, mix: {kjv: 1.0}}",
+              "  - {name: cot, mix: {cot: 1.0}}",
+              "  - {name: kjv-cot, mix: {kjv: 0.5, cot: 0.5}}"]
+
+# (fail point, pass at which to die): each phase of a plan at least once, in both stages.
+KILLS = [
+    ("data-prepared", 1),     # before the store exists
+    ("plan-row", 1),          # inside the plan's first transaction
+    ("run-row", 2),           # after Optuna's ask, before the run row commits
+    ("train-step", 3),        # mid training, before the first checkpoint
+    ("checkpoint-write", 2),  # model and optimizer written, marker not yet
+    ("after-checkpoint", 3),  # checkpoint complete, not scored
+    ("after-score", 4),       # scored, nothing recorded
+    ("eval-write", 5),        # inside the evaluation transaction
+    ("after-tell", 1),        # Optuna told, decision not written
+    ("decision-write", 2),    # inside the decision transaction
+    ("train-step", 20),       # mid training in stage 2
+    ("eval-write", 9),        # the last evaluation of the plan
+]
+
+
+def _spec(candidates: list[str]) -> str:
+    return SPEC.replace("CANDIDATES", "\n".join(candidates))
+
+
+def _rbridge(args: list[str], cwd: Path, env: dict, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(env)
+    if failpoint:
+        env["RBRIDGE_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _setup(d: Path, cache: Path, candidates=CANDIDATES) -> dict:
+    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:6]
+    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "crash.yaml").write_text(_spec(candidates))
+    return dict(os.environ, RBRIDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _ranking(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    rows = con.execute("select stage, candidate, benchmark, metric, value, rank, tokens_seen, status from ranking "
+                       "order by stage, candidate, benchmark, metric").fetchall()
+    con.close()
+    return rows
+
+
+def _decisions(db: Path) -> list[tuple]:
+    con = sqlite3.connect(db)
+    rows = con.execute("select d.stage, d.rung, c.name, d.kept, d.rank, round(d.score, 9) from decisions d "
+                       "join candidates c on c.id = d.candidate_id order by d.stage, d.rung, c.name").fetchall()
+    con.close()
+    return rows
+
+
+def _same(a: list[tuple], b: list[tuple]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x[:4] == y[:4] and x[5:] == y[5:], (x, y)
+        assert abs(x[4] - y[4]) <= 1e-6, (x, y)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    d = tmp_path_factory.mktemp("baseline")
+    cache = tmp_path_factory.mktemp("cache")
+    env = _setup(d, cache)
+    res = _rbridge(["plan", "crash.yaml"], d, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return cache, _ranking(d / "stores/crash.db"), _decisions(d / "stores/crash.db")
+
+
+@pytest.mark.parametrize("point,nth", KILLS, ids=[f"{p}:{n}" for p, n in KILLS])
+def test_sigkill_then_resume_equals_uninterrupted(baseline, tmp_path, point, nth):
+    cache, expected, expected_decisions = baseline
+    env = _setup(tmp_path, cache)
+    killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint=f"{point}:{nth}")
+    assert killed.returncode == -signal.SIGKILL, f"fail point {point}:{nth} was never reached:\n{killed.stdout}"
+    db = tmp_path / "stores/crash.db"
+    again = _rbridge(["resume", "--store", str(db)], tmp_path, env) if db.exists() else None
+    if again is None or "holds no plan yet" in again.stderr:  # killed before the plan was recorded
+        again = _rbridge(["plan", "crash.yaml"], tmp_path, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    _same(_ranking(db), expected)
+    assert _decisions(db) == expected_decisions
+    con = sqlite3.connect(db)
+    # Every run finished exactly once: one run row per (stage, candidate), one evaluation set per rung.
+    assert con.execute("select count(*) from runs where status in ('running', 'pending')").fetchone() == (0,)
+    dup = con.execute("select count(*) from (select run_id, rung, benchmark, metric, count(*) n from evaluations "
+                      "group by run_id, rung, benchmark, metric having n > 1)").fetchone()
+    assert dup == (0,)
+    con.close()
+
+
+def test_candidate_order_does_not_change_decisions(baseline, tmp_path):
+    cache, expected, expected_decisions = baseline
+    env = _setup(tmp_path, cache, candidates=list(reversed(CANDIDATES)))
+    res = _rbridge(["plan", "crash.yaml"], tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert _decisions(tmp_path / "stores/crash.db") == expected_decisions
+    _same(_ranking(tmp_path / "stores/crash.db"), expected)
+
+
+def test_second_plan_on_same_store_is_refused(baseline, tmp_path):
+    cache, _expected, _dec = baseline
+    env = _setup(tmp_path, cache)
+    env["RBRIDGE_FAILPOINT"] = ""
+    first = subprocess.Popen([sys.executable, "-m", "rbridge.cli", "plan", "crash.yaml"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "stores/crash.db.lock"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (lock.exists() and lock.read_text().startswith("pid")):
+            time.sleep(0.2)
+        second = _rbridge(["plan", "crash.yaml"], tmp_path, env)
+        assert second.returncode == 1
+        assert "another rbridge plan" in second.stderr and f"pid {first.pid}" in second.stderr
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
