@@ -177,11 +177,20 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
                           f"{_si(r['tokens_seen'])}/{_si(r['tokens_target'])}", r["status"], dec,
                           _si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}")
         console.print(table)
-        console.print(f"  compute: train {stage['train_flops']:.2e} FLOPs, scoring {stage['score_flops']:.2e} "
+        eta = "-" if stage["eta_s"] is None else f"{stage['eta_s']:.0f} s"
+        console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
+                      f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
                       f"FLOPs, {stage['wall_s']:.0f} s of training")
     c = info["compute"]
-    console.print(f"total: train {c['train_flops']:.2e} FLOPs, scoring {c['score_flops']:.2e} FLOPs, "
-                  f"{c['wall_s']:.0f} s")
+    console.print(f"[bold]compute[/]: spent {c['spent_flops']:.2e} FLOPs "
+                  f"(train {c['train_flops']:.2e}, scoring {c['score_flops']:.2e}), {c['wall_s']:.0f} s")
+    if c.get("naive_flops"):
+        red = f"{c['reduction']:.1f}x" if c.get("reduction") else "-"
+        console.print(f"  naive: {c['naive_flops']:.2e} FLOPs = {c['naive_basis']}; reduction {red}")
+    if c.get("target_flops"):
+        console.print(f"  with the target model: total {c['target_total_flops']:.2e} vs naive "
+                      f"{c['target_naive_flops']:.2e} FLOPs = {c['target_fraction']:.1%} of the naive cost "
+                      f"(reduction {c['target_reduction']:.1f}x, METHOD.md section 7)")
 
 
 def _si(n: float) -> str:

@@ -131,6 +131,14 @@ class StageSpec(BaseModel):
         return keep
 
 
+class TargetModel(BaseModel):
+    """The model the plan is choosing data for: its size and tokens price METHOD.md section 7."""
+
+    model_config = _STRICT
+    params: float = Field(gt=0)
+    tokens: float = Field(gt=0)
+
+
 STAGE_DEFAULTS: dict[str, Any] = {
     "seq_len": 256, "batch_size": 16, "lr": 3e-3, "warmup": 0.05, "evals": 4,
     "metric": "rbridge", "precision": "auto",
@@ -150,6 +158,8 @@ class Spec(BaseModel):
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     stages: list[StageSpec] = Field(min_length=1)
     targets: Path | None = None
+    target_model: TargetModel | None = None
+    checkpoint_minutes: float | None = Field(10.0, gt=0)
 
     # Filled by load_spec, not by the user.
     path: Path | None = Field(None, exclude=True)

@@ -30,6 +30,7 @@ candidates:
   - {{name: kjv, mix: {{kjv: 1.0}}}}
   - {{name: cot, mix: {{cot: 1.0}}}}
   - {{name: kjv-cot, mix: {{kjv: 0.5, cot: 0.5}}}}
+target_model: {{params: 1.0e8, tokens: 1.0e9}}
 benchmarks:
   - {{name: gsm8k, traces: traces.jsonl}}
 stages:
@@ -114,6 +115,18 @@ def test_status_json_and_changed_spec_refused(plan_dir):
     info = json.loads(st.stdout)
     assert info["status"] == "done" and [s["name"] for s in info["stages"]] == ["filter", "rank"]
     assert len(info["stages"][1]["survivors"]) == 2
+    # Compute accounting: stage spend adds up from the runs, naive = every candidate at stage 2's size.
+    c = info["compute"]
+    runs = [r for st in info["stages"] for r in st["candidates"]]
+    assert c["train_flops"] == pytest.approx(sum(6.0 * r["non_embedding_params"] * r["tokens_seen"] for r in runs))
+    rank_run = info["stages"][1]["candidates"][0]
+    assert c["naive_flops"] == pytest.approx(4 * 6.0 * rank_run["non_embedding_params"] * 8192)
+    assert c["reduction"] == pytest.approx(c["naive_flops"] / c["spent_flops"])
+    ct = 6.0 * 1e8 * 1e9
+    assert c["target_reduction"] == pytest.approx(4 * ct / (c["spent_flops"] + ct))
+    assert info["stages"][0]["progress"] == pytest.approx(1.0) and info["stages"][0]["eta_s"] == 0.0
+    human = _rbridge("status", "--store", "stores/tiny.db", cwd=d, env=env)
+    assert "reduction" in human.stdout and "of the naive cost" in human.stdout
     changed = d / "changed.yaml"
     changed.write_text(SPEC.replace("tokens: 8192", "tokens: 9000"))
     count = "select (select count(*) from runs), (select count(*) from evaluations), (select count(*) from plans)"

@@ -10,6 +10,9 @@ from typing import Any
 
 from sqlmodel import select
 
+from pathlib import Path
+
+from rbridge.analysis.compute import non_embedding_params, plan_compute
 from rbridge.errors import InputError
 from rbridge.spec import parse_spec
 from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store
@@ -31,12 +34,11 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
                        .where(Run.plan_id == plan.id)).all()
         decisions = s.exec(select(Decision).where(Decision.plan_id == plan.id)
                            .order_by(Decision.rung)).all()
-    from pathlib import Path
     try:
-        stage_specs = {st.name: st for st in parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"),
-                                                         check_files=False).resolved_stages()}
-    except InputError:
-        stage_specs = {}
+        spec = parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"), check_files=False)
+        stage_specs = {st.name: st for st in spec.resolved_stages()}
+    except InputError:  # an imported plan (issue 5) has no spec
+        spec, stage_specs = None, {}
 
     by_run: dict[int, list[Evaluation]] = {}
     for e in evals:
@@ -51,8 +53,8 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         if run.stage not in stage_order:
             stage_order.append(run.stage)
     for name in stage_order:
-        spec = stage_specs.get(name)
-        metric = spec.metric if spec else "rbridge"
+        st_spec = stage_specs.get(name)
+        metric = st_spec.metric if st_spec else "rbridge"
         rows = []
         for run in (r for r in runs if r.stage == name):
             ev = by_run.get(run.id, [])
@@ -84,14 +86,26 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         stages.append({
             "name": name,
             "metric": metric,
-            "evals": spec.evals if spec else None,
-            "tokens": spec.tokens if spec else None,
+            "evals": st_spec.evals if st_spec else None,
+            "tokens": st_spec.tokens if st_spec else None,
             "candidates": reached,
             "survivors": [r["candidate"] for r in reached if r["status"] not in ("pruned",)],
             "train_flops": sum(r["train_flops"] for r in rows),
             "score_flops": sum(r["score_flops"] for r in rows),
             "wall_s": sum(r["wall_s"] for r in rows),
         })
+    target = last = None
+    if spec is not None:
+        if spec.target_model is not None:
+            target = (spec.target_model.params, spec.target_model.tokens)
+        final = list(stage_specs.values())[-1]
+        last = (non_embedding_params(final), final.tokens)
+        for name, st in stage_specs.items():  # stages not started yet
+            if name not in stage_order:
+                stages.append({"name": name, "metric": st.metric, "evals": st.evals, "tokens": st.tokens,
+                               "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
+                               "wall_s": 0.0})
+    _add_progress(stages, stage_specs)
     return {
         "plan": plan.name,
         "status": plan.status,
@@ -100,9 +114,26 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         "candidates": [c.name for c in sorted(cands.values(), key=lambda c: c.position)],
         "mixtures": {c.name: json.loads(c.mix) for c in cands.values()},
         "stages": stages,
-        "compute": {
-            "train_flops": sum(s["train_flops"] for s in stages),
-            "score_flops": sum(s["score_flops"] for s in stages),
-            "wall_s": sum(s["wall_s"] for s in stages),
-        },
+        "compute": plan_compute(stages, len(cands), last, target),
     }
+
+
+def _add_progress(stages: list[dict[str, Any]], specs: dict) -> None:
+    """Per stage: the rung reached, the share of its token budget trained, and an ETA.
+
+    The ETA assumes the runs still in the stage train at the stage's measured
+    tokens/s (or the previous stage's, scaled by parameter count, before any has).
+    """
+    for st in stages:
+        rows = st["candidates"]
+        live = [r for r in rows if r["status"] not in ("pruned", "done", "failed")]
+        total = sum(r["tokens_target"] for r in rows)
+        # A pruned run is finished work: its remaining tokens will never be trained.
+        seen = sum(r["tokens_target"] if r["status"] == "pruned" else r["tokens_seen"] for r in rows)
+        rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
+        rate = sum(rates) / len(rates) if rates else None
+        remaining = sum(r["tokens_target"] - r["tokens_seen"] for r in live)
+        st["rung"] = max((r["rung"] for r in rows), default=0)
+        st["progress"] = seen / total if total else 0.0
+        st["remaining_tokens"] = remaining
+        st["eta_s"] = (remaining / rate) if rate and remaining else (0.0 if not live else None)

@@ -134,7 +134,8 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
                                  where=f"candidates.{ctx.candidate.name}.mix")
     trainer = ProxyTrainer(cfg, rows, total_tokens=stage.tokens, batch_size=stage.batch_size, lr=stage.lr,
                            warmup_frac=stage.warmup, seed=ctx.model_seed, precision=stage.precision,
-                           checkpoint_dir=ctx.checkpoint_dir)
+                           checkpoint_dir=ctx.checkpoint_dir,
+                           save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None)
     if trainer.tokens_seen < tokens:
         # Live bars only on a terminal; logs and pipes get the one line per rung the planner prints.
         progress = make_progress(console) if getattr(console, "is_terminal", False) else None
@@ -158,7 +159,7 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
 
 
 def score_run(ctx: RunContext, model) -> tuple[dict[str, dict[str, float]], float]:
-    """Score the proxy on every benchmark: rBridge and its baselines; plus the scoring FLOPs (2N per token)."""
+    """Score the proxy on every benchmark: rBridge and its baselines; plus the scoring FLOPs."""
     out: dict[str, dict[str, float]] = {}
     n_tokens = 0
     for bench in ctx.spec.benchmarks:
@@ -166,5 +167,5 @@ def score_run(ctx: RunContext, model) -> tuple[dict[str, dict[str, float]], floa
                            minmax=bench.minmax, aggregate=bench.aggregate)
         out[bench.name] = {m: getattr(res, m) for m in ("rbridge", "nll", "rbridge_no_minmax", "bpb")}
         n_tokens += res.n_tokens
-    n_params = sum(p.numel() for p in model.parameters())
-    return out, 2.0 * n_params * n_tokens
+    # 2·N·D forward FLOPs, N non-embedding like the training figure (Kaplan's convention).
+    return out, 2.0 * ctx.run.non_embedding_params * n_tokens

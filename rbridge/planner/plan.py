@@ -211,6 +211,7 @@ class Planner:
         survivors = sorted(cands)
         for index, stage in enumerate(self.stages):
             survivors = self._run_stage(plan, index, stage, survivors, cands, data)
+            self._record_compute(plan)
         with self.store.session() as s:
             row = s.get(Plan, plan.id)
             row.status = "done"
@@ -218,6 +219,16 @@ class Planner:
         ranking = final_ranking(self.store, self.spec.name)
         return PlanResult(plan.id, self.store.url, time.perf_counter() - t0, ranking,
                           self.reused_runs, self.trained_runs)
+
+    def _record_compute(self, plan: Plan) -> None:
+        """Store the plan's compute so far (spent, naive, reduction) on its row."""
+        from rbridge.analysis.status import plan_status
+
+        info = plan_status(self.store, plan.name)["compute"]
+        with self.store.session() as s:
+            row = s.get(Plan, plan.id)
+            row.compute = json.dumps(info)
+            row.updated_at = utcnow()
 
     def _study(self, stage: StageSpec) -> optuna.Study:
         optuna.logging.set_verbosity(optuna.logging.WARNING)

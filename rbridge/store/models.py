@@ -33,6 +33,7 @@ class Plan(SQLModel, table=True):
     spec_path: str = ""
     seed: int = 0
     status: str = "running"  # running | done | failed
+    compute: str = ""  # JSON: spend per stage, naive spend, reduction (rbridge.analysis.compute)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
