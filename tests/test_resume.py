@@ -168,3 +168,47 @@ def test_second_plan_on_same_store_is_refused(baseline, tmp_path):
     finally:
         out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
+
+
+RANK_TOKENS = ("    tokens: 2048\n    evals: 1", "    tokens: 3072\n    evals: 1")
+MIX = ("{kjv: 0.5, cot: 0.5}", "{kjv: 0.2, cot: 0.8}")
+
+
+@pytest.mark.parametrize("change", [RANK_TOKENS, MIX], ids=["stage2-tokens", "stage1-mixture"])
+def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_path, change):
+    cache, _expected, _dec = baseline
+    env = _setup(tmp_path, cache)
+    assert _rbridge(["plan", "crash.yaml"], tmp_path, env).returncode == 0
+    db = tmp_path / "stores/crash.db"
+    con = sqlite3.connect(db)
+    filter_evals = con.execute("select e.id, e.value from evaluations e join runs r on r.id = e.run_id "
+                               "where r.stage = 'filter' order by e.id").fetchall()
+    con.close()
+    changed = _spec(CANDIDATES).replace(*change)
+    assert changed != _spec(CANDIDATES)
+    (tmp_path / "crash.yaml").write_text(changed)
+    refused = _rbridge(["plan", "crash.yaml"], tmp_path, env)
+    assert refused.returncode == 2 and "the spec changed" in refused.stderr
+    assert any(line.startswith("+") and change[1].splitlines()[0].strip() in line
+               for line in refused.stderr.splitlines())
+    forced = _rbridge(["plan", "crash.yaml", "--force"], tmp_path, env)
+    assert forced.returncode == 0, forced.stderr
+    con = sqlite3.connect(db)
+    now = con.execute("select e.id, e.value from evaluations e join runs r on r.id = e.run_id "
+                      "where r.stage = 'filter' order by e.id").fetchall()
+    if change is RANK_TOKENS:
+        assert "2 runs to redo (rank/" in forced.stdout
+        assert now == filter_evals  # stage 1 untouched
+        assert {t for (t,) in con.execute("select tokens_seen from runs where stage = 'rank'")} == {3072}
+    else:
+        assert "runs to redo (filter/kjv-cot" in forced.stdout
+        kept = set(filter_evals) & set(now)
+        assert kept and len(kept) < len(filter_evals)  # the other candidates' stage-1 work is reused
+    con.close()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    env2 = _setup(fresh, cache)
+    (fresh / "crash.yaml").write_text(changed)
+    assert _rbridge(["plan", "crash.yaml"], fresh, env2).returncode == 0
+    _same(_ranking(db), _ranking(fresh / "stores/crash.db"))
+    assert _decisions(db) == _decisions(fresh / "stores/crash.db")

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -23,12 +24,12 @@ from typing import Any
 import optuna
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from sqlmodel import select
+from sqlmodel import delete, select
 
 from rbridge._failpoints import failpoint
 from rbridge.errors import InputError, StoreBusy
 from rbridge.planner.schedule import decide, rung_tokens, survivors_at
-from rbridge.spec import Spec, StageSpec
+from rbridge.spec import Spec, StageSpec, parse_spec
 from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store, open_store, store_url
 from rbridge.store.models import utcnow
 
@@ -153,14 +154,25 @@ class Planner:
             raise InputError("the spec changed since this plan began; rerun with --force to accept, "
                              f"or use another --store. Changes:\n{diff}", file=self.spec.path)
 
-    def _plan_row(self) -> Plan:
+    def _plan_row(self, data) -> Plan:
         with self.store.session() as s:
             plan = s.exec(select(Plan).where(Plan.name == self.spec.name)).first()
-            if plan is not None:
-                if plan.spec_hash != self.spec.spec_hash:  # accepted with --force
-                    plan.spec_text, plan.spec_hash = self.spec.text, self.spec.spec_hash
-                    plan.updated_at = utcnow()
-                return plan
+            old_text = plan.spec_text if plan is not None else None
+        if plan is not None:
+            if plan.spec_hash != self.spec.spec_hash:  # accepted with --force: redo what changed
+                from rbridge.planner.reconcile import reconcile
+                try:
+                    old = parse_spec(old_text, Path(plan.spec_path or "spec.yaml"), check_files=False)
+                except InputError:
+                    old = None
+                reconcile(self.store, plan.id, plan.name, old, self.spec, data,
+                          runs_dir(self.store, self.spec.name), self.console)
+                with self.store.session() as s:
+                    row = s.get(Plan, plan.id)
+                    row.spec_text, row.spec_hash, row.status = self.spec.text, self.spec.spec_hash, "running"
+                    row.updated_at = utcnow()
+            return plan
+        with self.store.session() as s:
             plan = Plan(name=self.spec.name, spec_text=self.spec.text, spec_hash=self.spec.spec_hash,
                         spec_path=str(self.spec.path.resolve() if self.spec.path else ""), seed=self.spec.seed)
             s.add(plan)
@@ -200,7 +212,7 @@ class Planner:
                 self.store.close()
 
     def _run_locked(self, data, t0: float) -> PlanResult:
-        plan = self._plan_row()
+        plan = self._plan_row(data)
         with self.store.session() as s:
             cands = {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
             # The lock proves whoever left these RUNNING is dead: take them over.
@@ -240,6 +252,7 @@ class Planner:
         from rbridge.planner.components import RunContext, cpu_threads
 
         rungs = rung_tokens(stage)
+        self._drop_non_entrants(plan, stage, entrants, cands)
         study = self._study(stage)
         runs = {name: self._run_row(plan, index, stage, cands[name], study, data) for name in entrants}
         active = sorted(entrants)
@@ -268,23 +281,40 @@ class Planner:
     def _run_row(self, plan: Plan, index: int, stage: StageSpec, cand: Candidate, study: optuna.Study,
                  data) -> Run:
         from rbridge.planner.components import describe_proxy
+        from rbridge.planner.reconcile import run_fingerprint
 
         with self.store.session() as s:
             run = s.exec(select(Run).where(Run.plan_id == plan.id, Run.stage == stage.name,
                                            Run.candidate_id == cand.id)).first()
-            if run is not None:
+            if run is not None and run.trial_number is not None:
                 return run
-            info = describe_proxy(stage, data)
             trial = study.ask()
             trial.set_user_attr("candidate", cand.name)
+            if run is not None:  # kept by a --force reconcile; its stage's study was renewed
+                run.trial_number = trial.number
+                return run
+            info = describe_proxy(stage, data)
             run = Run(plan_id=plan.id, stage=stage.name, stage_index=index, candidate_id=cand.id,
                       config=json.dumps(info["config"], sort_keys=True), params=info["params"],
                       non_embedding_params=info["non_embedding_params"], tokens_target=stage.tokens,
-                      trial_number=trial.number)
+                      trial_number=trial.number,
+                      fingerprint=run_fingerprint(self.spec, stage, json.loads(cand.mix), data))
             s.add(run)
             s.flush()
             failpoint("run-row")
             return run
+
+    def _drop_non_entrants(self, plan: Plan, stage: StageSpec, entrants: list[str],
+                           cands: dict[str, Candidate]) -> None:
+        """Delete runs of this stage whose candidate no longer reaches it (after a --force change)."""
+        ids = {cands[n].id for n in entrants}
+        with self.store.session() as s:
+            for run in s.exec(select(Run).where(Run.plan_id == plan.id, Run.stage == stage.name)).all():
+                if run.candidate_id not in ids:
+                    s.exec(delete(Evaluation).where(Evaluation.run_id == run.id))
+                    if run.checkpoint:
+                        shutil.rmtree(run.checkpoint, ignore_errors=True)
+                    s.delete(run)
 
     def _has_eval(self, run: Run, rung: int) -> bool:
         with self.store.session() as s:

@@ -57,6 +57,7 @@ class Run(SQLModel, table=True):
     stage_index: int
     candidate_id: int = Field(foreign_key="candidates.id", index=True)
     config: str  # JSON: the LlamaConfig and training settings
+    fingerprint: str = ""  # hash of every input of the run (rbridge.planner.reconcile)
     params: int = 0
     non_embedding_params: int = 0
     tokens_target: int = 0
