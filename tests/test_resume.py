@@ -134,6 +134,8 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline, tmp_path, point, nth
     _same(_ranking(db), expected)
     assert _decisions(db) == expected_decisions
     con = sqlite3.connect(db)
+    # No Optuna trial is left RUNNING by the dead process.
+    assert con.execute("select count(*) from trials where state = 'RUNNING'").fetchone() == (0,)
     # Every run finished exactly once: one run row per (stage, candidate), one evaluation set per rung.
     assert con.execute("select count(*) from runs where status in ('running', 'pending')").fetchone() == (0,)
     dup = con.execute("select count(*) from (select run_id, rung, benchmark, metric, count(*) n from evaluations "
@@ -165,6 +167,15 @@ def test_second_plan_on_same_store_is_refused(baseline, tmp_path):
         second = _rbridge(["plan", "crash.yaml"], tmp_path, env)
         assert second.returncode == 1
         assert "another rbridge plan" in second.stderr and f"pid {first.pid}" in second.stderr
+        # Another terminal can watch the running plan (SQLite WAL: readers never block the writer).
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            watch = _rbridge(["status", "--store", "stores/crash.db", "--json"], tmp_path, env)
+            if watch.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert watch.returncode == 0, watch.stderr
+        assert '"plan": "crash"' in watch.stdout
     finally:
         out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err

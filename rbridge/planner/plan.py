@@ -255,6 +255,7 @@ class Planner:
         self._drop_non_entrants(plan, stage, entrants, cands)
         study = self._study(stage)
         runs = {name: self._run_row(plan, index, stage, cands[name], study, data) for name in entrants}
+        self._fail_orphan_trials(study, runs)
         active = sorted(entrants)
         first = next(iter(runs.values()))
         threads = cpu_threads(first.non_embedding_params, self.threads)
@@ -315,6 +316,16 @@ class Planner:
                     if run.checkpoint:
                         shutil.rmtree(run.checkpoint, ignore_errors=True)
                     s.delete(run)
+
+    @staticmethod
+    def _fail_orphan_trials(study: optuna.Study, runs: dict[str, Run]) -> None:
+        """Trials asked by a process that died before recording their run: mark them failed."""
+        from optuna.trial import TrialState
+
+        mine = {r.trial_number for r in runs.values()}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number not in mine:
+                study.tell(t.number, state=TrialState.FAIL)
 
     def _has_eval(self, run: Run, rung: int) -> bool:
         with self.store.session() as s:
