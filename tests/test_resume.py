@@ -58,13 +58,11 @@ KILLS = [
     ("run-row", 2),           # after Optuna's ask, before the run row commits
     ("train-step", 3),        # mid training, before the first checkpoint
     ("checkpoint-write", 2),  # model and optimizer written, marker not yet
-    ("after-checkpoint", 3),  # checkpoint complete, not scored
-    ("after-score", 4),       # scored, nothing recorded
+    ("after-checkpoint", 3),  # checkpoint complete, not scored (nor recorded)
     ("eval-write", 5),        # inside the evaluation transaction
     ("after-tell", 1),        # Optuna told, decision not written
     ("decision-write", 2),    # inside the decision transaction
     ("train-step", 20),       # mid training in stage 2
-    ("eval-write", 9),        # the last evaluation of the plan
 ]
 
 
