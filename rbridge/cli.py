@@ -160,6 +160,9 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
     st = open_store(store, create=False)
     info = plan_status(st, plan_name)
     if as_json:
+        from rbridge.analysis.decision import analysis_summary
+
+        info["analysis"] = analysis_summary(st, info["plan"])
         click.echo(json.dumps(info, indent=2, default=str))
         return
     console.print(f"[bold]plan {info['plan']}[/] ({info['status']}) in {info['store']}")
@@ -208,4 +211,8 @@ from rbridge.commands import score as _score_cmds  # noqa: E402,F401
 from rbridge.commands import analysis as _analysis_cmds  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # Under `python -m rbridge.cli` this file runs as __main__, a second copy of the
+    # module; the command modules registered on rbridge.cli's `main`, so run that one.
+    from rbridge.cli import main as _main
+
+    _main()

@@ -145,3 +145,40 @@ def test_bad_traces_exit_2_and_store_untouched(plan_dir, tmp_path):
     assert res.returncode == 2
     assert "traces.jsonl:1" in res.stderr
     assert not (tmp_path / "stores" / "tiny.db").exists()
+
+
+TARGETS = """candidate,benchmark,metric,value,seed
+spam,gsm8k,accuracy,0.10,0
+spam,gsm8k,accuracy,0.12,1
+kjv,gsm8k,accuracy,0.08,0
+cot,gsm8k,accuracy,0.20,0
+kjv-cot,gsm8k,accuracy,0.15,0
+"""
+
+
+def test_targets_give_decision_accuracy_for_every_stage(plan_dir, tmp_path):
+    d, env, _first = plan_dir
+    (tmp_path / "targets.csv").write_text(TARGETS)
+    res = _rbridge("targets", "import", str(tmp_path / "targets.csv"), "--store", "stores/tiny.db", cwd=d, env=env)
+    assert res.returncode == 0, res.stderr
+    con = sqlite3.connect(d / "stores" / "tiny.db")
+    rows = con.execute("select stage, proxy_metric, n_candidates, n_pairs, decision_accuracy from decision_accuracy "
+                       "where benchmark = 'gsm8k' and proxy_metric = 'rbridge' order by stage").fetchall()
+    assert [(r[0], r[2], r[3]) for r in rows] == [("filter", 4, 6), ("rank", 2, 1)]
+    assert all(0.0 <= r[4] <= 1.0 for r in rows)
+    st = json.loads(_rbridge("status", "--store", "stores/tiny.db", "--json", cwd=d, env=env).stdout)
+    assert "analysis" in st
+
+
+def test_plan_adopts_a_store_made_by_targets_import(plan_dir, tmp_path):
+    _d, env, _first = plan_dir
+    (tmp_path / "traces.jsonl").write_text((_d / "traces.jsonl").read_text())
+    (tmp_path / "tiny.yaml").write_text(SPEC)
+    (tmp_path / "targets.csv").write_text(TARGETS)
+    imp = _rbridge("targets", "import", "targets.csv", "--store", "stores/tiny.db", cwd=tmp_path, env=env)
+    assert imp.returncode == 0, imp.stderr
+    res = _rbridge("plan", "tiny.yaml", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    con = sqlite3.connect(tmp_path / "stores" / "tiny.db")
+    assert con.execute("select count(*) from plans").fetchone() == (1,)
+    assert con.execute("select count(*) from decision_accuracy where proxy_metric = 'rbridge'").fetchone()[0] == 2

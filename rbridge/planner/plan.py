@@ -148,6 +148,8 @@ class Planner:
                                  "use another --store", file=self.store_arg)
             return
         plan = mine[0]
+        if not plan.spec_hash:  # made by `rbridge targets import` before the plan ran: adopt it
+            return
         if plan.spec_hash != self.spec.spec_hash and not self.force:
             diff = "\n".join(difflib.unified_diff(plan.spec_text.splitlines(), self.spec.text.splitlines(),
                                                   "stored spec", "this spec", lineterm="", n=1))
@@ -158,6 +160,17 @@ class Planner:
         with self.store.session() as s:
             plan = s.exec(select(Plan).where(Plan.name == self.spec.name)).first()
             old_text = plan.spec_text if plan is not None else None
+        if plan is not None and not plan.spec_hash:  # imported results only: this spec now runs it
+            with self.store.session() as s:
+                row = s.get(Plan, plan.id)
+                row.spec_text, row.spec_hash, row.status = self.spec.text, self.spec.spec_hash, "running"
+                row.spec_path = str(self.spec.path.resolve() if self.spec.path else "")
+                have = {c.name for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
+                for i, cand in enumerate(self.spec.candidates):
+                    if cand.name not in have:
+                        s.add(Candidate(plan_id=plan.id, name=cand.name,
+                                        mix=json.dumps(cand.mix, sort_keys=True), position=i))
+            return plan
         if plan is not None:
             if plan.spec_hash != self.spec.spec_hash:  # accepted with --force: redo what changed
                 from rbridge.planner.reconcile import reconcile

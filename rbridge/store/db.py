@@ -43,7 +43,125 @@ JOIN plans p ON p.id = r.plan_id
 WHERE l.rn = 1
 """
 
-VIEWS = {"ranking": RANKING_VIEW}
+# Proxy values per (plan, stage, candidate, benchmark, metric): the planner's last
+# evaluation of every run (as in `ranking`) and the imported proxy results
+# (`rbridge results import`, the checkpoint with the most tokens), side by side.
+PROXY_VALUES_VIEW = """
+CREATE VIEW proxy_values AS
+WITH last AS (
+  SELECT e.run_id, e.benchmark, e.metric, e.value, e.higher_is_better, e.tokens_seen, e.rung,
+         ROW_NUMBER() OVER (PARTITION BY e.run_id, e.benchmark, e.metric
+                            ORDER BY e.tokens_seen DESC, e.id DESC) AS rn
+  FROM evaluations e
+),
+imported AS (
+  SELECT x.plan_id, x.stage, x.candidate, x.benchmark, x.metric, x.value, x.higher_is_better, x.tokens,
+         x.params,
+         ROW_NUMBER() OVER (PARTITION BY x.plan_id, x.stage, x.candidate, x.benchmark, x.metric
+                            ORDER BY COALESCE(x.tokens, 0) DESC, x.id DESC) AS rn
+  FROM results x
+  WHERE x.kind = 'proxy'
+)
+SELECT p.name AS plan, r.stage AS stage, c.name AS candidate, l.benchmark AS benchmark, l.metric AS metric,
+       l.value AS value, l.higher_is_better AS higher_is_better, l.tokens_seen AS tokens_seen,
+       r.non_embedding_params AS params, 'planner' AS source
+FROM last l
+JOIN runs r ON r.id = l.run_id
+JOIN candidates c ON c.id = r.candidate_id
+JOIN plans p ON p.id = r.plan_id
+WHERE l.rn = 1
+UNION ALL
+SELECT p.name AS plan, i.stage AS stage, i.candidate AS candidate, i.benchmark AS benchmark, i.metric AS metric,
+       i.value AS value, i.higher_is_better AS higher_is_better, i.tokens AS tokens_seen,
+       i.params AS params, 'imported' AS source
+FROM imported i
+JOIN plans p ON p.id = i.plan_id
+WHERE i.rn = 1
+"""
+
+# One target value per (plan, candidate, benchmark, metric): the imported target
+# result of the largest model (params, then tokens) when several were imported.
+TARGET_VALUES_VIEW = """
+CREATE VIEW target_values AS
+SELECT plan, candidate, benchmark, metric, value, higher_is_better, params, tokens, seed, n_seeds
+FROM (
+  SELECT p.name AS plan, t.candidate AS candidate, t.benchmark AS benchmark, t.metric AS metric,
+         t.value AS value, t.higher_is_better AS higher_is_better, t.params AS params, t.tokens AS tokens,
+         t.seed AS seed, t.n_seeds AS n_seeds,
+         ROW_NUMBER() OVER (PARTITION BY t.plan_id, t.candidate, t.benchmark, t.metric
+                            ORDER BY COALESCE(t.params, 0) DESC, COALESCE(t.tokens, 0) DESC, t.id DESC) AS rn
+  FROM results t
+  JOIN plans p ON p.id = t.plan_id
+  WHERE t.kind = 'target'
+) ranked
+WHERE rn = 1
+"""
+
+# METHOD.md section 5. Every unordered pair of candidates with a proxy value in
+# the stage and a target value on the same benchmark. The proxy orders a pair as
+# the stage's `ranking` does: the candidate that went further (more tokens: it
+# survived more rungs) first, then the proxy metric in its own direction; the
+# target orders it by the target metric in its direction. Pairs whose target
+# values differ count (n_pairs); a pair is correct when both orders agree, and
+# half correct when the proxy ties (proxy_ties_counted_half says how many did).
+# kendall_tau is tau-b over all pairs: (C - D) / sqrt((n0 - n1)(n0 - n2)).
+DECISION_ACCURACY_VIEW = """
+CREATE VIEW decision_accuracy AS
+WITH j AS (
+  SELECT v.plan AS plan, v.stage AS stage, v.benchmark AS benchmark, v.metric AS proxy_metric,
+         t.metric AS target_metric, v.candidate AS candidate,
+         COALESCE(v.tokens_seen, 0) AS px_tokens,
+         CASE WHEN v.higher_is_better THEN v.value ELSE -v.value END AS px,
+         CASE WHEN t.higher_is_better THEN t.value ELSE -t.value END AS ty
+  FROM proxy_values v
+  JOIN target_values t ON t.plan = v.plan AND t.candidate = v.candidate AND t.benchmark = v.benchmark
+),
+pairs AS (
+  SELECT a.plan AS plan, a.stage AS stage, a.benchmark AS benchmark, a.proxy_metric AS proxy_metric,
+         a.target_metric AS target_metric,
+         CASE WHEN a.px_tokens > b.px_tokens THEN 1 WHEN a.px_tokens < b.px_tokens THEN -1
+              WHEN a.px > b.px THEN 1 WHEN a.px < b.px THEN -1 ELSE 0 END AS sx,
+         CASE WHEN a.ty > b.ty THEN 1 WHEN a.ty < b.ty THEN -1 ELSE 0 END AS sy
+  FROM j a
+  JOIN j b ON b.plan = a.plan AND b.stage = a.stage AND b.benchmark = a.benchmark
+          AND b.proxy_metric = a.proxy_metric AND b.target_metric = a.target_metric
+          AND a.candidate < b.candidate
+),
+agg AS (
+  SELECT plan, stage, benchmark, proxy_metric, target_metric,
+         COUNT(*) AS n_all,
+         SUM(CASE WHEN sx * sy > 0 THEN 1 ELSE 0 END) AS concordant,
+         SUM(CASE WHEN sx * sy < 0 THEN 1 ELSE 0 END) AS discordant,
+         SUM(CASE WHEN sx = 0 THEN 1 ELSE 0 END) AS ties_proxy,
+         SUM(CASE WHEN sy = 0 THEN 1 ELSE 0 END) AS ties_target,
+         SUM(CASE WHEN sx = 0 AND sy <> 0 THEN 1 ELSE 0 END) AS ties_proxy_only
+  FROM pairs
+  GROUP BY plan, stage, benchmark, proxy_metric, target_metric
+),
+n AS (
+  SELECT plan, stage, benchmark, proxy_metric, target_metric, COUNT(*) AS n_candidates
+  FROM j
+  GROUP BY plan, stage, benchmark, proxy_metric, target_metric
+)
+SELECT n.plan AS plan, n.stage AS stage, n.benchmark AS benchmark, n.proxy_metric AS proxy_metric,
+       n.target_metric AS target_metric, n.n_candidates AS n_candidates,
+       COALESCE(a.n_all - a.ties_target, 0) AS n_pairs,
+       CASE WHEN a.n_all - a.ties_target > 0
+            THEN (a.concordant + 0.5 * a.ties_proxy_only) / (1.0 * (a.n_all - a.ties_target)) END
+         AS decision_accuracy,
+       CASE WHEN a.n_all - a.ties_proxy > 0 AND a.n_all - a.ties_target > 0
+            THEN (a.concordant - a.discordant)
+                 / sqrt(1.0 * (a.n_all - a.ties_proxy) * (a.n_all - a.ties_target)) END AS kendall_tau,
+       COALESCE(a.concordant, 0) AS concordant, COALESCE(a.discordant, 0) AS discordant,
+       COALESCE(a.ties_proxy_only, 0) AS proxy_ties_counted_half, COALESCE(a.ties_target, 0) AS target_ties
+FROM n
+LEFT JOIN agg a ON a.plan = n.plan AND a.stage = n.stage AND a.benchmark = n.benchmark
+               AND a.proxy_metric = n.proxy_metric AND a.target_metric = n.target_metric
+"""
+
+# In creation order: a view is created after the views it reads.
+VIEWS = {"ranking": RANKING_VIEW, "proxy_values": PROXY_VALUES_VIEW, "target_values": TARGET_VALUES_VIEW,
+         "decision_accuracy": DECISION_ACCURACY_VIEW}
 
 
 def store_url(store: str | Path) -> str:

@@ -1,0 +1,5 @@
+"""`python -m rbridge` runs the CLI."""
+
+from rbridge.cli import main
+
+main()
