@@ -1,3 +1,144 @@
-"""`rbridge score` and `rbridge traces ...` (issue 3 fills these in)."""
+"""`rbridge score` and `rbridge traces generate|import` (thin wrappers over rbridge.scoring)."""
 
-from rbridge.cli import main  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from rbridge.cli import console, err_console, guard, main
+from rbridge.errors import InputError
+
+_PATH = click.Path(path_type=Path)
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=_PATH,
+              help="Hugging Face causal LM directory, or a .gguf file (or a directory holding one).")
+@click.option("--traces", "traces_path", required=True, type=_PATH, help="rbridge traces JSONL.")
+@click.option("--context", type=click.Choice(["none", "question", "fewshot"]), default="question",
+              show_default=True, help="What the proxy sees before the reasoning (after BOS).")
+@click.option("--fewshot-k", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Solved examples in the fewshot context (same benchmark, never the scored trace).")
+@click.option("--minmax", type=click.Choice(["trace", "benchmark", "none"]), default="trace", show_default=True)
+@click.option("--aggregate", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Window length for long traces (default: the model's maximum positions).")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Label NLL and multiple-choice baselines where the traces allow them.")
+@click.option("--accuracy", is_flag=True,
+              help="Also greedy-generation accuracy for benchmarks with an answer checker (GSM8K); slow.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Generation budget for --accuracy.")
+@click.option("--per-trace", is_flag=True, help="Include per-trace values in --json output.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the score cache.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guard
+def score(model_path: Path, traces_path: Path, context: str, fewshot_k: int, minmax: str, aggregate: str,
+          precision: str, batch_size: int, max_length: int | None, baselines: bool, accuracy: bool,
+          max_new_tokens: int, per_trace: bool, device: str, no_cache: bool, as_json: bool) -> None:
+    """Score any local causal LM on frontier traces (rBridge and baselines; lower NLL is better)."""
+    from rbridge.scoring.baselines import score_file
+
+    doc, cached = score_file(model_path, traces_path, context=context, minmax=minmax, aggregate=aggregate,
+                             precision=precision, batch_size=batch_size, fewshot_k=fewshot_k,
+                             max_length=max_length, baselines=baselines, accuracy=accuracy,
+                             max_new_tokens=max_new_tokens, per_trace=per_trace, device=device,
+                             use_cache=not no_cache)
+    doc["cached"] = cached
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    table = Table(title=f"rbridge score - {doc['model']} on {traces_path.name} (nats, lower is better)"
+                        + (" [cached]" if cached else ""))
+    cols = ("benchmark", "rbridge", "nll", "rbridge_no_minmax", "bpb", "label_nll", "norm_correct_prob",
+            "acc_cloze", "acc_greedy", "traces", "tokens")
+    for c in cols:
+        table.add_column(c, justify="left" if c == "benchmark" else "right")
+    for name, b in doc["benchmarks"].items():
+        def f(k):
+            return "-" if b.get(k) is None else f"{b[k]:.4f}"
+        table.add_row(name, f("rbridge"), f("nll"), f("rbridge_no_minmax"), f("bpb"), f("label_nll"),
+                      f("norm_correct_prob"), f("acc_cloze"), f("acc_greedy"), str(b["n_traces"]),
+                      f"{b['n_tokens']:,}")
+    console.print(table)
+    first = next(iter(doc["benchmarks"].values()))
+    console.print(f"context {first['context']}, minmax {first['minmax']}, aggregate {first['aggregate']}"
+                  + ("; from the cache (--no-cache to recompute)" if cached
+                     else f"; scored in {doc['seconds']['score']:.1f} s"))
+
+
+@main.group()
+def traces() -> None:
+    """Make or convert frontier traces (canonical rbridge JSONL)."""
+
+
+@traces.command("generate")
+@click.option("--model", "model_path", required=True, type=_PATH, help="Frontier model: HF directory or .gguf.")
+@click.option("--questions", "questions_path", required=True, type=_PATH,
+              help="Questions JSONL (question, optional answer/solution/label/id).")
+@click.option("--out", "out_path", required=True, type=_PATH, help="Traces JSONL to write.")
+@click.option("--rescore", is_flag=True,
+              help="Teacher force the questions' worked solutions instead of generating.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N questions.")
+@click.option("--task", default="grade school math", show_default=True,
+              help="The [task] of the paper's system prompt.")
+@click.option("--benchmark", default=None, help="Benchmark name (default: from the questions file name).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--assistant-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True,
+              help="With --rescore: the assistant turn is the solution, or the paper's JSON object.")
+@click.option("--device", default="auto", show_default=True)
+@guard
+def traces_generate(model_path: Path, questions_path: Path, out_path: Path, rescore: bool, limit: int | None,
+                    task: str, benchmark: str | None, max_new_tokens: int, assistant_format: str,
+                    device: str) -> None:
+    """Write frontier traces with a local model (the paper's JSON prompt, greedy, logprobs)."""
+    from rbridge.scoring.generate import main_generate
+
+    def progress(i, n):
+        err_console.print(f"  {i}/{n}", end="\r")
+
+    s = main_generate(model_path, questions_path, out_path, rescore=rescore, limit=limit, benchmark=benchmark,
+                      task=task, max_new_tokens=max_new_tokens, assistant_format=assistant_format,
+                      device=device, progress=progress)
+    console.print(f"{s['out']}: {s['written']} traces ({s['method']}, benchmark {s['benchmark']}, "
+                  f"model {s['model']}), {len(s['dropped'])} dropped, {len(s['retried'])} retried, "
+                  f"{s['mean_frontier_tokens']:.1f} frontier tokens per trace, {s['seconds']} s")
+    if s["dropped"]:
+        console.print(f"dropped (malformed twice): {', '.join(s['dropped'])}")
+
+
+@traces.command("import")
+@click.option("--format", "fmt", required=True, type=click.Choice(["openai", "per-token", "rbridge"]),
+              help="Input format (see rbridge.scoring.importers).")
+@click.argument("files", nargs=-1, required=True, type=_PATH)
+@click.option("--out", "out_path", required=True, type=_PATH, help="rbridge traces JSONL to write.")
+@click.option("--benchmark", default=None, help="Benchmark name where the input does not give one.")
+@click.option("--model", "model_name", default=None, help="Frontier model name where the input does not give one.")
+@click.option("--option", "-o", "options", multiple=True, metavar="NAME=VALUE",
+              help="per-token field names, e.g. -o key=qid -o token=tok (repeatable).")
+@guard
+def traces_import(fmt: str, files: tuple[Path, ...], out_path: Path, benchmark: str | None,
+                  model_name: str | None, options: tuple[str, ...]) -> None:
+    """Convert OpenAI logprob output, the paper's per-token layout, or rbridge files to rbridge JSONL."""
+    from rbridge.scoring.importers import import_traces
+
+    opts = {}
+    for o in options:
+        name, sep, value = o.partition("=")
+        if not sep or not name:
+            raise InputError(f"expected NAME=VALUE, got {o!r}", field="--option")
+        opts[name.strip()] = value.strip()
+    if opts and fmt != "per-token":
+        raise InputError("--option applies to --format per-token only", field="--option")
+    s = import_traces(fmt, list(files), out_path, options=opts or None, benchmark=benchmark, model=model_name)
+    per = ", ".join(f"{k} {v}" for k, v in s["benchmarks"].items())
+    console.print(f"{s['out']}: {s['written']} traces ({per}), {s['frontier_tokens']:,} frontier tokens")
+    if s.get("skipped_no_tokens"):
+        console.print(f"skipped {len(s['skipped_no_tokens'])} completions without token rows: "
+                      f"{', '.join(s['skipped_no_tokens'][:10])}{' ...' if len(s['skipped_no_tokens']) > 10 else ''}")

@@ -9,6 +9,9 @@ Public names (imported lazily, so reading traces does not import torch):
             ``load_model``, ``scores_to_json``
 - generate: ``generate_traces``, ``rescore_solutions``, ``load_questions``,
             ``main_generate(model_path, questions_path, out_path, rescore, limit)``
+- importers: ``import_traces(fmt, paths, out)``, ``import_openai``, ``import_per_token``,
+            ``import_rbridge``
+- baselines: ``baseline_scores``, ``mc_values``, ``score_file`` (``rbridge score``, cached)
 """
 
 from importlib import import_module
@@ -22,6 +25,9 @@ _NAMES = {
     "scores_to_json": "scorer",
     "Question": "generate", "generate_traces": "generate", "rescore_solutions": "generate",
     "load_questions": "generate", "main_generate": "generate",
+    "import_traces": "importers", "import_openai": "importers", "import_per_token": "importers",
+    "import_rbridge": "importers",
+    "baseline_scores": "baselines", "mc_values": "baselines", "score_file": "baselines",
 }
 
 __all__ = sorted(_NAMES)

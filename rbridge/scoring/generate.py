@@ -308,17 +308,22 @@ def find_reasoning(text: str) -> tuple[list[str], list[int], Any] | None:
     return None
 
 
-def _clean_logprob(lp: float) -> float:
-    v = round(min(0.0, float(lp)), 6)
+def _clean_logprob(lp: float, digits: int | None = 6) -> float:
+    v = min(0.0, float(lp))
+    if digits is not None:
+        v = round(v, digits)
     return 0.0 if v == 0 else v
 
 
 def reasoning_tokens(token_texts: Sequence[str], logprobs: Sequence[float],
-                     reasoning: tuple[list[str], list[int]]) -> list[FrontierToken]:
+                     reasoning: tuple[list[str], list[int]], *,
+                     digits: int | None = 6) -> list[FrontierToken]:
     """Frontier tokens over exactly the reasoning, from a tokenized completion.
 
     ``token_texts`` partition the completion text; ``reasoning`` is what
     :func:`find_reasoning` returned (characters and raw end indices).
+    ``digits``: logprobs are rounded to this many decimals (None: kept exact,
+    as importers do); either way they are clamped to <= 0.
     """
     starts, pos = [], 0
     for t in token_texts:
@@ -332,12 +337,12 @@ def reasoning_tokens(token_texts: Sequence[str], logprobs: Sequence[float],
         while tok > 0 and len(token_texts[tok]) == 0:   # empty pieces complete nothing
             tok -= 1
         if tok != cur_tok and cur_text:
-            out.append(FrontierToken(text="".join(cur_text), logprob=_clean_logprob(logprobs[cur_tok])))
+            out.append(FrontierToken(text="".join(cur_text), logprob=_clean_logprob(logprobs[cur_tok], digits)))
             cur_text = []
         cur_tok = tok
         cur_text.append(ch)
     if cur_text:
-        out.append(FrontierToken(text="".join(cur_text), logprob=_clean_logprob(logprobs[cur_tok])))
+        out.append(FrontierToken(text="".join(cur_text), logprob=_clean_logprob(logprobs[cur_tok], digits)))
     return out
 
 
