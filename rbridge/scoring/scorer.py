@@ -212,12 +212,13 @@ def request_nlls(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                 idx = order[b:b + batch_size]
                 width = len(rows[idx[0]][1])
                 ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
                 for j, i in enumerate(idx):
                     seq = rows[i][1]
                     ids[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[j, :len(seq)] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                # Right padding needs no attention mask in a causal LM: a real token only
+                # attends to earlier positions, all real. Without a mask, attention takes
+                # the fused causal kernel (as lm-evaluation-harness does), not a masked one.
+                logits = model(input_ids=ids.to(device)).logits
                 for j, i in enumerate(idx):
                     _, seq, first = rows[i]
                     lg = logits[j, first - 1:len(seq) - 1].float()
