@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from rbridge.errors import InputError, StoreBusy
@@ -31,17 +32,18 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
-            err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(2)
         except StoreBusy as exc:
-            err_console.print(f"[red]busy:[/] {exc}", soft_wrap=True)
+            err_console.print(f"[red]busy:[/] {escape(str(exc))}", soft_wrap=True)
             sys.exit(1)
         except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if os.environ.get("RBRIDGE_DEBUG"):
                 raise
-            err_console.print(f"[red]failed:[/] {type(exc).__name__}: {exc}  (RBRIDGE_DEBUG=1 for a traceback)",
+            err_console.print(f"[red]failed:[/] {type(exc).__name__}: {escape(str(exc))}  "
+                              "(RBRIDGE_DEBUG=1 for a traceback)",
                               soft_wrap=True)
             sys.exit(1)
 
@@ -119,7 +121,9 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None) -> No
     console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
     result = run_plan(spec, store, console=console, force=force, threads=threads)
-    console.print(f"store: {result.store_url}")
+    from rbridge.store.db import safe_url
+
+    console.print(f"store: {safe_url(result.store_url)}")
     console.print(f"rungs trained and scored this time: {result.trained_runs}; already done and reused: "
                   f"{result.reused_runs}")
     _print_ranking(result.ranking, spec.resolved_stages())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from rbridge.analysis.compute import non_embedding_params, plan_compute
 from rbridge.errors import InputError
+from rbridge.store.db import safe_url
 from rbridge.spec import parse_spec
 from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store
 
@@ -110,7 +111,7 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         "plan": plan.name,
         "status": plan.status,
         "spec_hash": plan.spec_hash,
-        "store": store.url,
+        "store": safe_url(store.url),
         "candidates": [c.name for c in sorted(cands.values(), key=lambda c: c.position)],
         "mixtures": {c.name: json.loads(c.mix) for c in cands.values()},
         "stages": stages,

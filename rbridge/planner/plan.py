@@ -45,16 +45,35 @@ def derive_seed(*parts: Any) -> int:
 
 
 @contextmanager
-def plan_lock(store: str):
-    """Hold an exclusive lock on a SQLite store for the life of a plan.
+def plan_lock(store: str, plan_name: str | None = None):
+    """Hold an exclusive lock for the life of a plan.
 
-    An OS file lock (flock) beside the database: the kernel releases it when its
+    SQLite: an OS file lock (flock) beside the database: the kernel releases it when its
     process dies, even by SIGKILL, so a crashed plan never leaves a stale lock and
     any run still marked RUNNING afterwards belongs to a dead process.
+
+    PostgreSQL (a store that may hold many plans): a session-level advisory lock on
+    a hash of the plan name, held on its own connection; the server releases it when
+    that connection ends, so the same holds when the process dies.
     """
+    from rbridge.store.db import AdvisoryLock, is_postgres, safe_url
+
     url = store_url(store)
+    if is_postgres(url):
+        lock = AdvisoryLock(url, f"rbridge plan:{plan_name or ''}",
+                            holder=f"rbridge plan pid {os.getpid()} on {socket.gethostname()}")
+        if not lock.acquire():
+            holder = lock.holder_of() or "another process"
+            raise StoreBusy(f"{safe_url(url)}: another rbridge plan ({holder}) is running plan "
+                            f"'{plan_name}' on this store; wait for it, watch it with `rbridge status`, "
+                            "or use another --store") from None
+        try:
+            yield
+        finally:
+            lock.release()
+        return
     if not url.startswith("sqlite:///"):
-        yield  # shared stores coordinate through the database (rbridge worker)
+        yield  # other shared stores coordinate through the database (rbridge worker)
         return
     path = Path(url[len("sqlite:///"):] + ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +233,7 @@ class Planner:
         t0 = time.perf_counter()
         # Every input is read and validated before the store is created or changed.
         self._load_traces()
-        with plan_lock(self.store_arg):
+        with plan_lock(self.store_arg, self.spec.name):
             self._check_store()
             data = self._prepare_data()
             failpoint("data-prepared")

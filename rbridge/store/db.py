@@ -3,16 +3,26 @@
 A store is any SQLAlchemy URL; a bare path means a SQLite file. SQLite runs in
 WAL mode with a busy timeout, so a ``rbridge status`` in another terminal reads
 while a plan writes, and every state change is its own short transaction.
+
+PostgreSQL (``postgresql://...``) holds the same tables, views and Optuna
+studies through psycopg 3 (``pip install 'rbridge[postgres]'``); plain
+``postgresql://`` and ``postgres://`` URLs become ``postgresql+psycopg://``.
+The views are written in the SQL both engines share: booleans are only tested
+(``CASE WHEN flag``), never summed, and every ratio is computed in
+``DOUBLE PRECISION`` so PostgreSQL returns floats, not NUMERIC.
 """
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import Engine
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from rbridge.errors import InputError
@@ -147,11 +157,13 @@ SELECT n.plan AS plan, n.stage AS stage, n.benchmark AS benchmark, n.proxy_metri
        n.target_metric AS target_metric, n.n_candidates AS n_candidates,
        COALESCE(a.n_all - a.ties_target, 0) AS n_pairs,
        CASE WHEN a.n_all - a.ties_target > 0
-            THEN (a.concordant + 0.5 * a.ties_proxy_only) / (1.0 * (a.n_all - a.ties_target)) END
+            THEN CAST(a.concordant + 0.5 * a.ties_proxy_only AS DOUBLE PRECISION)
+                 / CAST(a.n_all - a.ties_target AS DOUBLE PRECISION) END
          AS decision_accuracy,
        CASE WHEN a.n_all - a.ties_proxy > 0 AND a.n_all - a.ties_target > 0
-            THEN (a.concordant - a.discordant)
-                 / sqrt(1.0 * (a.n_all - a.ties_proxy) * (a.n_all - a.ties_target)) END AS kendall_tau,
+            THEN CAST(a.concordant - a.discordant AS DOUBLE PRECISION)
+                 / sqrt(CAST(a.n_all - a.ties_proxy AS DOUBLE PRECISION)
+                        * CAST(a.n_all - a.ties_target AS DOUBLE PRECISION)) END AS kendall_tau,
        COALESCE(a.concordant, 0) AS concordant, COALESCE(a.discordant, 0) AS discordant,
        COALESCE(a.ties_proxy_only, 0) AS proxy_ties_counted_half, COALESCE(a.ties_target, 0) AS target_ties
 FROM n
@@ -164,12 +176,65 @@ VIEWS = {"ranking": RANKING_VIEW, "proxy_values": PROXY_VALUES_VIEW, "target_val
          "decision_accuracy": DECISION_ACCURACY_VIEW}
 
 
+POSTGRES_DRIVER = "postgresql+psycopg"
+POSTGRES_HINT = "PostgreSQL stores need the psycopg driver: pip install 'rbridge[postgres]'"
+# Serialises schema creation between processes opening the same PostgreSQL database.
+_SCHEMA_LOCK_KEY = 0x7262726964676501  # "rbridge" + 1
+
+
 def store_url(store: str | Path) -> str:
-    """A SQLAlchemy URL for a store argument: URLs pass through, paths become SQLite URLs."""
+    """A SQLAlchemy URL for a store argument: URLs pass through, paths become SQLite URLs.
+
+    ``postgresql://`` and ``postgres://`` become ``postgresql+psycopg://`` (psycopg 3);
+    a URL naming another driver (``postgresql+psycopg2://``) is kept as given.
+    """
     s = str(store)
     if "://" in s:
+        scheme, rest = s.split("://", 1)
+        if scheme in ("postgresql", "postgres"):
+            return f"{POSTGRES_DRIVER}://{rest}"
         return s
     return f"sqlite:///{Path(s).expanduser().resolve()}"
+
+
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql", "postgres:"))
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _require_driver(url: str) -> None:
+    """One clear InputError when a PostgreSQL URL's driver is not installed."""
+    if not is_postgres(url):
+        return
+    driver = url.split("://", 1)[0].partition("+")[2] or "psycopg2"
+    module = {"psycopg": "psycopg", "psycopg2": "psycopg2", "asyncpg": "asyncpg", "pg8000": "pg8000"}.get(driver, driver)
+    try:
+        __import__(module)
+    except ImportError:
+        raise InputError(POSTGRES_HINT if module == "psycopg" else
+                         f"the store URL asks for the {module} driver, which is not installed; "
+                         f"use postgresql://... with pip install 'rbridge[postgres]'", file=safe_url(url)) from None
+
+
+def _postgres_engine(url: str, application_name: str | None = None, **kw) -> Engine:
+    _require_driver(url)
+    # Timestamps are stored as naive UTC, as in SQLite, whatever the server's TimeZone.
+    args = {"options": "-c timezone=UTC"}
+    if application_name:
+        args["application_name"] = application_name
+    return create_engine(url, pool_pre_ping=True, connect_args=args, **kw)
+
+
+def _connect_error(url: str, exc: OperationalError) -> InputError:
+    first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+    return InputError(f"cannot connect to the store: {first}", file=safe_url(url))
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -187,6 +252,10 @@ class Store:
     def __init__(self, url: str, engine: Engine):
         self.url = url
         self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name  # sqlite | postgresql
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -218,30 +287,124 @@ def open_store(store: str | Path, create: bool = True) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+    elif is_postgres(url):
+        engine = _postgres_engine(url)
     else:
         engine = create_engine(url, pool_pre_ping=True)
     st = Store(url, engine)
-    if create:
-        _ensure_schema(st)
+    try:
+        if create:
+            _ensure_schema(st)
+        elif not url.startswith("sqlite"):
+            with engine.connect() as conn:
+                if not inspect(conn).has_table("plans"):
+                    raise InputError("no rbridge store in this database (no plans table)", file=safe_url(url))
+    except OperationalError as exc:
+        engine.dispose()
+        if url.startswith("sqlite"):
+            raise
+        raise _connect_error(url, exc) from None
+    except BaseException:
+        engine.dispose()
+        raise
     return st
 
 
+def _create_views(conn: Connection, existing: set[str]) -> None:
+    for name, sql in VIEWS.items():
+        if name not in existing:
+            conn.execute(text(sql))
+
+
 def _ensure_schema(st: Store) -> None:
-    SQLModel.metadata.create_all(st.engine)
-    with st.engine.begin() as conn:
-        existing = {row[0] for row in conn.execute(text(
-            "SELECT name FROM sqlite_master WHERE type='view'" if st.url.startswith("sqlite")
-            else "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
-        for name, sql in VIEWS.items():
-            if name not in existing:
-                conn.execute(text(sql))
+    if st.dialect == "postgresql":
+        # DDL is transactional here: one transaction under a transaction-level advisory
+        # lock, so processes opening a new database at once never race on CREATE.
+        with st.engine.begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            SQLModel.metadata.create_all(conn)
+            existing = {row[0] for row in conn.execute(text(
+                "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
+            _create_views(conn, existing)
+    else:
+        SQLModel.metadata.create_all(st.engine)
+        with st.engine.begin() as conn:
+            existing = {row[0] for row in conn.execute(text(
+                "SELECT name FROM sqlite_master WHERE type='view'" if st.url.startswith("sqlite")
+                else "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
+            _create_views(conn, existing)
     with st.session() as s:
         row = s.get(Meta, "schema_version")
         if row is None:
             s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
         elif int(row.value) > SCHEMA_VERSION:
             raise InputError(f"store schema {row.value} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
-                             file=st.url)
+                             file=safe_url(st.url))
+
+
+def advisory_key(name: str) -> int:
+    """A signed 64-bit PostgreSQL advisory-lock key for a name (stable across processes and machines)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+class AdvisoryLock:
+    """A session-level PostgreSQL advisory lock held on its own connection.
+
+    The server releases it when that connection ends, including when the process
+    holding it dies (SIGKILL, a lost node): no stale locks.
+    """
+
+    def __init__(self, url: str, name: str, holder: str):
+        self.url = store_url(url)
+        self.name = name
+        self.key = advisory_key(name)
+        self.holder = holder
+        self._engine: Engine | None = None
+        self._conn: Connection | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock without waiting; False when another session holds it."""
+        # application_name tells a refused process who holds the lock (pg_stat_activity).
+        self._engine = _postgres_engine(self.url, application_name=self.holder[:63], poolclass=NullPool)
+        try:
+            self._conn = self._engine.connect()
+            got = bool(self._conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar())
+            self._conn.commit()  # the lock is session-level: it outlives the transaction
+        except OperationalError as exc:
+            self.release()
+            raise _connect_error(self.url, exc) from None
+        if not got:
+            self.release()
+        return got
+
+    def holder_of(self) -> str | None:
+        """The application_name of the session holding the lock, if visible."""
+        engine = _postgres_engine(self.url, poolclass=NullPool)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text(
+                    "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+                    "AND l.objsubid = 1 AND ((l.classid::bigint << 32) | l.objid::bigint) = :k "
+                    "LIMIT 1"), {"k": self.key}).scalar()
+        except Exception:  # noqa: BLE001 - only for the message
+            return None
+        finally:
+            engine.dispose()
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+                self._conn.commit()
+            except Exception:  # noqa: BLE001 - closing the connection releases it anyway
+                pass
+            self._conn.close()
+            self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
 
 
 def latest_store(folder: str | Path = "stores") -> Path | None:
@@ -251,4 +414,5 @@ def latest_store(folder: str | Path = "stores") -> Path | None:
     return dbs[0] if dbs else None
 
 
-__all__ = ["Store", "open_store", "store_url", "latest_store", "select"]
+__all__ = ["Store", "open_store", "store_url", "latest_store", "select", "is_postgres", "safe_url",
+           "AdvisoryLock", "advisory_key", "POSTGRES_HINT"]

@@ -9,9 +9,14 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Optional
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 SCHEMA_VERSION = 1
+
+# Parameter and token counts pass 2**31 (a 1B proxy, 20B target tokens): 64-bit
+# everywhere (SQLite's INTEGER already is; PostgreSQL's INTEGER is 32-bit).
+BIG = BigInteger
 
 
 def utcnow() -> datetime:
@@ -58,10 +63,10 @@ class Run(SQLModel, table=True):
     candidate_id: int = Field(foreign_key="candidates.id", index=True)
     config: str  # JSON: the LlamaConfig and training settings
     fingerprint: str = ""  # hash of every input of the run (rbridge.planner.reconcile)
-    params: int = 0
-    non_embedding_params: int = 0
-    tokens_target: int = 0
-    tokens_seen: int = 0
+    params: int = Field(default=0, sa_type=BIG)
+    non_embedding_params: int = Field(default=0, sa_type=BIG)
+    tokens_target: int = Field(default=0, sa_type=BIG)
+    tokens_seen: int = Field(default=0, sa_type=BIG)
     train_flops: float = 0.0
     score_flops: float = 0.0
     wall_s: float = 0.0
@@ -78,7 +83,7 @@ class Evaluation(SQLModel, table=True):
     id: Optional[int] = Field(default=None, primary_key=True)
     run_id: int = Field(foreign_key="runs.id", index=True)
     rung: int
-    tokens_seen: int
+    tokens_seen: int = Field(sa_type=BIG)
     benchmark: str
     metric: str
     value: float

@@ -24,7 +24,7 @@ from typing import Optional
 from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
 
-from rbridge.store.models import utcnow
+from rbridge.store.models import BIG, utcnow
 
 TARGET_STAGE = "target"
 
@@ -41,8 +41,8 @@ class Result(SQLModel, table=True):
     metric: str
     value: float
     higher_is_better: bool = False
-    params: Optional[int] = None  # parameters of the model measured (non-embedding for proxies, if known)
-    tokens: Optional[int] = None  # training tokens of the model measured (part of the key: checkpoints)
+    params: Optional[int] = Field(default=None, sa_type=BIG)  # parameters of the model measured (non-embedding for proxies, if known)
+    tokens: Optional[int] = Field(default=None, sa_type=BIG)  # training tokens of the model measured (part of the key: checkpoints)
     seed: Optional[int] = None  # the seed chosen with --seed; NULL when the value is a mean over seeds
     n_seeds: int = 1
     seeds: str = ""  # the seeds averaged, comma-separated ('' when the file had no seed column)
@@ -64,7 +64,7 @@ class ResultChange(SQLModel, table=True):
     candidate: str
     benchmark: str
     metric: str
-    tokens: Optional[int] = None
+    tokens: Optional[int] = Field(default=None, sa_type=BIG)
     field: str  # value | higher_is_better | params | n_seeds | seed
     old_value: Optional[float] = None
     new_value: Optional[float] = None

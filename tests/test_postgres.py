@@ -1,0 +1,319 @@
+"""PostgreSQL stores against a real server on loopback (issue 6, part 1).
+
+A session-scoped fixture runs Debian's PostgreSQL (``/usr/lib/postgresql/<ver>/bin``)
+in a temporary directory on 127.0.0.1 and a free port, as the ``postgres`` user
+when the tests run as root (initdb and postgres refuse root), and stops it at the
+end. Without the server binaries or psycopg the server tests are skipped with the
+reason; CI installs both (.ci/run).
+
+The tiny plan of test_plan_e2e runs through the CLI on SQLite and on PostgreSQL;
+the two stores must agree on every view.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from rbridge.store.db import POSTGRES_HINT, advisory_key, store_url
+from test_plan_e2e import REPO, SPEC, TARGETS
+
+try:
+    import psycopg
+except ImportError:  # the server tests skip; the driver-hint test still runs
+    psycopg = None
+
+PLAN_KEY = advisory_key("rbridge plan:tiny")
+
+
+# ---------------------------------------------------------------------------- server
+def _pg_bindir() -> Path | None:
+    """Debian's newest PostgreSQL server binaries, else initdb/postgres on PATH."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(x) if x.isdigit() else 0
+                                                                         for x in Path(p).parent.name.split(".")])
+    for d in reversed(found):
+        if (Path(d) / "initdb").exists() and (Path(d) / "postgres").exists():
+            return Path(d)
+    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
+    if initdb and postgres and Path(initdb).parent == Path(postgres).parent:
+        return Path(initdb).parent
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """Base URL (no database) of a throwaway PostgreSQL server on 127.0.0.1."""
+    if psycopg is None:
+        pytest.skip(f"psycopg is not installed ({POSTGRES_HINT})")
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+    run_as: dict = {}
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        import pwd
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    tmp = Path(tempfile.mkdtemp(prefix="rbridge-pg-"))
+    if run_as:
+        os.chown(tmp, run_as["user"], run_as["group"])
+    data = tmp / "data"
+    init = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "rbridge", "-A", "trust", "-E", "UTF8",
+                           "--no-sync"], cwd=tmp, capture_output=True, text=True, timeout=120, **run_as)
+    assert init.returncode == 0, init.stdout + init.stderr
+    port = _free_port()
+    log = open(tmp / "server.log", "w")
+    if run_as:
+        os.chown(tmp / "server.log", run_as["user"], run_as["group"])
+    server = subprocess.Popen([str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+                               "-k", str(tmp), "-F", "-c", "full_page_writes=off", "-c", "synchronous_commit=off",
+                               "-c", "max_connections=50"],
+                              cwd=tmp, stdout=log, stderr=subprocess.STDOUT, **run_as)
+    base = f"postgresql://rbridge@127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(f"{base}/postgres", connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("PostgreSQL did not start:\n" + (tmp / "server.log").read_text())
+                time.sleep(0.2)
+        yield base
+    finally:
+        server.send_signal(signal.SIGINT)  # fast shutdown
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _new_database(base: str, name: str) -> str:
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        con.execute(f'CREATE DATABASE "{name}"')
+    return f"{base}/{name}"
+
+
+def _pg_rows(url: str, sql: str) -> list[tuple]:
+    with psycopg.connect(url) as con:
+        return con.execute(sql).fetchall()
+
+
+# ---------------------------------------------------------------------------- CLI
+def _env(cache: Path) -> dict:
+    return dict(os.environ, RBRIDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _plan_dir(root: Path, name: str) -> Path:
+    d = root / name
+    d.mkdir()
+    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:12]
+    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "tiny.yaml").write_text(SPEC)
+    (d / "targets.csv").write_text(TARGETS)
+    return d
+
+
+def _lock_holders(url: str) -> list[str]:
+    return [r[0] for r in _pg_rows(url, f"""
+        SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = {PLAN_KEY}""")]
+
+
+@pytest.fixture(scope="module")
+def plans(pg_server, tmp_path_factory):
+    """The tiny plan on SQLite, then on PostgreSQL with the lock checks around it; targets imported into both."""
+    root = tmp_path_factory.mktemp("pg")
+    cache = root / "cache"
+    lite = _plan_dir(root, "sqlite")
+    res = _rbridge("plan", "tiny.yaml", cwd=lite, env=_env(cache))
+    assert res.returncode == 0, res.stdout + res.stderr
+    pg = _plan_dir(root, "postgres")
+    url = _new_database(pg_server, "tiny")
+    env = _env(cache)
+    checks: dict = {}
+
+    # 1. A process holding the plan's lock (the planner's own plan_lock) refuses a plan;
+    #    SIGKILLed, it leaves no stale lock behind.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom rbridge.planner.plan import plan_lock\n"
+        "with plan_lock(sys.argv[1], 'tiny'):\n    print('locked', flush=True)\n    time.sleep(300)\n"), url],
+        cwd=pg, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        checks["held_by_holder"] = _lock_holders(url)
+        checks["refused_by_holder"] = _rbridge("plan", "tiny.yaml", "--store", url, cwd=pg, env=env)
+        checks["holder_pid"] = holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    checks["after_kill"] = _lock_holders(url)
+
+    # 2. The plan itself, with a second concurrent `rbridge plan` started once it holds the lock.
+    first = subprocess.Popen([sys.executable, "-m", "rbridge.cli", "plan", "tiny.yaml", "--store", url], cwd=pg,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(f"pid {first.pid} " in h for h in _lock_holders(url)):
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "the plan never took its lock"
+        time.sleep(0.1)
+    checks["second"] = _rbridge("plan", "tiny.yaml", "--store", url, cwd=pg, env=env)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, out + err
+    checks["first_pid"] = first.pid
+    checks["first_stdout"] = out
+    checks["released"] = _lock_holders(url)
+    for d, store in ((lite, "stores/tiny.db"), (pg, url)):
+        res = _rbridge("targets", "import", "targets.csv", "--store", store, cwd=d, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return lite, pg, url, env, checks
+
+
+VIEW_SQL = {
+    "ranking": "SELECT plan, stage, candidate, benchmark, metric, value, rank, tokens_seen, status, stage_index "
+               "FROM ranking ORDER BY stage_index, benchmark, metric, candidate",
+    "proxy_values": "SELECT plan, stage, candidate, benchmark, metric, value, higher_is_better, tokens_seen, params, "
+                    "source FROM proxy_values ORDER BY stage, candidate, benchmark, metric, source",
+    "target_values": "SELECT plan, candidate, benchmark, metric, value, higher_is_better, params, tokens, seed, n_seeds "
+                     "FROM target_values ORDER BY candidate, benchmark, metric",
+    "decision_accuracy": "SELECT * FROM decision_accuracy ORDER BY stage, benchmark, proxy_metric, target_metric",
+}
+
+
+def _same_rows(a: list[tuple], b: list[tuple], what: str) -> None:
+    assert len(a) == len(b), (what, a, b)
+    for ra, rb in zip(a, b):
+        assert len(ra) == len(rb), (what, ra, rb)
+        for x, y in zip(ra, rb):
+            if isinstance(x, float) or isinstance(y, float):
+                assert x is not None and y is not None and math.isclose(x, y, rel_tol=0, abs_tol=1e-6), (what, ra, rb)
+            else:  # SQLite's 0/1 booleans equal PostgreSQL's False/True
+                assert x == y, (what, ra, rb)
+
+
+# ---------------------------------------------------------------------------- tests
+def test_store_url_uses_psycopg():
+    assert store_url("postgresql://u@h:5432/db") == "postgresql+psycopg://u@h:5432/db"
+    assert store_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert store_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert store_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_missing_driver_is_one_clear_input_error(tmp_path, monkeypatch):
+    from rbridge.errors import InputError
+    from rbridge.store import open_store
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg -> ImportError
+    with pytest.raises(InputError) as exc:
+        open_store("postgresql://u:secret@127.0.0.1:9/db")
+    assert "pip install 'rbridge[postgres]'" in str(exc.value) and "secret" not in str(exc.value)
+    code = "import sys; sys.modules['psycopg'] = None\nfrom rbridge.cli import main\nmain()"
+    res = subprocess.run([sys.executable, "-c", code, "status", "--store", "postgresql://u:secret@127.0.0.1:9/db"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "PostgreSQL stores need the psycopg driver: pip install 'rbridge" in res.stderr
+    assert "Traceback" not in res.stderr and "secret" not in res.stderr
+
+
+def test_ranking_on_postgres_equals_sqlite(plans):
+    lite, _pg, url, _env, checks = plans
+    assert "ranking - stage rank" in checks["first_stdout"]
+    con = sqlite3.connect(lite / "stores" / "tiny.db")
+    a = con.execute(VIEW_SQL["ranking"]).fetchall()
+    b = _pg_rows(url, VIEW_SQL["ranking"])
+    assert len(a) == 4 * 4 + 2 * 4  # (4 filter + 2 rank candidates) x 4 metrics
+    _same_rows(a, b, "ranking")
+    # Decisions, runs and the Optuna studies are there too.
+    dec = "SELECT rung, COUNT(*), SUM(CASE WHEN kept THEN 1 ELSE 0 END) FROM decisions WHERE stage = 'filter' " \
+          "GROUP BY rung ORDER BY rung"
+    assert [tuple(r) for r in _pg_rows(url, dec)] == con.execute(dec).fetchall() == [(1, 4, 3), (2, 3, 2)]
+    assert {r[0] for r in _pg_rows(url, "SELECT study_name FROM studies")} == {"tiny:filter", "tiny:rank"}
+    assert _pg_rows(url, "SELECT COUNT(*) FROM trials")[0][0] == con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+
+
+def test_second_concurrent_plan_is_refused(plans):
+    _lite, _pg, _url, _env, checks = plans
+    held = checks["held_by_holder"]
+    assert len(held) == 1 and f"pid {checks['holder_pid']} " in held[0]
+    refused = checks["refused_by_holder"]
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"another rbridge plan (rbridge plan pid {checks['holder_pid']} " in refused.stderr
+    assert checks["after_kill"] == []  # SIGKILL released it
+    second = checks["second"]
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert f"another rbridge plan (rbridge plan pid {checks['first_pid']} " in second.stderr
+    assert "plan 'tiny'" in second.stderr
+    assert checks["released"] == []
+
+
+def test_views_equal_sqlite_after_targets_import(plans):
+    lite, pg, url, env, _checks = plans
+    con = sqlite3.connect(lite / "stores" / "tiny.db")
+    for name, sql in VIEW_SQL.items():
+        _same_rows(con.execute(sql).fetchall(), _pg_rows(url, sql), name)
+    rows = _pg_rows(url, "SELECT stage, n_candidates, n_pairs, decision_accuracy, kendall_tau FROM decision_accuracy "
+                         "WHERE benchmark = 'gsm8k' AND proxy_metric = 'rbridge' ORDER BY stage")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("filter", 4, 6), ("rank", 2, 1)]
+    assert all(isinstance(r[3], float) and 0.0 <= r[3] <= 1.0 and isinstance(r[4], float) for r in rows)
+    # Target and token counts past 2**31 fit (BIGINT columns).
+    big = pg / "big.csv"
+    big.write_text("candidate,benchmark,metric,value,params,tokens\ncot,gsm8k,loss,1.5,7000000000,20000000000\n")
+    res = _rbridge("targets", "import", str(big), "--store", url, cwd=pg, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _pg_rows(url, "SELECT params, tokens FROM target_values WHERE metric = 'loss'") == [(7_000_000_000,
+                                                                                              20_000_000_000)]
+
+
+def test_status_accuracy_fit_on_postgres(plans):
+    lite, pg, url, env, _checks = plans
+    st = _rbridge("status", "--store", url, "--json", cwd=pg, env=env)
+    assert st.returncode == 0, st.stdout + st.stderr
+    info = json.loads(st.stdout)
+    ref = json.loads(_rbridge("status", "--store", "stores/tiny.db", "--json", cwd=lite, env=env).stdout)
+    assert info["status"] == "done" and [s["name"] for s in info["stages"]] == ["filter", "rank"]
+    assert [s["survivors"] for s in info["stages"]] == [s["survivors"] for s in ref["stages"]]
+    assert [[(c["candidate"], c["rank"], c["tokens_seen"]) for c in s["candidates"]] for s in info["stages"]] == \
+        [[(c["candidate"], c["rank"], c["tokens_seen"]) for c in s["candidates"]] for s in ref["stages"]]
+    assert info["compute"]["train_flops"] == pytest.approx(ref["compute"]["train_flops"])
+    acc = _rbridge("accuracy", "--store", url, "--json", cwd=pg, env=env)
+    assert acc.returncode == 0, acc.stdout + acc.stderr
+    rows = [r for r in json.loads(acc.stdout)["decision_accuracy"]
+            if r["proxy_metric"] == "rbridge" and r["target_metric"] == "accuracy"]
+    assert [(r["stage"], r["n_pairs"]) for r in rows] == [("filter", 6), ("rank", 1)]
+    fit = _rbridge("fit", "--store", url, "--json", cwd=pg, env=env)
+    assert fit.returncode == 0, fit.stdout + fit.stderr
+    json.loads(fit.stdout)
+    missing = _rbridge("status", "--store", url.rsplit("/", 1)[0] + "/nosuch", cwd=pg, env=env)
+    assert missing.returncode == 2 and "cannot connect to the store" in missing.stderr
