@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 from sqlmodel import select
 
+from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
 from rbridge.store import Plan, Result, ResultChange, Run, Store
 from rbridge.store.models import utcnow
@@ -101,27 +101,14 @@ class ImportReport:
 # ---------------------------------------------------------------------------- reading
 def _records(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
     """(line, {column: raw value}) for every data row, and whether the file is JSON lines."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise InputError("no such file", file=path) from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"not UTF-8 text ({exc.reason})", file=path) from None
+    text = read_text(path, "results file", encoding="utf-8-sig")  # -sig: spreadsheets write a BOM
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     if not first:
         raise InputError("empty file: no results", file=path)
     is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson", ".json") or first.startswith("{")
     out: list[tuple[int, dict[str, Any]]] = []
     if is_jsonl:
-        for no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"not valid JSON: {exc.msg} (column {exc.colno})", file=path, line=no) from None
-            if not isinstance(obj, dict):
-                raise InputError("each line must be a JSON object", file=path, line=no)
+        for no, obj in json_object_lines(path, text):
             unknown = sorted(set(obj) - set(COLUMNS))
             if unknown:
                 raise InputError(f"unknown field(s) {', '.join(unknown)}; fields are {', '.join(COLUMNS)}",

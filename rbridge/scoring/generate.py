@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 import rbridge
+from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
 from rbridge.scoring.scorer import load_model, request_nlls
 from rbridge.scoring.traces import Frontier, FrontierToken, Trace, write_traces
@@ -104,22 +105,10 @@ def load_questions(path: str | Path, *, benchmark: str, limit: int | None = None
     ``answer`` gives. ``limit`` keeps the first questions in file order.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"cannot read questions file: {e.strerror or e}", file=path) from None
     out: list[Question] = []
-    for lineno, raw in enumerate(lines, start=1):
+    for lineno, obj in json_object_lines(path, read_text(path, "questions file"), "a question"):
         if limit is not None and len(out) >= limit:
             break
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(f"not valid JSON: {e.msg} at column {e.colno}", file=path, line=lineno) from None
-        if not isinstance(obj, dict):
-            raise InputError("a question must be a JSON object", file=path, line=lineno)
         q = obj.get("question")
         if not isinstance(q, str) or not q.strip():
             raise InputError("missing or empty text field", file=path, line=lineno, field="question")

@@ -55,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rbridge._textio import read_text
 from rbridge.errors import InputError
 from rbridge.scoring.generate import INSTRUCTION, find_reasoning, reasoning_tokens
 from rbridge.scoring.traces import Trace, parse_trace, write_traces
@@ -84,14 +85,7 @@ PER_TOKEN_FIELDS: dict[str, str] = {
 # ---------------------------------------------------------------- reading records
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("file not found", file=path) from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
-    except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror}", file=path) from None
+    return read_text(path)
 
 
 def read_records(path: str | Path) -> list[tuple[int, Any]]:

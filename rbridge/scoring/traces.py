@@ -50,6 +50,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
 
 
@@ -166,24 +167,10 @@ def parse_trace(obj: Any, *, file: str | Path | None = None, line: int | None = 
 def load_traces(path: str | Path) -> list[Trace]:
     """Read and validate an rbridge JSONL traces file (see the module docstring)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("traces file not found", file=path) from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
-    except OSError as e:
-        raise InputError(f"cannot read traces file: {e.strerror}", file=path) from None
+    text = read_text(path, "traces file")
     traces: list[Trace] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(f"not valid JSON: {e.msg} at column {e.colno}",
-                             file=path, line=lineno) from None
+    for lineno, obj in json_object_lines(path, text, "a trace"):
         trace = parse_trace(obj, file=path, line=lineno)
         if trace.id in seen:
             raise InputError(f"duplicate id {trace.id!r} (first on line {seen[trace.id]})",
