@@ -158,13 +158,24 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
     return Trained(model, trainer.tokens_seen, trainer.wall_time_s, trainer.tokens_per_s, flops)
 
 
-def score_run(ctx: RunContext, model) -> tuple[dict[str, dict[str, float]], float]:
+def score_run(ctx: RunContext, model, console=None) -> tuple[dict[str, dict[str, float]], float]:
     """Score the proxy on every benchmark: rBridge and its baselines; plus the scoring FLOPs."""
+    from rbridge.planner.plan import make_progress
+
     out: dict[str, dict[str, float]] = {}
     n_tokens = 0
+    live = getattr(console, "is_terminal", False)
     for bench in ctx.spec.benchmarks:
-        res = score_traces(model, ctx.data.tokenizer, ctx.traces[bench.name], context=bench.context,
-                           minmax=bench.minmax, aggregate=bench.aggregate)
+        opts = dict(context=bench.context, minmax=bench.minmax, aggregate=bench.aggregate)
+        if live:
+            with make_progress(console) as progress:
+                task = progress.add_task(f"  score {ctx.stage.name}/{ctx.candidate.name} on {bench.name}",
+                                         total=len(ctx.traces[bench.name]))
+                res = score_traces(model, ctx.data.tokenizer, ctx.traces[bench.name], **opts,
+                                   on_progress=lambda done, total: progress.update(task, completed=done,
+                                                                                   total=total))
+        else:
+            res = score_traces(model, ctx.data.tokenizer, ctx.traces[bench.name], **opts)
         out[bench.name] = {m: getattr(res, m) for m in ("rbridge", "nll", "rbridge_no_minmax", "bpb")}
         n_tokens += res.n_tokens
     # 2·N·D forward FLOPs, N non-embedding like the training figure (Kaplan's convention).

@@ -375,7 +375,7 @@ class Planner:
             run.checkpoint = str(ctx.checkpoint_dir)
         trained = train_run(ctx, tokens, self.console)
         failpoint("after-checkpoint")
-        scores, score_flops = score_run(ctx, trained.model)
+        scores, score_flops = score_run(ctx, trained.model, self.console)
         failpoint("after-score")
         with self.store.session() as s:
             run = s.get(Run, ctx.run.id)

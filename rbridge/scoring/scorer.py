@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Callable, Any
 
 import numpy as np
 import torch
@@ -178,7 +178,8 @@ def _precision_context(model, precision: str, device: torch.device):
 
 def request_nlls(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                  batch_size: int = 16, precision: str = "auto", pad_id: int = 0,
-                 max_length: int | None = None) -> list[np.ndarray]:
+                 max_length: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
     """NLL (nats, float64) of every continuation token of each (context, continuation).
 
     ``context`` must be non-empty (it starts with BOS). ``max_length`` defaults
@@ -226,6 +227,8 @@ def request_nlls(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                     lp = torch.log_softmax(lg, dim=-1).gather(-1, tgt[:, None])[:, 0]
                     row_nll[i] = (-lp).double().cpu().numpy()
                 del logits
+                if on_progress is not None:
+                    on_progress(min(b + batch_size, len(order)), len(order))
     finally:
         if precision == "fp32" and orig_dtype != torch.float32:
             model.to(orig_dtype)
@@ -250,8 +253,11 @@ def _aggregate(nll: np.ndarray, w: np.ndarray, mode: str) -> float:
 def score_traces(model, tokenizer, traces: Sequence[Trace], *, context: str = "question",
                  minmax: str = "trace", aggregate: str = "mean", batch_size: int = 16,
                  precision: str = "auto", fewshot_k: int = 3,
-                 max_length: int | None = None) -> BenchmarkScore:
+                 max_length: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> BenchmarkScore:
     """rBridge and baselines of ``model`` on the traces of one benchmark.
+
+    ``on_progress(done, total)`` is called after every batch (for progress bars).
 
     ``traces`` must all share one ``benchmark`` (use :func:`score_benchmarks`
     for a mixed file). Benchmark-wide MinMax normalizes over all tokens of
@@ -283,7 +289,7 @@ def score_traces(model, tokenizer, traces: Sequence[Trace], *, context: str = "q
         raw_w.append(trace_token_weights([x.text for x in t.frontier.tokens],
                                          [x.logprob for x in t.frontier.tokens], offs))
     nlls = request_nlls(model, requests, batch_size=batch_size, precision=precision,
-                        pad_id=int(pad), max_length=max_length)
+                        pad_id=int(pad), max_length=max_length, on_progress=on_progress)
     norm_w = normalize(raw_w, minmax)
 
     per: list[TraceScore] = []
