@@ -95,14 +95,10 @@ def plan(spec_path: Path, store: str | None, force: bool, threads: int | None) -
 def resume(store: str | None, force: bool, threads: int | None) -> None:
     """Continue the unfinished plan in the store."""
     from rbridge.spec import parse_spec
-    from rbridge.store import Plan, latest_store, open_store
+    from rbridge.store import Plan, open_store
     from sqlmodel import select
 
-    if store is None:
-        found = latest_store("stores")
-        if found is None:
-            raise InputError("no store found under stores/; pass --store", file="stores/")
-        store = str(found)
+    store = _store_or_latest(store)
     st = open_store(store, create=False)
     with st.session() as s:
         row = s.exec(select(Plan).order_by(Plan.updated_at.desc())).first()
@@ -113,6 +109,18 @@ def resume(store: str | None, force: bool, threads: int | None) -> None:
     spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
     st.close()
     _run(spec, store, force, threads)
+
+
+def _store_or_latest(store: str | None) -> str:
+    """The --store given, else the most recently written store under ./stores."""
+    from rbridge.store import latest_store
+
+    if store is not None:
+        return store
+    found = latest_store("stores")
+    if found is None:
+        raise InputError("no store found under stores/; pass --store", file="stores/")
+    return str(found)
 
 
 def _run(spec, store: str | None, force: bool, threads: int | None = None) -> None:
@@ -154,13 +162,9 @@ def _print_ranking(rows: list[dict], stages) -> None:
 def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
     """Stages, candidates, decisions, scores, progress, compute spent."""
     from rbridge.analysis.status import plan_status
-    from rbridge.store import latest_store, open_store
+    from rbridge.store import open_store
 
-    if store is None:
-        found = latest_store("stores")
-        if found is None:
-            raise InputError("no store found under stores/; pass --store", file="stores/")
-        store = str(found)
+    store = _store_or_latest(store)
     st = open_store(store, create=False)
     info = plan_status(st, plan_name)
     if as_json:
