@@ -122,8 +122,12 @@ class Trained:
     train_flops: float
 
 
-def train_run(ctx: RunContext, tokens: int, console) -> Trained:
-    """Resume the run from its last checkpoint, train it to ``tokens``, checkpoint it."""
+def train_run(ctx: RunContext, tokens: int, console, check=None) -> Trained:
+    """Resume the run from its last checkpoint, train it to ``tokens``, checkpoint it.
+
+    ``check()`` runs after every step and may raise to stop (a worker whose claim
+    was taken over stops training instead of racing the new holder's checkpoints).
+    """
     from rbridge.planner.plan import make_progress
 
     stage = ctx.stage
@@ -139,8 +143,13 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
     if trainer.tokens_seen < tokens:
         # Live bars only on a terminal; logs and pipes get the one line per rung the planner prints.
         progress = make_progress(console) if getattr(console, "is_terminal", False) else None
+        def tick() -> None:
+            failpoint("train-step")
+            if check is not None:
+                check()
+
         if progress is None:
-            trainer.train_to(tokens, on_step=lambda seen, loss: failpoint("train-step"))
+            trainer.train_to(tokens, on_step=lambda seen, loss: tick())
         else:
             with progress:
                 task = progress.add_task(f"  train {stage.name}/{ctx.candidate.name}",
@@ -148,7 +157,7 @@ def train_run(ctx: RunContext, tokens: int, console) -> Trained:
 
                 def on_step(seen: int, loss: float) -> None:
                     progress.update(task, completed=seen)
-                    failpoint("train-step")
+                    tick()
 
                 trainer.train_to(tokens, on_step=on_step)
         trainer.save_checkpoint()

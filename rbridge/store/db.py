@@ -316,6 +316,29 @@ def _create_views(conn: Connection, existing: set[str]) -> None:
             conn.execute(text(sql))
 
 
+def _upgrade(conn: Connection) -> None:
+    """Bring a store written by an older rbridge up to this schema, in place.
+
+    Only additive changes: columns added with their server defaults, indexes
+    created when missing. Nothing is rewritten or dropped.
+    """
+    insp = inspect(conn)
+    tables = set(insp.get_table_names())
+    for table in SQLModel.metadata.sorted_tables:
+        if table.name not in tables:
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
+                continue
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(conn.dialect)}"
+            if col.server_default is not None:
+                ddl += f" DEFAULT '{col.server_default.arg}'"
+            conn.execute(text(ddl))
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+
+
 def _ensure_schema(st: Store) -> None:
     if st.dialect == "postgresql":
         # DDL is transactional here: one transaction under a transaction-level advisory
@@ -323,12 +346,14 @@ def _ensure_schema(st: Store) -> None:
         with st.engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
             SQLModel.metadata.create_all(conn)
+            _upgrade(conn)
             existing = {row[0] for row in conn.execute(text(
                 "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
             _create_views(conn, existing)
     else:
         SQLModel.metadata.create_all(st.engine)
         with st.engine.begin() as conn:
+            _upgrade(conn)
             existing = {row[0] for row in conn.execute(text(
                 "SELECT name FROM sqlite_master WHERE type='view'" if st.url.startswith("sqlite")
                 else "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
@@ -337,6 +362,8 @@ def _ensure_schema(st: Store) -> None:
         row = s.get(Meta, "schema_version")
         if row is None:
             s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+        elif int(row.value) < SCHEMA_VERSION:
+            row.value = str(SCHEMA_VERSION)  # upgraded above
         elif int(row.value) > SCHEMA_VERSION:
             raise InputError(f"store schema {row.value} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
                              file=safe_url(st.url))

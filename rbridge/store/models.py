@@ -9,10 +9,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Optional
 
-from sqlalchemy import BigInteger
+from sqlalchemy import BigInteger, Index
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+# 2: runs carry a worker claim (worker, lease, beats, heartbeat_at, beat_every_s);
+#    unique (plan, stage, candidate) runs and (plan, stage, rung, candidate) decisions.
+SCHEMA_VERSION = 2
 
 # Parameter and token counts pass 2**31 (a 1B proxy, 20B target tokens): 64-bit
 # everywhere (SQLite's INTEGER already is; PostgreSQL's INTEGER is 32-bit).
@@ -53,9 +55,15 @@ class Candidate(SQLModel, table=True):
 
 
 class Run(SQLModel, table=True):
-    """One proxy trained on one candidate in one stage."""
+    """One proxy trained on one candidate in one stage.
+
+    Workers claim a run by compare-and-set on (lease, beats, status): a claim bumps
+    ``lease``, the holder bumps ``beats`` every ``beat_every_s`` seconds, and a run
+    whose beats stop is taken over (rbridge.planner.worker).
+    """
 
     __tablename__ = "runs"
+    __table_args__ = (Index("ux_runs_plan_stage_candidate", "plan_id", "stage", "candidate_id", unique=True),)
     id: Optional[int] = Field(default=None, primary_key=True)
     plan_id: int = Field(foreign_key="plans.id", index=True)
     stage: str
@@ -74,6 +82,11 @@ class Run(SQLModel, table=True):
     status: str = "pending"  # pending | running | pruned | done | failed
     checkpoint: str = ""
     trial_number: Optional[int] = None
+    worker: str = Field(default="", sa_column_kwargs={"server_default": ""})  # host:pid:boot of the holder
+    lease: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # claims so far
+    beats: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # heartbeats of this lease
+    beat_every_s: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
+    heartbeat_at: Optional[datetime] = None
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
 
@@ -95,6 +108,9 @@ class Decision(SQLModel, table=True):
     """Why a candidate went on or stopped at a rung, with the score that drove it."""
 
     __tablename__ = "decisions"
+    # Rung decisions are made once: a second worker deciding the same rung hits this index.
+    __table_args__ = (Index("ux_decisions_plan_stage_rung_candidate", "plan_id", "stage", "rung", "candidate_id",
+                            unique=True),)
     id: Optional[int] = Field(default=None, primary_key=True)
     plan_id: int = Field(foreign_key="plans.id", index=True)
     stage: str
