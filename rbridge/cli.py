@@ -78,12 +78,17 @@ def validate(spec_path: Path) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
               help="CPU threads for torch (default: 1 for proxies under 10M non-embedding parameters, "
                    "else torch's default).")
+@click.option("--no-local", "no_local", is_flag=True,
+              help="Only coordinate: record the plan and wait while `rbridge worker` processes do the runs.")
 @_guard
-def plan(spec_path: Path, store: str | None, force: bool, threads: int | None) -> None:
-    """Run the plan declared in SPEC; continues it if the store already holds it."""
+def plan(spec_path: Path, store: str | None, force: bool, threads: int | None, no_local: bool) -> None:
+    """Run the plan declared in SPEC; continues it if the store already holds it.
+
+    Any `rbridge worker --store` processes on the same store share the work.
+    """
     from rbridge.spec import load_spec
 
-    _run(load_spec(spec_path), store, force, threads)
+    _run(load_spec(spec_path), store, force, threads, local=not no_local)
 
 
 @main.command()
@@ -91,8 +96,9 @@ def plan(spec_path: Path, store: str | None, force: bool, threads: int | None) -
 @click.option("--force", is_flag=True, help="Accept a spec file that changed since the plan began.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
               help="CPU threads for torch (see rbridge plan --help).")
+@click.option("--no-local", "no_local", is_flag=True, help="Only coordinate (see rbridge plan --help).")
 @_guard
-def resume(store: str | None, force: bool, threads: int | None) -> None:
+def resume(store: str | None, force: bool, threads: int | None, no_local: bool) -> None:
     """Continue the unfinished plan in the store."""
     from rbridge.spec import parse_spec
     from rbridge.store import Plan, open_store
@@ -108,7 +114,7 @@ def resume(store: str | None, force: bool, threads: int | None) -> None:
     # The stored spec text is the plan; paths in it resolve against where it was written.
     spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
     st.close()
-    _run(spec, store, force, threads)
+    _run(spec, store, force, threads, local=not no_local)
 
 
 def _store_or_latest(store: str | None) -> str:
@@ -123,12 +129,13 @@ def _store_or_latest(store: str | None) -> str:
     return str(found)
 
 
-def _run(spec, store: str | None, force: bool, threads: int | None = None) -> None:
+def _run(spec, store: str | None, force: bool, threads: int | None = None, local: bool = True) -> None:
     from rbridge.planner.plan import run_plan
 
     console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
-    result = run_plan(spec, store, console=console, force=force, threads=threads)
+    result = run_plan(spec, store, console=console, force=force, threads=threads, local=local,
+                      poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout())
     from rbridge.store.db import safe_url
 
     console.print(f"store: {safe_url(result.store_url)}")
@@ -136,6 +143,46 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None) -> No
                   f"{result.reused_runs}")
     _print_ranking(result.ranking, spec.resolved_stages())
     console.print(f"done in {result.wall_s:.1f} s")
+
+
+def _poll_s() -> float:
+    return float(os.environ.get("RBRIDGE_POLL_S", "2"))
+
+
+def _heartbeat_timeout(given: float | None = None) -> float:
+    from rbridge.planner.worker import DEFAULT_HEARTBEAT_TIMEOUT_S
+
+    return given or float(os.environ.get("RBRIDGE_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT_S))
+
+
+@main.command()
+@click.option("--store", "store", required=True, help="The shared store: postgresql://... (or a SQLite path "
+              "for workers on one machine).")
+@click.option("--plan", "plan_name", default=None, help="Serve only this plan (default: every unfinished plan).")
+@click.option("--stage", "stages", multiple=True, help="Take only runs of this stage (repeatable), e.g. small "
+              "proxies on CPU workers and large ones on GPU workers.")
+@click.option("--until-idle", is_flag=True, help="Exit once the store holds no unfinished plan "
+              "(waits while it holds none yet).")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.5), default=None,
+              help="Seconds without a heartbeat before another worker takes a run over "
+                   "(default 60, or $RBRIDGE_HEARTBEAT_TIMEOUT).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
+              help="CPU threads for torch (see rbridge plan --help).")
+@_guard
+def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idle: bool,
+           heartbeat_timeout: float | None, threads: int | None) -> None:
+    """Take runs of the store's plans and do them, alongside any other workers.
+
+    Start any number, on any number of machines, before or after `rbridge plan`.
+    A worker that dies has its run taken over by another after the heartbeat
+    timeout. Under `accelerate launch`, all processes train each run together.
+    """
+    from rbridge.planner.worker import Worker
+
+    w = Worker(store, console, plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
+               heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None)
+    done = w.run()
+    console.print(f"worker idle: no unfinished plan left; rungs trained and scored by this worker: {done}")
 
 
 def _print_ranking(rows: list[dict], stages) -> None:

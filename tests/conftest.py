@@ -1,9 +1,34 @@
-"""Shared fixtures: a real tiny byte-level BPE tokenizer and a real tiny random Llama."""
+"""Shared fixtures: a real tiny byte-level BPE tokenizer, a real tiny random Llama, and a
+throwaway PostgreSQL server.
+
+The ``pg_server`` fixture runs Debian's PostgreSQL (``/usr/lib/postgresql/<ver>/bin``)
+in a temporary directory on 127.0.0.1 and a free port, as the ``postgres`` user
+when the tests run as root (initdb and postgres refuse root), and stops it at the
+end of the session. Without the server binaries or psycopg its tests are skipped
+with the reason; CI installs both (.ci/run).
+"""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rbridge.store.db import POSTGRES_HINT
+
+try:
+    import psycopg
+except ImportError:  # the server tests skip; tests that need no server still run
+    psycopg = None
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -41,3 +66,82 @@ def model(tokenizer):
     return m.eval()
 
 
+# ---------------------------------------------------------------------------- server
+def _pg_bindir() -> Path | None:
+    """Debian's newest PostgreSQL server binaries, else initdb/postgres on PATH."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(x) if x.isdigit() else 0
+                                                                         for x in Path(p).parent.name.split(".")])
+    for d in reversed(found):
+        if (Path(d) / "initdb").exists() and (Path(d) / "postgres").exists():
+            return Path(d)
+    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
+    if initdb and postgres and Path(initdb).parent == Path(postgres).parent:
+        return Path(initdb).parent
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """Base URL (no database) of a throwaway PostgreSQL server on 127.0.0.1."""
+    if psycopg is None:
+        pytest.skip(f"psycopg is not installed ({POSTGRES_HINT})")
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+    run_as: dict = {}
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        import pwd
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no 'postgres' user to run the server as")
+        run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    tmp = Path(tempfile.mkdtemp(prefix="rbridge-pg-"))
+    if run_as:
+        os.chown(tmp, run_as["user"], run_as["group"])
+    data = tmp / "data"
+    init = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "rbridge", "-A", "trust", "-E", "UTF8",
+                           "--no-sync"], cwd=tmp, capture_output=True, text=True, timeout=120, **run_as)
+    assert init.returncode == 0, init.stdout + init.stderr
+    port = _free_port()
+    log = open(tmp / "server.log", "w")
+    if run_as:
+        os.chown(tmp / "server.log", run_as["user"], run_as["group"])
+    server = subprocess.Popen([str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+                               "-k", str(tmp), "-F", "-c", "full_page_writes=off", "-c", "synchronous_commit=off",
+                               "-c", "max_connections=50"],
+                              cwd=tmp, stdout=log, stderr=subprocess.STDOUT, **run_as)
+    base = f"postgresql://rbridge@127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                psycopg.connect(f"{base}/postgres", connect_timeout=2).close()
+                break
+            except psycopg.OperationalError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("PostgreSQL did not start:\n" + (tmp / "server.log").read_text())
+                time.sleep(0.2)
+        yield base
+    finally:
+        server.send_signal(signal.SIGINT)  # fast shutdown
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def new_database(base: str, name: str) -> str:
+    with psycopg.connect(f"{base}/postgres", autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        con.execute(f'CREATE DATABASE "{name}"')
+    return f"{base}/{name}"

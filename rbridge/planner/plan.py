@@ -236,11 +236,13 @@ class Planner:
     def _run_locked(self, data, t0: float) -> PlanResult:
         from rbridge.planner.worker import PlanState, serve_plan, wait_for_plan
 
-        plan = self._plan_row(data)
-        for stage in self.stages:  # every stage's study exists before any worker asks a trial
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Every stage's study (and Optuna's tables) exists before a worker can see the
+        # plan row: workers never race to create them.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for stage in self.stages:
             optuna.create_study(study_name=f"{self.spec.name}:{stage.name}", storage=self.store.url,
                                 direction="minimize", load_if_exists=True)
+        plan = self._plan_row(data)
         with self.store.session() as s:
             self.reused_runs = len(s.exec(select(Evaluation.run_id, Evaluation.rung).distinct()
                                           .join(Run, Run.id == Evaluation.run_id)

@@ -67,16 +67,21 @@ def _boot_id() -> str:
         return "noboot"
 
 
+def _host() -> str:
+    """This machine's name in worker ids: $RBRIDGE_WORKER_HOST (e.g. a node name), else the hostname."""
+    return os.environ.get("RBRIDGE_WORKER_HOST") or socket.gethostname()
+
+
 def worker_id() -> str:
     """host:pid:boot - enough to tell, on the same machine, whether the holder still lives."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_boot_id()}"
+    return f"{_host()}:{os.getpid()}:{_boot_id()}"
 
 
 def holder_is_dead_here(worker: str) -> bool:
     """True when ``worker`` ran on this machine (same host and boot) and its process is gone."""
     host, _, rest = worker.partition(":")
     pid, _, boot = rest.partition(":")
-    if host != socket.gethostname() or boot != _boot_id() or not pid.isdigit():
+    if host != _host() or boot != _boot_id() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

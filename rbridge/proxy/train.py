@@ -14,6 +14,18 @@ uninterrupted run. Accelerate places the model, wraps it for multi-process
 runs (``accelerate launch``) and saves/loads model, optimizer, scheduler and
 RNG states (``save_state`` / ``load_state``); this module adds the atomic
 ``step_<n>/`` directories around it.
+
+Several processes: ``accelerate launch --multi_gpu --num_processes N`` (or the
+user's accelerate config) on GPUs; on CPUs Accelerate needs
+``ACCELERATE_USE_CPU=1`` in the environment as well, or each of the N processes
+trains alone (``--cpu --num_processes N`` starts one process unless mpirun is
+configured). Accelerate then uses gloo and DistributedDataParallel. Every rank
+builds the same model from the same seed, trains on its slice of each global
+batch, and DDP averages gradients, so the trajectory is the 1-process one up to
+float rounding. Checkpoints hold one copy of the unwrapped model, optimizer and
+schedule plus one RNG file per rank (unused: training draws no random numbers),
+so a checkpoint written by any number of processes resumes in any other number.
+``checkpoint_dir`` must be shared by all machines.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, gather_object, set_seed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rbridge._failpoints import failpoint
@@ -134,6 +146,12 @@ class ProxyTrainer:
 
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         acc = self.accelerator
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if acc.num_processes == 1 and launched > 1:
+            raise InputError(f"this is one of {launched} launched processes (WORLD_SIZE={launched}) but Accelerate "
+                             "did not start distributed training, so each would train alone as rank 0; on a "
+                             "machine without GPUs set ACCELERATE_USE_CPU=1 for accelerate launch --multi_gpu",
+                             field="num_processes")
         if any(getattr(acc, name, None) for name in ("_models", "_optimizers", "_custom_objects")):
             raise ValueError("the accelerator already prepared other objects; give each ProxyTrainer its own")
         if batch_size % acc.num_processes:
@@ -177,7 +195,15 @@ class ProxyTrainer:
         self._step = 0
         self._wall_time_s = 0.0
         self._last_loss = float("nan")
-        if (ckpt := latest_checkpoint(self.checkpoint_dir)) is not None:
+        ckpt = latest_checkpoint(self.checkpoint_dir)
+        if acc.num_processes > 1:
+            # Every rank must resume from the same step, or DDP would average gradients of different models.
+            seen = gather_object([ckpt.name if ckpt is not None else "none"])
+            if len(set(seen)) > 1:
+                raise InputError(f"the {acc.num_processes} processes see different latest checkpoints in "
+                                 f"{self.checkpoint_dir} ({', '.join(f'rank {i}: {s}' for i, s in enumerate(seen))})"
+                                 "; it must be one directory shared by all machines", field="checkpoint_dir")
+        if ckpt is not None:
             self._load_checkpoint(ckpt)
 
     # ---- progress --------------------------------------------------------------------------
@@ -229,10 +255,22 @@ class ProxyTrainer:
             self._wall_time_s += time.perf_counter() - t0
             if on_step is not None:
                 on_step(self.tokens_seen, self._last_loss)
-            if self.save_every_s is not None and time.monotonic() - last_save >= self.save_every_s:
+            if self.save_every_s is not None and self._save_due(last_save):
                 self.save_checkpoint()
                 last_save = time.monotonic()
         return self._last_loss
+
+    def _save_due(self, last_save: float) -> bool:
+        """Whether ``save_every_s`` has passed, by the main process's clock on every rank.
+
+        Each rank's own clock could disagree near the deadline, and a rank that saves
+        alone would wait in ``save_checkpoint``'s barrier while the others train on.
+        """
+        due = time.monotonic() - last_save >= self.save_every_s
+        if self.accelerator.num_processes == 1:
+            return due
+        flag = torch.tensor([int(due)], dtype=torch.int32, device=self.accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
 
     def _train_step(self) -> float:
         batch = self._batch(self._step)
@@ -273,7 +311,9 @@ class ProxyTrainer:
         Accelerate's ``save_state`` writes model, optimizer, scheduler and every rank's
         RNG states into ``step_<n>.tmp/``; then ``trainer.json`` and the ``COMPLETE``
         marker are written and the folder is renamed, so a crash leaves either a complete
-        checkpoint or one that ``latest_checkpoint`` ignores.
+        checkpoint or one that ``latest_checkpoint`` ignores. With several processes every
+        rank must call this at the same step; the main process alone clears, marks, renames
+        and prunes, between barriers, so no rank sees a half-written ``step_<n>/``.
         """
         if self.checkpoint_dir is None:
             raise ValueError("this trainer has no checkpoint_dir")

@@ -15,13 +15,14 @@ The views are written in the SQL both engines share: booleans are only tested
 from __future__ import annotations
 
 import hashlib
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
@@ -351,18 +352,31 @@ def _ensure_schema(st: Store) -> None:
                 "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
             _create_views(conn, existing)
     else:
-        SQLModel.metadata.create_all(st.engine)
-        with st.engine.begin() as conn:
-            _upgrade(conn)
-            existing = {row[0] for row in conn.execute(text(
-                "SELECT name FROM sqlite_master WHERE type='view'" if st.url.startswith("sqlite")
-                else "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
-            _create_views(conn, existing)
+        # Several processes may open a new SQLite store at once (a plan and its workers);
+        # CREATE TABLE / VIEW are not guarded there, so a loser of the race looks again.
+        for attempt in range(5):
+            try:
+                SQLModel.metadata.create_all(st.engine)
+                with st.engine.begin() as conn:
+                    _upgrade(conn)
+                    existing = {row[0] for row in conn.execute(text(
+                        "SELECT name FROM sqlite_master WHERE type='view'" if st.url.startswith("sqlite")
+                        else "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
+                    _create_views(conn, existing)
+                break
+            except OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+    try:
+        with st.session() as s:
+            if s.get(Meta, "schema_version") is None:
+                s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+    except IntegrityError:
+        pass  # another process opening the new store wrote it first
     with st.session() as s:
         row = s.get(Meta, "schema_version")
-        if row is None:
-            s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
-        elif int(row.value) < SCHEMA_VERSION:
+        if int(row.value) < SCHEMA_VERSION:
             row.value = str(SCHEMA_VERSION)  # upgraded above
         elif int(row.value) > SCHEMA_VERSION:
             raise InputError(f"store schema {row.value} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
