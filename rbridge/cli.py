@@ -132,6 +132,10 @@ def _store_or_latest(store: str | None) -> str:
 def _run(spec, store: str | None, force: bool, threads: int | None = None, local: bool = True) -> None:
     from rbridge.planner.plan import run_plan
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise InputError("rbridge plan runs as one process; under accelerate launch / torchrun run "
+                         "`rbridge worker --store URL`, and `rbridge plan --no-local` once, outside it",
+                         field="WORLD_SIZE")
     console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
     result = run_plan(spec, store, console=console, force=force, threads=threads, local=local,
@@ -182,7 +186,10 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
     w = Worker(store, console, plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
                heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None)
     done = w.run()
-    console.print(f"worker idle: no unfinished plan left; rungs trained and scored by this worker: {done}")
+    if w.ranks.main:
+        console.print(f"worker idle: no unfinished plan left; rungs trained and scored by this worker: {done}")
+    else:
+        console.print(f"rank {w.ranks.rank}: trained {done} rungs with rank 0")
 
 
 def _print_ranking(rows: list[dict], stages) -> None:

@@ -58,10 +58,11 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def accelerate_launch(args, tmp_path, *, num_processes=2):
+def accelerate_launch_cmd(args, tmp_path, *, num_processes=2):
     """``accelerate launch`` with the CPU recipe: --multi_gpu spawns the ranks (torchrun),
     ACCELERATE_USE_CPU=1 makes Accelerate use gloo on the CPU. ``--cpu --num_processes 2``
-    would start a single process (it expects mpirun), and so would a MULTI_CPU config."""
+    would start a single process (it expects mpirun), and so would a MULTI_CPU config.
+    Returns the command and its environment; ``args`` are the script (or ``-m module``) and its arguments."""
     config = tmp_path / "accelerate.yaml"      # explicit, so a user's default config cannot interfere
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_machines: 1\n"
                       f"num_processes: {num_processes}\nmixed_precision: 'no'\n")
@@ -69,7 +70,12 @@ def accelerate_launch(args, tmp_path, *, num_processes=2):
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-           "--main_process_port", "0", str(SCRIPT), *args]              # port 0: a free one (parallel tests)
+           "--main_process_port", "0", *args]              # port 0: a free one (parallel tests)
+    return cmd, env
+
+
+def accelerate_launch(args, tmp_path, *, num_processes=2):
+    cmd, env = accelerate_launch_cmd([str(SCRIPT), *args], tmp_path, num_processes=num_processes)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output

@@ -30,7 +30,7 @@ from sqlmodel import select
 
 from rbridge._failpoints import failpoint
 from rbridge.errors import InputError, StoreBusy
-from rbridge.planner.worker import HIGHER_IS_BETTER, derive_seed, runs_dir  # noqa: F401 - re-exported
+from rbridge.planner.worker import runs_dir
 from rbridge.spec import Spec, parse_spec
 from rbridge.store import Candidate, Evaluation, Plan, Run, Store, open_store, store_url
 from rbridge.store.db import safe_url

@@ -191,8 +191,9 @@ class PlanState:
 
     def __init__(self, store: Store, plan: Plan, spec: Spec, console, data=None, traces=None,
                  threads: int | None = None, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
-                 stages: list[str] | None = None):
+                 stages: list[str] | None = None, ranks: "Ranks | None" = None):
         self.store = store
+        self.ranks = ranks
         self.plan_id = plan.id
         self.name = plan.name
         self.spec_hash = plan.spec_hash
@@ -493,7 +494,12 @@ class PlanState:
                          seed=derive_seed(self.spec.seed, task.stage.name, task.candidate.name),
                          model_seed=derive_seed(self.spec.seed, task.stage.name))
         try:
-            trained = train_run(ctx, task.tokens, self.console, check=claim.check)
+            distributed = self.ranks is not None and self.ranks.world > 1
+            if distributed:  # every rank trains this run with us
+                self.ranks.send(self._message(task, ctx))
+            # A lost claim stops training at once in one process; with several ranks it is
+            # noticed when recording (stopping one rank alone would hang the others).
+            trained = train_run(ctx, task.tokens, self.console, check=None if distributed else claim.check)
             failpoint("after-checkpoint")
             scores, score_flops = score_run(ctx, trained.model, self.console)
             failpoint("after-score")
@@ -529,6 +535,13 @@ class PlanState:
                            f"({trained.tokens_seen:,} tokens, {trained.tokens_per_s:,.0f} tok/s)")
         return True
 
+    def _message(self, task: Task, ctx) -> dict:
+        return {"spec_hash": self.spec_hash, "spec_text": self.spec.text,
+                "spec_path": str(self.spec.path.resolve()) if self.spec.path else "",
+                "stage_index": task.stage_index, "candidate": task.candidate.name, "mix": task.candidate.mix,
+                "non_embedding_params": task.run.non_embedding_params, "tokens": task.tokens,
+                "checkpoint": str(ctx.checkpoint_dir.resolve()), "seed": ctx.seed, "model_seed": ctx.model_seed}
+
     def step(self) -> str:
         """Do one unit of work if there is one: 'worked', 'waiting' (others hold the work) or 'done'."""
         sync = self.sync()
@@ -553,6 +566,82 @@ def _fmt_params(n: int) -> str:
     return str(n)
 
 
+class Ranks:
+    """The processes of one worker started by ``accelerate launch`` (or torchrun).
+
+    Rank 0 alone talks to the store: it claims a run, sends the run to the other
+    ranks, and all of them train it together (ProxyTrainer shards every global
+    batch by rank; DDP averages the gradients); rank 0 then scores and records it.
+    While rank 0 waits for work it sends "wait" every poll, so the other ranks'
+    collective calls never reach their timeout.
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank = 0
+        if self.world > 1:
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            # Joins the process group (NCCL on GPUs; gloo on CPUs, where PartialState, unlike
+            # the Accelerator, does not read ACCELERATE_USE_CPU itself).
+            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+            if state.num_processes != self.world:
+                raise InputError(f"this is one of {self.world} launched processes but Accelerate did not start "
+                                 "distributed training; on a machine without GPUs set ACCELERATE_USE_CPU=1 for "
+                                 "accelerate launch --multi_gpu", field="WORLD_SIZE")
+            self.rank = state.process_index
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def send(self, message) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list([message], src=0)
+
+    def receive(self):
+        import torch.distributed as dist
+
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def follow(ranks: Ranks, threads: int | None = None) -> int:
+    """Ranks > 0: train whatever rank 0 sends until it sends None; returns rungs trained."""
+    from rbridge.planner.components import RunContext, cpu_threads, prepare_data, train_run
+
+    quiet = _QuietConsole()
+    specs: dict[str, tuple[Spec, Any]] = {}
+    n = 0
+    while True:
+        message = ranks.receive()
+        if message is None:
+            return n
+        if message == "wait":
+            continue
+        key = message["spec_hash"]
+        if key not in specs:
+            spec = parse_spec(message["spec_text"], Path(message["spec_path"] or "spec.yaml"))
+            specs[key] = (spec, prepare_data(spec, quiet))
+        spec, data = specs[key]
+        stage = spec.resolved_stages()[message["stage_index"]]
+        cpu_threads(message["non_embedding_params"], threads)
+        cand = Candidate(name=message["candidate"], mix=message["mix"], plan_id=0)
+        ctx = RunContext(spec, stage, message["stage_index"], cand, None, data, {}, Path(message["checkpoint"]),
+                         seed=message["seed"], model_seed=message["model_seed"])
+        train_run(ctx, message["tokens"], quiet)
+        n += 1
+
+
+class _QuietConsole:
+    def print(self, *a, **k):
+        pass
+
+
 class Worker:
     """``rbridge worker``: serve every unfinished plan in a store (or one, with ``plan``)."""
 
@@ -564,7 +653,8 @@ class Worker:
         self.plan = plan
         self.until_idle = until_idle
         self.poll_s = poll_s
-        self.kw = dict(threads=threads, heartbeat_timeout=heartbeat_timeout, stages=stages)
+        self.ranks = Ranks()
+        self.kw = dict(threads=threads, heartbeat_timeout=heartbeat_timeout, stages=stages, ranks=self.ranks)
         self.states: dict[str, PlanState] = {}
         self.trained = 0
 
@@ -585,6 +675,9 @@ class Worker:
 
     def run(self) -> int:
         """Work until stopped (or, with until_idle, until no unfinished plan is left); returns rungs done."""
+        if not self.ranks.main:
+            self.store.close()
+            return follow(self.ranks, self.kw["threads"])
         try:
             while True:
                 plans = self._plans()
@@ -601,8 +694,12 @@ class Worker:
                 if self.until_idle and plans and not any(p.status != "done" for p in self._plans()):
                     return self.trained
                 time.sleep(self.poll_s)
+                self.ranks.send("wait")
         finally:
-            self.store.close()
+            try:
+                self.ranks.send(None)  # the other ranks exit with us
+            finally:
+                self.store.close()
 
 
 def serve_plan(state: PlanState, poll_s: float = 2.0) -> None:
