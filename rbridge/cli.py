@@ -239,7 +239,8 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
             dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} r{d['rung']}"
             table.add_row(str(r["rank"] or "-"), r["candidate"],
                           "-" if r["score"] is None else f"{r['score']:.4f}",
-                          f"{_si(r['tokens_seen'])}/{_si(r['tokens_target'])}", r["status"], dec,
+                          f"{_si(r['tokens_seen'])}/{_si(r['tokens_target'])}",
+                          r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
                           _si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}")
         console.print(table)
         eta = "-" if stage["eta_s"] is None else f"{stage['eta_s']:.0f} s"

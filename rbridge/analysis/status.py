@@ -67,6 +67,7 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
             rows.append({
                 "candidate": cands[run.candidate_id].name,
                 "status": run.status,
+                "worker": run.worker if run.status == "running" else "",  # host:pid:boot of the holder
                 "rung": rung,
                 "tokens_seen": run.tokens_seen,
                 "tokens_target": run.tokens_target,
