@@ -42,7 +42,7 @@ benchmarks:
 stages:
   - name: filter
     proxy: {{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4}}
-    tokens: 32768
+    tokens: TOKENS
     seq_len: 64
     batch_size: 8
     lr: 0.01
@@ -50,7 +50,7 @@ stages:
     keep: 2
   - name: rank
     proxy: {{hidden_size: 96, num_hidden_layers: 2, num_attention_heads: 4}}
-    tokens: 32768
+    tokens: TOKENS
     evals: 1
 """
 
@@ -77,12 +77,13 @@ def _decisions(store: str) -> list[tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=32768, help="training tokens per run in each stage")
     ap.add_argument("--store-url", default=None, help="two empty PostgreSQL databases, comma-separated")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rbridge-bench-workers-"))
     lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:24]
     (work / "traces.jsonl").write_text("\n".join(lines) + "\n")
-    (work / "bench.yaml").write_text(SPEC)
+    (work / "bench.yaml").write_text(SPEC.replace("TOKENS", str(args.tokens)))
     env = dict(os.environ, RBRIDGE_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RBRIDGE_POLL_S="0.5")
     stores = args.store_url.split(",") if args.store_url else [str(work / "one.db"), str(work / "many.db")]
@@ -109,7 +110,8 @@ def main() -> None:
     assert codes == [0] * len(procs), codes
     same = _decisions(stores[0]) == _decisions(stores[1])
     steps = len(_decisions(stores[0]))
-    print(f"cores: {os.cpu_count()}; plan: 6 candidates, 2 stages, {steps} rung steps (run trained to a rung)")
+    print(f"cores: {os.cpu_count()}; plan: 6 candidates, 2 stages, {steps} rung steps (run trained to a rung), "
+          f"{args.tokens:,} tokens per run and stage")
     print(f"1 process (rbridge plan):                 {one:7.1f} s")
     print(f"plan --no-local + {args.workers} workers:            {many:7.1f} s   speed-up {one / many:.2f}x")
     print(f"same decisions: {same}")
