@@ -40,6 +40,16 @@ CORPUS = [
 ] * 20
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one CPU thread for a module: tiny models on a shared CPU gain nothing from a second
+    thread (it mostly waits for the first; 3x slower here), and launched ranks run one thread each."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     tok = Tokenizer(models.BPE())

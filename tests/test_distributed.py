@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
@@ -42,12 +41,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The launched ranks run one thread each; so does the reference here (and tiny models gain nothing from more).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """The launched ranks run one thread each; so does the reference here (conftest.one_torch_thread)."""
 
 
 def weights(model):

@@ -24,12 +24,8 @@ def tiny_config(**overrides):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: a second thread mostly waits for the first (3x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models train on one CPU thread here (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

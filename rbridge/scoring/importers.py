@@ -55,7 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rbridge._textio import read_text
+from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
 from rbridge.scoring.generate import INSTRUCTION, find_reasoning, reasoning_tokens
 from rbridge.scoring.traces import Trace, parse_trace, write_traces
@@ -425,13 +425,7 @@ def import_rbridge(paths: Sequence[str | Path]) -> list[Trace]:
     for path in map(Path, paths):
         text = _read_text(path)
         n = 0
-        for lineno, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise InputError(f"not valid JSON: {e.msg} at column {e.colno}", file=path, line=lineno) from None
+        for lineno, obj in json_object_lines(path, text, "each trace"):
             t = parse_trace(obj, file=path, line=lineno)
             if t.id in seen:
                 p, ln = seen[t.id]
