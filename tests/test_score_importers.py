@@ -177,7 +177,7 @@ def test_malformed_openai_exit_2_with_file_and_line(tmp_path, bad, words):
     r = CliRunner().invoke(main, ["traces", "import", "--format", "openai", str(p), "--out",
                                   str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2, r.output
-    assert f"in.jsonl:2" in r.output and words in r.output
+    assert "in.jsonl:2" in r.output and words in r.output
     assert not (tmp_path / "o.jsonl").exists()
 
 

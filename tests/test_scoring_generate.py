@@ -4,7 +4,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from rbridge.scoring.generate import (Question, generate_traces, prompt_ids, rescore_solutions,

@@ -53,6 +53,7 @@ from rbridge.errors import InputError
 from rbridge.planner.schedule import decide, rung_tokens, survivors_at
 from rbridge.spec import Spec, StageSpec, parse_spec
 from rbridge.store import Candidate, Decision, Evaluation, Plan, Run, Store, open_store
+from rbridge.store.db import safe_url
 from rbridge.store.models import utcnow
 
 # Metrics where a higher value is better; every other stored metric is lower-is-better.
@@ -671,6 +672,12 @@ class Worker:
             state = PlanState.from_store(self.store, plan, self.console, **self.kw)
             self.states[plan.name] = state
             self.console.print(f"serving plan {plan.name} as {state.me}")
+            if state.only_stages is not None:
+                names = {st.name for st in state.stages}
+                unknown = sorted(state.only_stages - names)
+                if unknown:
+                    self.console.print(f"  plan {plan.name} has no stage {', '.join(unknown)} "
+                                       f"(its stages: {', '.join(st.name for st in state.stages)})")
         return state
 
     def run(self) -> int:
@@ -678,9 +685,14 @@ class Worker:
         if not self.ranks.main:
             self.store.close()
             return follow(self.ranks, self.kw["threads"])
+        told = False
         try:
             while True:
                 plans = self._plans()
+                if not plans and not told:
+                    self.console.print("waiting for a plan: start one with `rbridge plan SPEC.yaml --store "
+                                       f"{safe_url(self.store.url)}`")
+                    told = True
                 unfinished = [p for p in plans if p.status != "done"]
                 worked = False
                 for plan in unfinished:
