@@ -15,7 +15,10 @@ all ranks ran and split each batch. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import gc
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +38,26 @@ def make_trainer(data: np.ndarray, steps: int, **kw) -> ProxyTrainer:
                         lr=LR, seed=SEED, precision="fp32", **kw)
 
 
+def run_job(acc: Accelerator, data: np.ndarray, job: str, steps: int, save_every_s: float | None) -> dict:
+    """One ``CKPT_DIR:TO_STEP`` job; its trainer is freed when this returns."""
+    checkpoint_dir, to_step = job.rsplit(":", 1)
+    checkpoint_dir = checkpoint_dir.format(rank=acc.process_index)
+    try:
+        t = make_trainer(data, steps, checkpoint_dir=checkpoint_dir, save_every_s=save_every_s)
+    except InputError as e:          # recorded for the test to check; every rank raises it
+        return dict(checkpoint_dir=checkpoint_dir, error=str(e))
+    resumed_at = t.step
+    losses, rows = [], []
+
+    def on_step(tokens: int, loss: float) -> None:
+        losses.append(loss)
+        rows.append(t._batch(t.step - 1)[:, 0].tolist())
+
+    t.train_to(int(to_step) * BATCH * SEQ, on_step=on_step)
+    t.save_checkpoint()
+    return dict(checkpoint_dir=checkpoint_dir, resumed_at=resumed_at, step=t.step, losses=losses, first_tokens=rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("data")
@@ -43,34 +66,24 @@ def main() -> None:
     ap.add_argument("--job", action="append", required=True, help="CKPT_DIR:TO_STEP")
     ap.add_argument("--save-every-s", type=float, default=None)
     args = ap.parse_args()
+    # A rank that hangs (a collective the other rank never joins) prints every thread's stack and exits,
+    # so the test fails with the place instead of waiting for its timeout.
+    faulthandler.dump_traceback_later(180, exit=True, file=sys.stderr)
 
     torch.set_num_threads(1)
     data = np.load(args.data)
     acc = Accelerator()
-    jobs = []
-    for job in args.job:
-        checkpoint_dir, to_step = job.rsplit(":", 1)
-        checkpoint_dir = checkpoint_dir.format(rank=acc.process_index)
-        try:
-            t = make_trainer(data, args.steps, checkpoint_dir=checkpoint_dir, save_every_s=args.save_every_s)
-        except InputError as e:          # recorded for the test to check; every rank raises it
-            jobs.append(dict(checkpoint_dir=checkpoint_dir, error=str(e)))
-            continue
-        resumed_at = t.step
-        losses, rows = [], []
-
-        def on_step(tokens: int, loss: float, t=t, losses=losses, rows=rows) -> None:
-            losses.append(loss)
-            rows.append(t._batch(t.step - 1)[:, 0].tolist())
-
-        t.train_to(int(to_step) * BATCH * SEQ, on_step=on_step)
-        t.save_checkpoint()
-        jobs.append(dict(checkpoint_dir=checkpoint_dir, resumed_at=resumed_at, step=t.step, losses=losses,
-                         first_tokens=rows))
+    jobs = [run_job(acc, data, job, args.steps, args.save_every_s) for job in args.job]
     out = dict(rank=acc.process_index, world_size=acc.num_processes, backend=acc.state.backend,
                distributed_type=str(acc.distributed_type), jobs=jobs)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / f"rank_{acc.process_index}.json").write_text(json.dumps(out))
+    # Free every trainer (its DDP model holds the process group; a refused one may sit in a
+    # reference cycle) while the group is alive, meet, then destroy the group on all ranks. Before,
+    # with the last trainer still alive when main() returned, rank 0 hung in that teardown in about
+    # 1 launch of 12 under load (faulthandler: no Python frame left but the call of main()).
+    gc.collect()
+    acc.wait_for_everyone()
     acc.end_training()
 
 

@@ -610,6 +610,20 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def close(self) -> None:
+        """Leave together: free what still holds the process group, meet, destroy the group on
+        every rank (a gloo group torn down at interpreter exit after the other rank left can hang)."""
+        if self.world <= 1:
+            return
+        import gc
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def follow(ranks: Ranks, threads: int | None = None) -> int:
     """Ranks > 0: train whatever rank 0 sends until it sends None; returns rungs trained."""
@@ -684,7 +698,9 @@ class Worker:
         """Work until stopped (or, with until_idle, until no unfinished plan is left); returns rungs done."""
         if not self.ranks.main:
             self.store.close()
-            return follow(self.ranks, self.kw["threads"])
+            n = follow(self.ranks, self.kw["threads"])
+            self.ranks.close()
+            return n
         told = False
         try:
             while True:
@@ -710,6 +726,7 @@ class Worker:
         finally:
             try:
                 self.ranks.send(None)  # the other ranks exit with us
+                self.ranks.close()
             finally:
                 self.store.close()
 
