@@ -120,3 +120,13 @@ def test_holder_is_dead_here_uses_pid_only_on_the_same_machine():
     assert holder_is_dead_here(f"{host}:{gone.pid}:{boot}")
     assert not holder_is_dead_here(f"elsewhere:{gone.pid}:{boot}")  # another machine: heartbeats decide
     assert not holder_is_dead_here(f"{host}:{gone.pid}:otherboot")  # rebooted since: pids were reused
+
+
+def test_stages_a_worker_is_limited_to_that_the_plan_lacks(tmp_path):
+    store, a, _, _ = _world(tmp_path)
+    assert a.missing_stages == []
+    with store.session() as s:
+        plan = s.exec(select(Plan)).one()
+    limited = PlanState(store, plan, a.spec, _Quiet(), stages=["filter", "fliter"])   # rbridge worker --stage ...
+    assert limited.missing_stages == ["fliter"]
+    store.close()

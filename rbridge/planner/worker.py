@@ -219,6 +219,11 @@ class PlanState:
         return cls(store, plan, spec, console, **kw)
 
     @property
+    def missing_stages(self) -> list[str]:
+        """Stages named by ``--stage`` that this plan does not have (a typo, or another plan's)."""
+        return sorted((self.only_stages or set()) - {st.name for st in self.stages})
+
+    @property
     def data(self):
         from rbridge.planner.components import prepare_data
         if self._data is None:
@@ -686,12 +691,9 @@ class Worker:
             state = PlanState.from_store(self.store, plan, self.console, **self.kw)
             self.states[plan.name] = state
             self.console.print(f"serving plan {plan.name} as {state.me}")
-            if state.only_stages is not None:
-                names = {st.name for st in state.stages}
-                unknown = sorted(state.only_stages - names)
-                if unknown:
-                    self.console.print(f"  plan {plan.name} has no stage {', '.join(unknown)} "
-                                       f"(its stages: {', '.join(st.name for st in state.stages)})")
+            if state.missing_stages:
+                self.console.print(f"  plan {plan.name} has no stage {', '.join(state.missing_stages)} "
+                                   f"(its stages: {', '.join(st.name for st in state.stages)})")
         return state
 
     def run(self) -> int:
