@@ -340,7 +340,19 @@ def _upgrade(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _refuse_newer(st: Store) -> None:
+    """A store written by a newer rbridge is refused before any DDL touches it."""
+    with st.engine.connect() as conn:
+        if Meta.__tablename__ not in inspect(conn).get_table_names():
+            return
+        row = conn.execute(text(f"SELECT value FROM {Meta.__tablename__} WHERE key = 'schema_version'")).first()
+    if row is not None and int(row[0]) > SCHEMA_VERSION:
+        raise InputError(f"store schema {row[0]} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
+                         file=safe_url(st.url))
+
+
 def _ensure_schema(st: Store) -> None:
+    _refuse_newer(st)
     if st.dialect == "postgresql":
         # DDL is transactional here: one transaction under a transaction-level advisory
         # lock, so processes opening a new database at once never race on CREATE.
@@ -378,9 +390,6 @@ def _ensure_schema(st: Store) -> None:
         row = s.get(Meta, "schema_version")
         if int(row.value) < SCHEMA_VERSION:
             row.value = str(SCHEMA_VERSION)  # upgraded above
-        elif int(row.value) > SCHEMA_VERSION:
-            raise InputError(f"store schema {row.value} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
-                             file=safe_url(st.url))
 
 
 def advisory_key(name: str) -> int:
