@@ -89,11 +89,11 @@ def main() -> None:
     stores = args.store_url.split(",") if args.store_url else [str(work / "one.db"), str(work / "many.db")]
     subprocess.run(_cmd("validate", "bench.yaml"), cwd=work, env=env, check=True, capture_output=True)
     # Warm the data cache (tokenizer, shards) so that neither timed run pays for it.
-    from rbridge.planner.components import prepare_data
+    from rbridge.planner.steps import prepare_data
     from rbridge.spec import load_spec
 
     os.environ["RBRIDGE_CACHE"] = env["RBRIDGE_CACHE"]
-    prepare_data(load_spec(work / "bench.yaml"), type("Q", (), {"print": lambda *a, **k: None})())
+    prepare_data(load_spec(work / "bench.yaml"))
 
     t0 = time.perf_counter()
     subprocess.run(_cmd("plan", "bench.yaml", "--store", stores[0]), cwd=work, env=env, check=True,

@@ -34,3 +34,15 @@ class InputError(Exception):
 
 class StoreBusy(Exception):
     """Another live process is running a plan on this store (the CLI exits 1)."""
+
+
+class FieldError(ValueError):
+    """A validation error that knows its field path, relative to the model that raised it.
+
+    Raised inside pydantic validators; ``rbridge.spec`` joins ``loc`` to the path of
+    the model being validated (``stages[1].proxy`` + ``("preset",)``) and finds the line.
+    """
+
+    def __init__(self, loc: tuple, message: str):
+        self.loc = tuple(loc)
+        super().__init__(message)

@@ -10,14 +10,17 @@ changes (usually ``proxy`` and ``tokens``).
 from __future__ import annotations
 
 import hashlib
-import math
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rbridge.errors import InputError
+from rbridge.errors import FieldError, InputError
+from rbridge.planner.schedule import (NOT_INHERITED, PRUNING_DEFAULTS, Keep, KeepWithin, PruningConfig,  # noqa: F401
+                                      keep_count)
+from rbridge.proxy.config import TRAINING_DEFAULTS, ProxyShape, TrainingConfig
+from rbridge.scoring.config import ScoreOptions
 
 _STRICT = ConfigDict(extra="forbid", frozen=False)
 
@@ -77,58 +80,45 @@ class CandidateSpec(BaseModel):
         return mix
 
 
-class BenchmarkSpec(BaseModel):
+class BenchmarkSpec(ScoreOptions):
+    """A benchmark: its traces and how they are scored (``ScoreOptions``: context, minmax, aggregate)."""
+
     model_config = _STRICT
     name: str = Field(min_length=1)
     traces: Path
-    context: Literal["none", "question", "fewshot"] = "question"
-    minmax: Literal["trace", "benchmark", "none"] = "trace"
-    aggregate: Literal["mean", "weighted"] = "mean"
 
 
-class KeepWithin(BaseModel):
-    model_config = _STRICT
-    within: float = Field(gt=0)
+class StageSpec(TrainingConfig, PruningConfig):
+    """One stage as written: a proxy shape, training settings and pruning settings, flat in the YAML.
 
-
-Keep = Union[int, float, KeepWithin]
-
-
-class StageSpec(BaseModel):
-    """One stage: a proxy shape, a token budget, rungs and how many survive.
-
-    Every field but ``name`` may be left out and then inherits the previous
-    stage's value (the first stage falls back to the defaults below).
+    The fields come from the parts that own them: ``ProxyShape`` and ``TrainingConfig``
+    (rbridge.proxy.config), ``PruningConfig`` (rbridge.planner.schedule). Every field
+    but ``name`` may be left out and then inherits the previous stage's value (the
+    first stage falls back to the parts' defaults); ``Spec.resolved_stages`` returns
+    the filled, cross-checked ``Stage`` objects the planner uses.
     """
 
     model_config = _STRICT
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    proxy: dict[str, Any] | None = None
-    tokens: int | None = Field(None, gt=0)
-    seq_len: int | None = Field(None, gt=1)
-    batch_size: int | None = Field(None, gt=0)
-    lr: float | None = Field(None, gt=0)
-    warmup: float | None = Field(None, ge=0, lt=1)
-    evals: int | None = Field(None, ge=1)
-    keep: Keep | None = None
-    reduction_factor: float | None = Field(None, gt=1)
-    metric: Literal["rbridge", "nll", "rbridge_no_minmax", "bpb"] | None = None
-    precision: Literal["auto", "fp32", "bf16"] | None = None
+    proxy: ProxyShape | None = None
 
-    @field_validator("keep", mode="before")
-    @classmethod
-    def _keep(cls, keep):
-        if keep is None or isinstance(keep, KeepWithin):
-            return keep
-        if isinstance(keep, dict):
-            return KeepWithin.model_validate(keep)
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise ValueError(f"keep must be a count (3), a fraction (0.25) or {{within: X}}, got {keep!r}")
-        if isinstance(keep, int) and keep < 1:
-            raise ValueError("keep must be at least 1")
-        if isinstance(keep, float) and not (0 < keep <= 1):
-            raise ValueError("a fractional keep must lie in (0, 1]")
-        return keep
+
+class Stage(BaseModel):
+    """A resolved stage: every setting filled and checked, grouped by the subsystem that uses it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    index: int
+    proxy: ProxyShape
+    training: TrainingConfig
+    pruning: PruningConfig
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a run's numbers depend on besides its data: training settings and the rungs.
+
+        Stored in runs.config and hashed into run fingerprints (with the proxy shape).
+        """
+        return {**self.training.run_settings(), "evals": self.pruning.evals}
 
 
 class TargetModel(BaseModel):
@@ -137,12 +127,6 @@ class TargetModel(BaseModel):
     model_config = _STRICT
     params: float = Field(gt=0)
     tokens: float = Field(gt=0)
-
-
-STAGE_DEFAULTS: dict[str, Any] = {
-    "seq_len": 256, "batch_size": 16, "lr": 3e-3, "warmup": 0.05, "evals": 4,
-    "metric": "rbridge", "precision": "auto",
-}
 
 
 class Spec(BaseModel):
@@ -174,7 +158,7 @@ class Spec(BaseModel):
         for i, cand in enumerate(self.candidates):
             for source in cand.mix:
                 if source not in self.sources:
-                    raise _FieldError(("candidates", i, "mix", source),
+                    raise FieldError(("candidates", i, "mix", source),
                                       f"unknown source '{source}' (sources: {', '.join(self.sources)})")
         stage_names = [s.name for s in self.stages]
         if len(set(stage_names)) != len(stage_names):
@@ -184,53 +168,36 @@ class Spec(BaseModel):
             raise ValueError("benchmark names must be unique")
         return self
 
-    def resolved_stages(self) -> list[StageSpec]:
-        """Stages with every field filled: inherited from the previous stage, else defaulted."""
-        out: list[StageSpec] = []
-        prev: dict[str, Any] = dict(STAGE_DEFAULTS)
+    def resolved_stages(self) -> list[Stage]:
+        """Stages with every field filled (inherited from the previous stage, else defaulted) and checked."""
+        out: list[Stage] = []
+        prev: dict[str, Any] = {**TRAINING_DEFAULTS, **PRUNING_DEFAULTS}
         for i, stage in enumerate(self.stages):
-            values = stage.model_dump()
+            values = stage.model_dump(exclude={"name"})
             for key, value in values.items():
-                if value is None and key in prev and key not in ("keep", "reduction_factor"):
+                if value is None and key in prev and key not in NOT_INHERITED:
                     values[key] = prev[key]
-            if values["proxy"] is None:
-                raise _FieldError(("stages", i, "proxy"), "the first stage must declare a proxy")
-            if values["tokens"] is None:
-                raise _FieldError(("stages", i, "tokens"), "the first stage must declare tokens")
-            resolved = StageSpec(**values)
-            out.append(resolved)
-            prev = {k: v for k, v in values.items() if k != "name"}
+            for key in ("proxy", "tokens"):
+                if values[key] is None:
+                    raise FieldError(("stages", i, key), f"the first stage must declare {key}")
+            try:
+                training = TrainingConfig(**{k: values[k] for k in TrainingConfig.model_fields})
+                training.check_complete()
+                pruning = PruningConfig(**{k: values[k] for k in PruningConfig.model_fields})
+            except FieldError as exc:
+                raise FieldError(("stages", i, *exc.loc), str(exc)) from None
+            proxy = ProxyShape(values["proxy"])
+            try:
+                proxy.llama_values(training.seq_len)
+            except FieldError as exc:
+                raise FieldError(("stages", i, "proxy", *exc.loc), str(exc)) from None
+            out.append(Stage(name=stage.name, index=i, proxy=proxy, training=training, pruning=pruning))
+            prev = values
         return out
 
     @property
     def spec_hash(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
-
-
-class _FieldError(ValueError):
-    """A cross-field error that knows the exact field path it belongs to."""
-
-    def __init__(self, loc: tuple, message: str):
-        self.loc = loc
-        super().__init__(message)
-
-
-def keep_count(keep: Keep | None, n: int, scores: list[float] | None = None) -> int:
-    """How many of ``n`` candidates a ``keep`` value lets through.
-
-    ``within: X`` keeps everyone whose score is within X of the best
-    (lower-is-better scores), so it needs the scores.
-    """
-    if keep is None:
-        return n
-    if isinstance(keep, KeepWithin):
-        if scores is None:
-            return n
-        best = min(scores)
-        return max(1, sum(1 for s in scores if s <= best + keep.within))
-    if isinstance(keep, int):
-        return max(1, min(n, keep))
-    return max(1, min(n, math.ceil(keep * n)))
 
 
 def _loc_str(loc: tuple) -> str:
@@ -323,14 +290,14 @@ def parse_spec(text: str, path: Path, check_files: bool = True) -> Spec:
     try:
         spec = Spec.model_validate(data)
         spec.resolved_stages()
-    except _FieldError as exc:
+    except FieldError as exc:
         raise InputError(str(exc), file=path, line=_line_of(root, exc.loc), field=_loc_str(exc.loc)) from None
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
         ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _FieldError):
-            loc = ctx_err.loc
+        if isinstance(ctx_err, FieldError):
+            loc = loc + ctx_err.loc  # relative to the model that raised it (() for the spec itself)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

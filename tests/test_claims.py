@@ -1,6 +1,6 @@
 """The claim protocol of rbridge.planner.worker on a real SQLite store, step by step.
 
-Two PlanState objects stand for two workers; the second calls itself another
+Two PlanWorker objects stand for two workers; the second calls itself another
 machine, so it cannot see the first one's pid and has to rely on heartbeats.
 """
 
@@ -14,17 +14,15 @@ from pathlib import Path
 from sqlalchemy import update
 from sqlmodel import select
 
-from rbridge.planner.worker import PlanState, Task, holder_is_dead_here, worker_id
+from rbridge.planner.claims import holder_is_dead_here, worker_id
+from rbridge.planner.state import PlanState, Task
+from rbridge.planner.worker import PlanWorker
 from rbridge.spec import parse_spec
 from rbridge.store import Candidate, Plan, Run, open_store
+from rbridge.store import runs as run_ops
 from test_plan_e2e import SPEC
 
 TIMEOUT = 1.5  # heartbeat timeout; the holder beats every 0.375 s, 4 beats per timeout
-
-
-class _Quiet:
-    def print(self, *a, **k):
-        pass
 
 
 def _world(tmp_path: Path):
@@ -40,15 +38,15 @@ def _world(tmp_path: Path):
         run = Run(plan_id=plan.id, stage="filter", stage_index=0, candidate_id=cand.id, config="{}",
                   tokens_target=6144, trial_number=0)  # a trial already asked: no Optuna needed here
         s.add(run)
-    a = PlanState(store, plan, spec, _Quiet(), heartbeat_timeout=TIMEOUT)
-    b = PlanState(store, plan, spec, _Quiet(), heartbeat_timeout=TIMEOUT)
+    a = PlanWorker(PlanState(store, plan, spec), heartbeat_timeout=TIMEOUT)
+    b = PlanWorker(PlanState(store, plan, spec), heartbeat_timeout=TIMEOUT)
     b.me = "node-b:12345:00000000"
     stage = spec.resolved_stages()[0]
 
     def task() -> Task:  # what a worker sees when it reads the store now
         with store.session() as s:
             row = s.exec(select(Run)).one()
-        return Task(stage, 0, 1, 3072, row, cand, 1)
+        return Task(stage, 1, 3072, row, cand, 1)
 
     return store, a, b, task
 
@@ -79,8 +77,7 @@ def test_one_claim_wins_heartbeats_keep_it_and_a_dead_holder_is_taken_over(tmp_p
     assert second is not None and second.lease == 2
     try:
         # The first holder's lease is gone: its heartbeat or its record would change no row.
-        with store.session() as s:
-            assert s.execute(update(Run).where(first._mine()).values(beats=Run.beats + 1)).rowcount == 0
+        assert not run_ops.beat(store, first.run_id, first.lease, first.worker)
         time.sleep(0.6)
         second.check()  # still ours
         assert not second.lost.is_set()
@@ -127,6 +124,6 @@ def test_stages_a_worker_is_limited_to_that_the_plan_lacks(tmp_path):
     assert a.missing_stages == []
     with store.session() as s:
         plan = s.exec(select(Plan)).one()
-    limited = PlanState(store, plan, a.spec, _Quiet(), stages=["filter", "fliter"])   # rbridge worker --stage ...
+    limited = PlanWorker(PlanState(store, plan, a.state.spec), stages=["filter", "fliter"])  # worker --stage ...
     assert limited.missing_stages == ["fliter"]
     store.close()

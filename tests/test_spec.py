@@ -11,7 +11,7 @@ import pytest
 
 from rbridge.errors import InputError
 from rbridge.planner.schedule import decide, rung_tokens, survivors_at
-from rbridge.spec import KeepWithin, keep_count, load_spec
+from rbridge.spec import KeepWithin, keep_count, load_spec, parse_spec
 
 GOOD = """\
 name: t
@@ -25,7 +25,7 @@ benchmarks:
   - {name: g, traces: traces.jsonl}
 stages:
   - name: s1
-    proxy: {hidden_size: 16}
+    proxy: {hidden_size: 16, num_hidden_layers: 1}
     tokens: 1000
     keep: 1
   - name: s2
@@ -54,9 +54,10 @@ def test_good_spec_resolves_paths_and_inherits_stage_fields(tmp_path):
     assert spec.sources["a"].path == tmp_path / "a.txt"
     assert spec.benchmarks[0].traces == tmp_path / "traces.jsonl"
     s1, s2 = spec.resolved_stages()
-    assert s1.seq_len == 256 and s1.evals == 4 and s1.keep == 1
-    assert s2.lr == s1.lr and s2.batch_size == s1.batch_size
-    assert s2.keep is None  # keep and reduction_factor are never inherited
+    assert s1.training.seq_len == 256 and s1.pruning.evals == 4 and s1.pruning.keep == 1
+    assert s2.training.lr == s1.training.lr and s2.training.batch_size == s1.training.batch_size
+    assert s2.pruning.keep is None  # keep and reduction_factor are never inherited
+    assert (s1.index, s2.index) == (0, 1) and s2.proxy.root == {"preset": "2M"}
     assert len(spec.spec_hash) == 64
 
 
@@ -117,8 +118,8 @@ def test_keep_counts():
 
 
 def test_rungs_and_geometric_halving():
-    from rbridge.spec import StageSpec
-    st = StageSpec(name="s", tokens=1000, evals=4)
+    spec_text = GOOD.replace("    tokens: 1000\n", "    tokens: 1000\n    evals: 4\n")
+    st = parse_spec(spec_text, Path("spec.yaml"), check_files=False).resolved_stages()[0]
     assert rung_tokens(st) == [250, 500, 750, 1000]
     # 16 -> 2 over 3 rungs: 16 * (1/8)^(r/3) = 8, 4, 2
     assert [survivors_at(r, 3, 16, 2, None) for r in (1, 2, 3)] == [8, 4, 2]
@@ -132,3 +133,67 @@ def test_decide_is_order_independent_and_breaks_ties_by_name():
     d1, d2 = decide(scores, 2, 1, "rbridge"), decide(shuffled, 2, 1, "rbridge")
     assert d1 == d2
     assert [d.candidate for d in d1 if d.kept] == ["b", "c"]
+
+
+# ---------------------------------------------------------------------------- typed stage parts (issue 11)
+@pytest.mark.parametrize("proxy, field, words", [
+    ("{preset: 3M}", "stages[1].proxy.preset", "unknown preset '3M'"),
+    ("{preset: 2M, hidden_sise: 64}", "stages[1].proxy.hidden_sise", "unknown LlamaConfig field"),
+    ("{preset: 2M, vocab_size: 64}", "stages[1].proxy.vocab_size", "set by rbridge"),
+    ("{hidden_size: 100, num_hidden_layers: 2, num_attention_heads: 3}", "stages[1].proxy.num_attention_heads",
+     "not divisible"),
+    ("{preset: 2M, num_key_value_heads: 2}", "stages[1].proxy.num_key_value_heads", "not divisible"),
+    ("{preset: 2M, max_position_embeddings: 8}", "stages[1].proxy.max_position_embeddings", "at least seq_len"),
+    ("{hidden_size: 0, num_hidden_layers: 1}", "stages[1].proxy.hidden_size", "positive integer"),
+    ("{num_hidden_layers: 1}", "stages[1].proxy.hidden_size", "required"),
+    ("[1, 2]", "stages[1].proxy", "dictionary"),
+])
+def test_every_bad_proxy_setting_is_refused_at_load_with_file_line_field(tmp_path, proxy, field, words):
+    err = _error(tmp_path, GOOD.replace("proxy: {preset: 2M}", f"proxy: {proxy}"))
+    assert err.field == field and words in str(err), str(err)
+    assert err.line == 16 and str(err).startswith(f"{tmp_path / 'spec.yaml'}:16: {field}:")
+
+
+def test_micro_batch_size_must_divide_the_batch(tmp_path):
+    err = _error(tmp_path, GOOD.replace("    keep: 1\n", "    keep: 1\n    batch_size: 12\n    micro_batch_size: 5\n"))
+    assert err.field == "stages[0].micro_batch_size" and "not a multiple" in str(err) and err.line == 16
+    spec = load_spec(_write(tmp_path, GOOD.replace("    keep: 1\n", "    keep: 1\n    micro_batch_size: 4\n")))
+    s1, s2 = spec.resolved_stages()
+    assert s1.training.micro_batch_size == s2.training.micro_batch_size == 4  # inherited like the batch size
+
+
+# Run fingerprints of specs/mix.yaml's stages as computed before the stage settings became typed parts
+# (issue 11): stores written by earlier versions keep reusing their runs after `rbridge plan --force`.
+PINNED_FINGERPRINTS = {
+    ("filter", "austen"): "1ed573849ab2d5f09cbdf421762b8713bfbea27d0b6f43b0b9b5a4feaed99481",
+    ("filter", "kjv"): "ed405de437365a8c8002e27e71a8469929eb3522b1850000febdb5840e000bec",
+    ("rank", "sotu"): "b6eca358ce9777f58796f032df08d6d4e59f6028697608b13674e2a0059fdd65",
+}
+
+
+def test_run_fingerprints_and_settings_unchanged_by_the_typed_parts():
+    from types import SimpleNamespace as NS
+
+    from rbridge.planner.reconcile import run_fingerprint
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "specs/mix.yaml")
+    data = NS(shards={n: NS(key=f"key-{n}") for n in spec.sources}, tokenizer=NS(rbridge_key="tok"))
+    stages = {st.name: st for st in spec.resolved_stages()}
+    mixes = {c.name: c.mix for c in spec.candidates}
+    for (stage, cand), expected in PINNED_FINGERPRINTS.items():
+        assert run_fingerprint(spec, stages[stage], mixes[cand], data) == expected
+    assert stages["filter"].run_settings() == {"tokens": 98304, "seq_len": 256, "batch_size": 8, "lr": 0.01,
+                                               "warmup": 0.05, "precision": "auto", "evals": 3}
+
+
+def test_plan_of_a_spec_with_a_bad_preset_writes_nothing(tmp_path):
+    """`rbridge validate` and `rbridge plan` both refuse `preset: 3M` (exit 2, file:line field) before any
+    store, lock, run folder or cache exists."""
+    spec = _write(tmp_path, GOOD.replace("proxy: {preset: 2M}", "proxy: {preset: 3M}"))
+    env = {**__import__("os").environ, "RBRIDGE_CACHE": str(tmp_path / "cache")}
+    for args in (["validate", str(spec)], ["plan", str(spec)]):
+        res = subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert f"{spec}:16: stages[1].proxy.preset: unknown preset '3M'" in res.stderr, res.stderr
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "cache").exists()

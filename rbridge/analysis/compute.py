@@ -15,7 +15,7 @@ def non_embedding_params(stage) -> int:
     """Non-embedding parameters of a stage's proxy (independent of the vocabulary)."""
     from rbridge.proxy import param_counts, proxy_config
 
-    return param_counts(proxy_config(stage.proxy, vocab_size=256, seq_len=stage.seq_len))[1]
+    return param_counts(proxy_config(stage.proxy, vocab_size=256, seq_len=stage.training.seq_len))[1]
 
 
 def plan_compute(stages: list[dict[str, Any]], n_candidates: int, last_stage: tuple[int, int] | None,

@@ -55,7 +55,7 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
             stage_order.append(run.stage)
     for name in stage_order:
         st_spec = stage_specs.get(name)
-        metric = st_spec.metric if st_spec else "rbridge"
+        metric = st_spec.pruning.metric if st_spec else "rbridge"
         rows = []
         for run in (r for r in runs if r.stage == name):
             ev = by_run.get(run.id, [])
@@ -88,8 +88,8 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         stages.append({
             "name": name,
             "metric": metric,
-            "evals": st_spec.evals if st_spec else None,
-            "tokens": st_spec.tokens if st_spec else None,
+            "evals": st_spec.pruning.evals if st_spec else None,
+            "tokens": st_spec.training.tokens if st_spec else None,
             "candidates": reached,
             "survivors": [r["candidate"] for r in reached if r["status"] not in ("pruned",)],
             "train_flops": sum(r["train_flops"] for r in rows),
@@ -101,10 +101,10 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         if spec.target_model is not None:
             target = (spec.target_model.params, spec.target_model.tokens)
         final = list(stage_specs.values())[-1]
-        last = (non_embedding_params(final), final.tokens)
+        last = (non_embedding_params(final), final.training.tokens)
         for name, st in stage_specs.items():  # stages not started yet
             if name not in stage_order:
-                stages.append({"name": name, "metric": st.metric, "evals": st.evals, "tokens": st.tokens,
+                stages.append({"name": name, "metric": st.pruning.metric, "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
                                "wall_s": 0.0})
     _add_progress(stages, stage_specs)

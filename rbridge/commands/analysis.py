@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.cli import console, guard, main
+from rbridge.commands._base import console, guard, main
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 

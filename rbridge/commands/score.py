@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.cli import console, err_console, guard, main
+from rbridge.commands._base import console, err_console, guard, main
 from rbridge.errors import InputError
 
 _PATH = click.Path(path_type=Path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import fcntl
-import json
 import os
 import socket
 import time
@@ -23,20 +22,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import optuna
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from sqlmodel import select
-
 from rbridge._failpoints import failpoint
 from rbridge.errors import InputError, StoreBusy
-from rbridge.planner.worker import runs_dir
+from rbridge.planner import mirror
+from rbridge.planner.claims import DEFAULT_HEARTBEAT_TIMEOUT_S
+from rbridge.planner.state import PlanState
+from rbridge.reporting import SILENT, Reporter
 from rbridge.spec import Spec, parse_spec
-from rbridge.store import Candidate, Evaluation, Plan, Run, Store, open_store, store_url
+from rbridge.store import Store, open_store, store_url
+from rbridge.store import plans as plan_ops
 from rbridge.store.db import safe_url
-from rbridge.store.models import utcnow
-
-SCORE_METRICS = ("rbridge", "nll", "rbridge_no_minmax", "bpb")
 
 
 @contextmanager
@@ -106,31 +101,20 @@ class PlanResult:
     trained_runs: int = 0  # (run, rung) steps trained and scored by this call
 
 
-class _Quiet:
-    """A stand-in for rich's Console when the caller wants no output."""
-
-    def print(self, *a, **k):
-        pass
-
-    def log(self, *a, **k):
-        pass
-
-
 class Planner:
     """Runs one spec against one store. ``Planner(spec).run()`` is the whole job."""
 
-    def __init__(self, spec: Spec, store: str | None = None, console: Console | None = None,
-                 force: bool = False, threads: int | None = None, local: bool = True, poll_s: float = 2.0,
+    def __init__(self, spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
+                 threads: int | None = None, local: bool = True, poll_s: float = 2.0,
                  heartbeat_timeout: float | None = None):
         self.spec = spec
         self.store_arg = store or default_store_path(spec)
         self.store: Store | None = None
         self.threads = threads
-        self.console = console or _Quiet()
+        self.report = report
         self.force = force
         self.local = local
         self.poll_s = poll_s
-        from rbridge.planner.worker import DEFAULT_HEARTBEAT_TIMEOUT_S
         self.heartbeat_timeout = heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT_S
         self.stages = spec.resolved_stages()
         self._data = None
@@ -146,8 +130,7 @@ class Planner:
             return
         st = open_store(self.store_arg)
         try:
-            with st.session() as s:
-                plans = s.exec(select(Plan)).all()
+            plans = plan_ops.all_plans(st)
         finally:
             st.close()
         mine = [p for p in plans if p.name == self.spec.name]
@@ -165,51 +148,31 @@ class Planner:
             raise InputError("the spec changed since this plan began; rerun with --force to accept, "
                              f"or use another --store. Changes:\n{diff}", file=self.spec.path)
 
-    def _plan_row(self, data) -> Plan:
-        with self.store.session() as s:
-            plan = s.exec(select(Plan).where(Plan.name == self.spec.name)).first()
-            old_text = plan.spec_text if plan is not None else None
-        if plan is not None and not plan.spec_hash:  # imported results only: this spec now runs it
-            with self.store.session() as s:
-                row = s.get(Plan, plan.id)
-                row.spec_text, row.spec_hash, row.status = self.spec.text, self.spec.spec_hash, "running"
-                row.spec_path = str(self.spec.path.resolve() if self.spec.path else "")
-                have = {c.name for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
-                for i, cand in enumerate(self.spec.candidates):
-                    if cand.name not in have:
-                        s.add(Candidate(plan_id=plan.id, name=cand.name,
-                                        mix=json.dumps(cand.mix, sort_keys=True), position=i))
-            return plan
-        if plan is not None:
-            if plan.spec_hash != self.spec.spec_hash:  # accepted with --force: redo what changed
-                from rbridge.planner.reconcile import reconcile
-                try:
-                    old = parse_spec(old_text, Path(plan.spec_path or "spec.yaml"), check_files=False)
-                except InputError:
-                    old = None
-                reconcile(self.store, plan.id, plan.name, old, self.spec, data,
-                          runs_dir(self.store, self.spec.name), self.console)
-                with self.store.session() as s:
-                    row = s.get(Plan, plan.id)
-                    row.spec_text, row.spec_hash, row.status = self.spec.text, self.spec.spec_hash, "running"
-                    row.updated_at = utcnow()
-            return plan
-        with self.store.session() as s:
-            plan = Plan(name=self.spec.name, spec_text=self.spec.text, spec_hash=self.spec.spec_hash,
-                        spec_path=str(self.spec.path.resolve() if self.spec.path else ""), seed=self.spec.seed)
-            s.add(plan)
-            s.flush()
-            for i, cand in enumerate(self.spec.candidates):
-                s.add(Candidate(plan_id=plan.id, name=cand.name, mix=json.dumps(cand.mix, sort_keys=True),
-                                position=i))
-            failpoint("plan-row")
-            return plan
+    def _plan_row(self, data):
+        spec = self.spec
+        candidates = [(c.name, c.mix) for c in spec.candidates]
+        spec_path = str(spec.path.resolve() if spec.path else "")
+        plan = plan_ops.find_plan(self.store, spec.name)
+        if plan is None:
+            return plan_ops.create_plan(self.store, name=spec.name, spec_text=spec.text, spec_hash=spec.spec_hash,
+                                        spec_path=spec_path, seed=spec.seed, candidates=candidates)
+        if not plan.spec_hash:  # imported results only: this spec now runs it
+            plan_ops.adopt_plan(self.store, plan.id, spec_text=spec.text, spec_hash=spec.spec_hash,
+                                spec_path=spec_path, candidates=candidates)
+        elif plan.spec_hash != spec.spec_hash:  # accepted with --force: redo what changed
+            from rbridge.planner.reconcile import reconcile
+            try:
+                old = parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"), check_files=False)
+            except InputError:
+                old = None
+            reconcile(self.store, plan.id, plan.name, old, spec, data, self.report)
+        return plan_ops.get_plan(self.store, plan.id)
 
     # ------------------------------------------------------------------ data
     def _prepare_data(self):
-        from rbridge.planner.components import prepare_data
+        from rbridge.planner.steps import prepare_data
         if self._data is None:
-            self._data = prepare_data(self.spec, self.console)
+            self._data = prepare_data(self.spec, self.report)
         return self._data
 
     def _load_traces(self):
@@ -234,53 +197,40 @@ class Planner:
                 self.store.close()
 
     def _run_locked(self, data, t0: float) -> PlanResult:
-        from rbridge.planner.worker import PlanState, serve_plan, wait_for_plan
+        from rbridge.planner.worker import PlanWorker, serve_plan, wait_for_plan
 
         # Every stage's study (and Optuna's tables) exists before a worker can see the
         # plan row: workers never race to create them.
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         for stage in self.stages:
-            optuna.create_study(study_name=f"{self.spec.name}:{stage.name}", storage=self.store.url,
-                                direction="minimize", load_if_exists=True)
+            mirror.study(self.store.url, self.spec.name, stage.name)
         plan = self._plan_row(data)
-        with self.store.session() as s:
-            self.reused_runs = len(s.exec(select(Evaluation.run_id, Evaluation.rung).distinct()
-                                          .join(Run, Run.id == Evaluation.run_id)
-                                          .where(Run.plan_id == plan.id)).all())
-        state = PlanState(self.store, plan, self.spec, self.console, data=data, traces=self._load_traces(),
-                          threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
+        self.reused_runs = plan_ops.evaluated_rungs(self.store, plan.id)
+        state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=self._load_traces())
         if self.local:
-            serve_plan(state, self.poll_s)
+            worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
+            serve_plan(worker, self.poll_s)
+            self.trained_runs = worker.trained
         else:
-            self.console.print(f"coordinating only (--no-local): start workers with "
-                               f"`rbridge worker --store {safe_url(self.store.url)}`")
+            self.report.say(f"coordinating only (--no-local): start workers with "
+                            f"`rbridge worker --store {safe_url(self.store.url)}`")
             wait_for_plan(state, self.poll_s)
-        self.trained_runs = state.trained
-        ranking = final_ranking(self.store, self.spec.name)
+        ranking = plan_ops.ranking(self.store, self.spec.name)
         return PlanResult(plan.id, self.store.url, time.perf_counter() - t0, ranking,
                           self.reused_runs, self.trained_runs)
 
 
 def final_ranking(store: Store, plan_name: str) -> list[dict]:
-    """The ranking view's rows for the plan's decision metric, stage by stage."""
-    return store.query(
-        "SELECT stage, candidate, benchmark, metric, value, rank, tokens_seen, status FROM ranking "
-        "WHERE plan = :plan ORDER BY stage_index, benchmark, metric, rank, candidate", plan=plan_name)
+    """The ranking view's rows of a plan, stage by stage."""
+    return plan_ops.ranking(store, plan_name)
 
 
-def run_plan(spec: Spec, store: str | None = None, console: Console | None = None, force: bool = False,
+def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
              threads: int | None = None, local: bool = True, poll_s: float = 2.0,
              heartbeat_timeout: float | None = None) -> PlanResult:
     """Run (or continue) the plan a spec declares; returns the final ranking.
 
-    ``threads``: CPU threads for torch; None picks per stage (see ``cpu_threads``).
+    ``report``: where news and progress go (silent by default; the CLI prints with rich).
+    ``threads``: CPU threads for torch; None picks per stage (see ``steps.cpu_threads``).
     ``local=False`` (``--no-local``): only coordinate; ``rbridge worker`` processes do the runs.
     """
-    return Planner(spec, store, console, force, threads, local, poll_s, heartbeat_timeout).run()
-
-
-def make_progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                    transient=True)
-
+    return Planner(spec, store, report, force, threads, local, poll_s, heartbeat_timeout).run()

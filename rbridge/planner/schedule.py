@@ -12,13 +12,77 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Union
 
-from rbridge.spec import Keep, KeepWithin, StageSpec, keep_count
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rbridge.scoring.config import Metric
 
 
-def rung_tokens(stage: StageSpec) -> list[int]:
-    """Tokens seen at each rung: ``evals`` evenly spaced points, the last one the stage's budget."""
-    return [round(stage.tokens * r / stage.evals) for r in range(1, stage.evals + 1)]
+class KeepWithin(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    within: float = Field(gt=0)
+
+
+Keep = Union[int, float, KeepWithin]
+
+
+class PruningConfig(BaseModel):
+    """How a stage prunes: rungs (``evals``), survivors (``keep``, ``reduction_factor``), the metric.
+
+    ``evals`` and ``metric`` are inherited from the previous stage when left out
+    (defaults in ``PRUNING_DEFAULTS``); ``keep`` and ``reduction_factor`` never are.
+    A leaf part of the spec (rbridge.spec composes it into each stage).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    evals: int | None = Field(None, ge=1, description="rungs: scored (and pruned) this many times, evenly")
+    keep: Keep | None = None
+    reduction_factor: float | None = Field(None, gt=1)
+    metric: Metric | None = None
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep(cls, keep):
+        if keep is None or isinstance(keep, KeepWithin):
+            return keep
+        if isinstance(keep, dict):
+            return KeepWithin.model_validate(keep)
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+            raise ValueError(f"keep must be a count (3), a fraction (0.25) or {{within: X}}, got {keep!r}")
+        if isinstance(keep, int) and keep < 1:
+            raise ValueError("keep must be at least 1")
+        if isinstance(keep, float) and not (0 < keep <= 1):
+            raise ValueError("a fractional keep must lie in (0, 1]")
+        return keep
+
+
+PRUNING_DEFAULTS: dict[str, Any] = {"evals": 4, "metric": "rbridge"}
+NOT_INHERITED = ("keep", "reduction_factor")
+
+
+def keep_count(keep: Keep | None, n: int, scores: list[float] | None = None) -> int:
+    """How many of ``n`` candidates a ``keep`` value lets through.
+
+    ``within: X`` keeps everyone whose score is within X of the best
+    (lower-is-better scores), so it needs the scores.
+    """
+    if keep is None:
+        return n
+    if isinstance(keep, KeepWithin):
+        if scores is None:
+            return n
+        best = min(scores)
+        return max(1, sum(1 for s in scores if s <= best + keep.within))
+    if isinstance(keep, int):
+        return max(1, min(n, keep))
+    return max(1, min(n, math.ceil(keep * n)))
+
+
+def rung_tokens(stage) -> list[int]:
+    """Tokens seen at each rung of a resolved stage: ``evals`` evenly spaced points, the last its budget."""
+    tokens, evals = stage.training.tokens, stage.pruning.evals
+    return [round(tokens * r / evals) for r in range(1, evals + 1)]
 
 
 def survivors_at(rung: int, n_rungs: int, n_start: int, keep: Keep | None,

@@ -1,16 +1,16 @@
-"""The planner's wiring of data, proxy and scoring: one place that knows all three.
+"""A run's steps: prepare the plan's data, train a proxy to a rung, score it.
 
 Like torchtitan's train.py, this module only wires components; each component
-(data/, proxy/, scoring/) owns its own config and logic.
+(data/, proxy/, scoring/) owns its own config and logic. It knows nothing of the
+store: the worker loop (rbridge.planner.worker) records what these return.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -18,8 +18,10 @@ from rbridge._failpoints import failpoint
 from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
                           train_tokenizer)
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
+from rbridge.reporting import SILENT, Reporter
+from rbridge.scoring.config import METRICS
 from rbridge.scoring.scorer import score_traces
-from rbridge.spec import Spec, StageSpec
+from rbridge.spec import Spec, Stage
 
 
 @dataclass
@@ -29,7 +31,7 @@ class PlanData:
     cache_dir: Path
 
 
-def prepare_data(spec: Spec, console) -> PlanData:
+def prepare_data(spec: Spec, report: Reporter = SILENT) -> PlanData:
     """Tokenizer and token shards of every source, from the cache when the inputs are unchanged."""
     cache = spec.cache or default_cache_dir()
     sources = {name: SourceConfig(name, path=s.path, field=s.field, glob=s.glob)
@@ -37,40 +39,36 @@ def prepare_data(spec: Spec, console) -> PlanData:
     t0 = time.perf_counter()
     if spec.tokenizer.path is not None:
         tok = load_tokenizer(spec.tokenizer.path)
-        console.print(f"tokenizer: loaded {spec.tokenizer.path} (vocab {len(tok):,})")
+        report.say(f"tokenizer: loaded {spec.tokenizer.path} (vocab {len(tok):,})")
     else:
         tok = train_tokenizer(sources, spec.tokenizer.train.vocab_size, cache,
                               heldout_fraction=spec.heldout_fraction)
         how = "reused from cache" if getattr(tok, "rbridge_cached", False) else "trained"
-        console.print(f"tokenizer: byte-level BPE, vocab {len(tok):,}, {how} "
-                      f"({time.perf_counter() - t0:.1f} s)")
+        report.say(f"tokenizer: byte-level BPE, vocab {len(tok):,}, {how} ({time.perf_counter() - t0:.1f} s)")
     shards = {}
     for name, src in sources.items():
         t1 = time.perf_counter()
         sh = tokenize_source(src, tok, cache, heldout_fraction=spec.heldout_fraction)
         shards[name] = sh
         how = "reused cached shards" if sh.cached else f"tokenized in {time.perf_counter() - t1:.1f} s"
-        console.print(f"  source {name}: {sh.n_train_tokens:,} train + {sh.n_heldout_tokens:,} held-out tokens "
-                      f"({how})")
+        report.say(f"  source {name}: {sh.n_train_tokens:,} train + {sh.n_heldout_tokens:,} held-out tokens ({how})")
     return PlanData(tok, shards, Path(cache))
 
 
-def _config(stage: StageSpec, data: PlanData, index: int):
+def _config(stage: Stage, data: PlanData):
     tok = data.tokenizer
     eos = tok.eos_token_id
-    return proxy_config(stage.proxy, vocab_size=len(tok), seq_len=stage.seq_len,
+    return proxy_config(stage.proxy, vocab_size=len(tok), seq_len=stage.training.seq_len,
                         bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else eos,
                         eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
-                        field=f"stages[{index}].proxy")
+                        field=f"stages[{stage.index}].proxy")
 
 
-def describe_proxy(stage: StageSpec, data: PlanData, index: int = 0) -> dict[str, Any]:
+def describe_proxy(stage: Stage, data: PlanData) -> dict[str, Any]:
     """The run's stored config: the LlamaConfig plus training settings, and parameter counts."""
-    cfg = _config(stage, data, index)
+    cfg = _config(stage, data)
     total, non_emb = param_counts(cfg)
-    settings = {k: getattr(stage, k) for k in ("tokens", "seq_len", "batch_size", "lr", "warmup", "evals",
-                                               "precision")}
-    return {"config": {"llama": cfg.to_diff_dict(), "train": settings}, "params": total,
+    return {"config": {"llama": cfg.to_diff_dict(), "train": stage.run_settings()}, "params": total,
             "non_embedding_params": non_emb}
 
 
@@ -102,10 +100,9 @@ def cpu_threads(non_embedding_params: int, requested: int | None = None) -> int:
 @dataclass
 class RunContext:
     spec: Spec
-    stage: StageSpec
-    stage_index: int
-    candidate: Any  # store Candidate row
-    run: Any        # store Run row
+    stage: Stage
+    candidate: str
+    mix: dict[str, float]
     data: PlanData
     traces: dict    # benchmark name -> list[Trace]
     checkpoint_dir: Path
@@ -122,44 +119,35 @@ class Trained:
     train_flops: float
 
 
-def train_run(ctx: RunContext, tokens: int, console, check=None) -> Trained:
+def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
+              check: Callable[[], None] | None = None) -> Trained:
     """Resume the run from its last checkpoint, train it to ``tokens``, checkpoint it.
 
     ``check()`` runs after every step and may raise to stop (a worker whose claim
     was taken over stops training instead of racing the new holder's checkpoints).
     """
-    from rbridge.planner.plan import make_progress
-
-    stage = ctx.stage
-    cfg = _config(stage, ctx.data, ctx.stage_index)
-    mix = json.loads(ctx.candidate.mix)
-    rows, _stats = build_mixture(mix, ctx.data.shards, n_tokens=stage.tokens, seq_len=stage.seq_len,
-                                 seed=ctx.seed, cache_dir=ctx.data.cache_dir,
-                                 where=f"candidates.{ctx.candidate.name}.mix")
-    trainer = ProxyTrainer(cfg, rows, total_tokens=stage.tokens, batch_size=stage.batch_size, lr=stage.lr,
-                           warmup_frac=stage.warmup, seed=ctx.model_seed, precision=stage.precision,
+    stage, train = ctx.stage, ctx.stage.training
+    cfg = _config(stage, ctx.data)
+    rows, _stats = build_mixture(ctx.mix, ctx.data.shards, n_tokens=train.tokens, seq_len=train.seq_len,
+                                 seed=ctx.seed, cache_dir=ctx.data.cache_dir, where=f"candidates.{ctx.candidate}.mix")
+    # micro_batch_size is passed only when the spec sets it, so plans without it train exactly as before.
+    micro = {"micro_batch_size": train.micro_batch_size} if train.micro_batch_size is not None else {}
+    trainer = ProxyTrainer(cfg, rows, total_tokens=train.tokens, batch_size=train.batch_size, lr=train.lr,
+                           warmup_frac=train.warmup, seed=ctx.model_seed, precision=train.precision,
                            checkpoint_dir=ctx.checkpoint_dir,
-                           save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None)
+                           save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None,
+                           **micro)
     if trainer.tokens_seen < tokens:
-        # Live bars only on a terminal; logs and pipes get the one line per rung the planner prints.
-        progress = make_progress(console) if getattr(console, "is_terminal", False) else None
-        def tick() -> None:
-            failpoint("train-step")
-            if check is not None:
-                check()
+        # Live bars only where the reporter draws them; logs get the one line per rung the worker reports.
+        with report.progress(f"  train {stage.name}/{ctx.candidate}", total=tokens,
+                             completed=trainer.tokens_seen) as bar:
+            def on_step(seen: int, loss: float) -> None:
+                bar.update(seen)
+                failpoint("train-step")
+                if check is not None:
+                    check()
 
-        if progress is None:
-            trainer.train_to(tokens, on_step=lambda seen, loss: tick())
-        else:
-            with progress:
-                task = progress.add_task(f"  train {stage.name}/{ctx.candidate.name}",
-                                         total=tokens, completed=trainer.tokens_seen)
-
-                def on_step(seen: int, loss: float) -> None:
-                    progress.update(task, completed=seen)
-                    tick()
-
-                trainer.train_to(tokens, on_step=on_step)
+            trainer.train_to(tokens, on_step=on_step)
         trainer.save_checkpoint()
     flops = proxy_train_flops(cfg, trainer.tokens_seen)["non_embedding"]
     model = trainer.model
@@ -167,25 +155,17 @@ def train_run(ctx: RunContext, tokens: int, console, check=None) -> Trained:
     return Trained(model, trainer.tokens_seen, trainer.wall_time_s, trainer.tokens_per_s, flops)
 
 
-def score_run(ctx: RunContext, model, console=None) -> tuple[dict[str, dict[str, float]], float]:
-    """Score the proxy on every benchmark: rBridge and its baselines; plus the scoring FLOPs."""
-    from rbridge.planner.plan import make_progress
-
+def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT
+              ) -> tuple[dict[str, dict[str, float]], float]:
+    """Score the proxy on every benchmark, every metric of scoring.config.METRICS; plus the scoring FLOPs."""
     out: dict[str, dict[str, float]] = {}
     n_tokens = 0
-    live = getattr(console, "is_terminal", False)
     for bench in ctx.spec.benchmarks:
-        opts = dict(context=bench.context, minmax=bench.minmax, aggregate=bench.aggregate)
-        if live:
-            with make_progress(console) as progress:
-                task = progress.add_task(f"  score {ctx.stage.name}/{ctx.candidate.name} on {bench.name}",
-                                         total=len(ctx.traces[bench.name]))
-                res = score_traces(model, ctx.data.tokenizer, ctx.traces[bench.name], **opts,
-                                   on_progress=lambda done, total: progress.update(task, completed=done,
-                                                                                   total=total))
-        else:
-            res = score_traces(model, ctx.data.tokenizer, ctx.traces[bench.name], **opts)
-        out[bench.name] = {m: getattr(res, m) for m in ("rbridge", "nll", "rbridge_no_minmax", "bpb")}
+        traces = ctx.traces[bench.name]
+        with report.progress(f"  score {ctx.stage.name}/{ctx.candidate} on {bench.name}", total=len(traces)) as bar:
+            res = score_traces(model, ctx.data.tokenizer, traces, **bench.score_options(),
+                               on_progress=lambda done, total: bar.update(done, total))
+        out[bench.name] = {m: getattr(res, m) for m in METRICS}
         n_tokens += res.n_tokens
     # 2·N·D forward FLOPs, N non-embedding like the training figure (Kaplan's convention).
-    return out, 2.0 * ctx.run.non_embedding_params * n_tokens
+    return out, 2.0 * non_embedding_params * n_tokens

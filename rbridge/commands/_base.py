@@ -1,0 +1,113 @@
+"""What every command module shares: the click group, the consoles, the error guard, a rich reporter.
+
+Command modules (rbridge.commands.*) import this module, never rbridge.cli;
+rbridge.cli imports the command modules so that they register on ``main``.
+
+Exit codes: 0 success, 2 bad input (one message naming the file, line or field),
+1 anything else. Set RBRIDGE_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import click
+from rich.console import Console
+from rich.markup import escape
+
+from rbridge.errors import InputError, StoreBusy
+from rbridge.reporting import Progress, Reporter
+
+# Piped output (CI logs, files) gets wide tables instead of rich's 80-column default.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, highlight=False)
+
+
+def guard(fn):
+    """Turn InputError into exit 2 and other failures into exit 1, each with one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            err_console.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except StoreBusy as exc:
+            err_console.print(f"[red]busy:[/] {escape(str(exc))}", soft_wrap=True)
+            sys.exit(1)
+        except (click.exceptions.Exit, click.ClickException, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+            if os.environ.get("RBRIDGE_DEBUG"):
+                raise
+            err_console.print(f"[red]failed:[/] {type(exc).__name__}: {escape(str(exc))}  "
+                              "(RBRIDGE_DEBUG=1 for a traceback)",
+                              soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rbridge")
+def main() -> None:
+    """rbridge: choose pre-training data for reasoning models with tiny proxies scored by rBridge."""
+
+
+
+class RichReporter(Reporter):
+    """The CLI's reporter: news lines on the console, live progress bars on a terminal only
+    (logs and pipes get the one line per rung the planner reports)."""
+
+    def __init__(self, out: Console):
+        self.console = out
+        self.live = bool(out.is_terminal)
+
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    @contextmanager
+    def progress(self, description: str, total: int, completed: int = 0) -> Iterator[Progress]:
+        if not self.live:
+            yield Progress()
+            return
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
+
+        with Bars(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+                  transient=True) as bars:
+            task = bars.add_task(description, total=total, completed=completed)
+
+            class _Bar(Progress):
+                def update(self, done: int, total: int | None = None) -> None:
+                    bars.update(task, completed=done, **({"total": total} if total is not None else {}))
+
+            yield _Bar()
+
+
+def store_or_latest(store: str | None) -> str:
+    """The --store given, else the most recently written store under ./stores."""
+    from rbridge.store import latest_store
+
+    if store is not None:
+        return store
+    found = latest_store("stores")
+    if found is None:
+        raise InputError("no store found under stores/; pass --store", file="stores/")
+    return str(found)
+
+
+def si(n: float) -> str:
+    """1234567 -> '1.2M': compact counts for tables."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+

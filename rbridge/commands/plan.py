@@ -1,0 +1,204 @@
+"""`rbridge validate`, `plan`, `resume`, `worker`, `status`: running plans and watching them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from rbridge.commands._base import RichReporter, console, guard, main, si, store_or_latest
+from rbridge.errors import InputError
+
+
+# ---------------------------------------------------------------------------- plan / resume / validate
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@guard
+def validate(spec_path: Path) -> None:
+    """Check a spec without running anything."""
+    from rbridge.spec import load_spec
+
+    spec = load_spec(spec_path)
+    stages = spec.resolved_stages()
+    console.print(f"{spec_path}: ok - plan '{spec.name}', {len(spec.sources)} sources, "
+                  f"{len(spec.candidates)} candidates, {len(spec.benchmarks)} benchmarks, "
+                  f"stages {' -> '.join(s.name for s in stages)}")
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", "store", default=None, help="SQLite path or SQLAlchemy URL (default stores/<name>.db).")
+@click.option("--force", is_flag=True, help="Accept a spec that changed since the plan began.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
+              help="CPU threads for torch (default: 1 for proxies under 10M non-embedding parameters, "
+                   "else torch's default).")
+@click.option("--no-local", "no_local", is_flag=True,
+              help="Only coordinate: record the plan and wait while `rbridge worker` processes do the runs.")
+@guard
+def plan(spec_path: Path, store: str | None, force: bool, threads: int | None, no_local: bool) -> None:
+    """Run the plan declared in SPEC; continues it if the store already holds it.
+
+    Any `rbridge worker --store` processes on the same store share the work.
+    """
+    from rbridge.spec import load_spec
+
+    _run(load_spec(spec_path), store, force, threads, local=not no_local)
+
+
+@main.command()
+@click.option("--store", "store", default=None, help="Store to continue (default: the most recent under stores/).")
+@click.option("--force", is_flag=True, help="Accept a spec file that changed since the plan began.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
+              help="CPU threads for torch (see rbridge plan --help).")
+@click.option("--no-local", "no_local", is_flag=True, help="Only coordinate (see rbridge plan --help).")
+@guard
+def resume(store: str | None, force: bool, threads: int | None, no_local: bool) -> None:
+    """Continue the unfinished plan in the store."""
+    from rbridge.spec import parse_spec
+    from rbridge.store import Plan, open_store
+    from sqlmodel import select
+
+    store = store_or_latest(store)
+    st = open_store(store, create=False)
+    with st.session() as s:
+        row = s.exec(select(Plan).order_by(Plan.updated_at.desc())).first()
+    if row is None:
+        raise InputError("the store holds no plan yet (a plan killed before it was recorded); "
+                         "start it again with `rbridge plan SPEC.yaml`", file=store)
+    # The stored spec text is the plan; paths in it resolve against where it was written.
+    spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
+    st.close()
+    _run(spec, store, force, threads, local=not no_local)
+
+
+def _run(spec, store: str | None, force: bool, threads: int | None = None, local: bool = True) -> None:
+    from rbridge.planner.plan import run_plan
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise InputError("rbridge plan runs as one process; under accelerate launch / torchrun run "
+                         "`rbridge worker --store URL`, and `rbridge plan --no-local` once, outside it",
+                         field="WORLD_SIZE")
+    console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
+                  f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
+    result = run_plan(spec, store, report=RichReporter(console), force=force, threads=threads, local=local,
+                      poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout())
+    from rbridge.store.db import safe_url
+
+    console.print(f"store: {safe_url(result.store_url)}")
+    console.print(f"rungs trained and scored this time: {result.trained_runs}; already done and reused: "
+                  f"{result.reused_runs}")
+    _print_ranking(result.ranking, spec.resolved_stages())
+    console.print(f"done in {result.wall_s:.1f} s")
+
+
+def _poll_s() -> float:
+    return float(os.environ.get("RBRIDGE_POLL_S", "2"))
+
+
+def _heartbeat_timeout(given: float | None = None) -> float:
+    from rbridge.planner.claims import DEFAULT_HEARTBEAT_TIMEOUT_S
+
+    return given or float(os.environ.get("RBRIDGE_HEARTBEAT_TIMEOUT", DEFAULT_HEARTBEAT_TIMEOUT_S))
+
+
+@main.command()
+@click.option("--store", "store", required=True, help="The shared store: postgresql://... (or a SQLite path "
+              "for workers on one machine).")
+@click.option("--plan", "plan_name", default=None, help="Serve only this plan (default: every unfinished plan).")
+@click.option("--stage", "stages", multiple=True, help="Take only runs of this stage (repeatable), e.g. small "
+              "proxies on CPU workers and large ones on GPU workers.")
+@click.option("--until-idle", is_flag=True, help="Exit once the store holds no unfinished plan "
+              "(waits while it holds none yet).")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.5), default=None,
+              help="Seconds without a heartbeat before another worker takes a run over "
+                   "(default 60, or $RBRIDGE_HEARTBEAT_TIMEOUT).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
+              help="CPU threads for torch (see rbridge plan --help).")
+@guard
+def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idle: bool,
+           heartbeat_timeout: float | None, threads: int | None) -> None:
+    """Take runs of the store's plans and do them, alongside any other workers.
+
+    Start any number, on any number of machines, before or after `rbridge plan`.
+    A worker that dies has its run taken over by another after the heartbeat
+    timeout. Under `accelerate launch`, all processes train each run together.
+    """
+    from rbridge.planner.worker import Worker
+
+    w = Worker(store, RichReporter(console), plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
+               heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None)
+    done = w.run()
+    if w.ranks.main:
+        console.print(f"worker idle: no unfinished plan left; rungs trained and scored by this worker: {done}")
+    else:
+        console.print(f"rank {w.ranks.rank}: trained {done} rungs with rank 0")
+
+
+def _print_ranking(rows: list[dict], stages) -> None:
+    metric_of = {s.name: s.pruning.metric for s in stages}
+    for stage in [s.name for s in stages]:
+        sel = [r for r in rows if r["stage"] == stage and r["metric"] == metric_of[stage]]
+        if not sel:
+            continue
+        table = Table(title=f"ranking - stage {stage} ({metric_of[stage]}, lower is better)")
+        for col in ("rank", "candidate", "benchmark", metric_of[stage], "tokens", "status"):
+            table.add_column(col, justify="right" if col in ("rank", "tokens", metric_of[stage]) else "left")
+        for r in sel:
+            table.add_row(str(r["rank"]), r["candidate"], r["benchmark"], f"{r['value']:.4f}",
+                          f"{r['tokens_seen']:,}", r["status"])
+        console.print(table)
+
+
+# ---------------------------------------------------------------------------- status
+@main.command()
+@click.option("--store", "store", default=None, help="Store to read (default: the most recent under stores/).")
+@click.option("--plan", "plan_name", default=None, help="Plan name, when the store holds several.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guard
+def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
+    """Stages, candidates, decisions, scores, progress, compute spent."""
+    from rbridge.analysis.status import plan_status
+    from rbridge.store import open_store
+
+    store = store_or_latest(store)
+    st = open_store(store, create=False)
+    info = plan_status(st, plan_name)
+    if as_json:
+        from rbridge.analysis.decision import analysis_summary
+
+        info["analysis"] = analysis_summary(st, info["plan"])
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    console.print(f"[bold]plan {info['plan']}[/] ({info['status']}) in {info['store']}")
+    for stage in info["stages"]:
+        table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
+                            f"{len(stage['survivors'])} survivors")
+        for col in ("rank", "candidate", stage["metric"], "tokens", "status", "decision", "params", "FLOPs",
+                    "tok/s"):
+            table.add_column(col, no_wrap=True)
+        for r in stage["candidates"]:
+            d = r["decision"]
+            dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} r{d['rung']}"
+            table.add_row(str(r["rank"] or "-"), r["candidate"],
+                          "-" if r["score"] is None else f"{r['score']:.4f}",
+                          f"{si(r['tokens_seen'])}/{si(r['tokens_target'])}",
+                          r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
+                          si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}")
+        console.print(table)
+        eta = "-" if stage["eta_s"] is None else f"{stage['eta_s']:.0f} s"
+        console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
+                      f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
+                      f"FLOPs, {stage['wall_s']:.0f} s of training")
+    c = info["compute"]
+    console.print(f"[bold]compute[/]: spent {c['spent_flops']:.2e} FLOPs "
+                  f"(train {c['train_flops']:.2e}, scoring {c['score_flops']:.2e}), {c['wall_s']:.0f} s")
+    if c.get("naive_flops"):
+        red = f"{c['reduction']:.1f}x" if c.get("reduction") else "-"
+        console.print(f"  naive: {c['naive_flops']:.2e} FLOPs = {c['naive_basis']}; reduction {red}")
+    if c.get("target_flops"):
+        console.print(f"  with the target model: total {c['target_total_flops']:.2e} vs naive "
+                      f"{c['target_naive_flops']:.2e} FLOPs = {c['target_fraction']:.1%} of the naive cost "
+                      f"(reduction {c['target_reduction']:.1f}x, METHOD.md section 7)")

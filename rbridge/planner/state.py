@@ -1,0 +1,170 @@
+"""One plan as the store tells it: where the work is, and the rung decisions the scores allow.
+
+``PlanState.sync`` walks the stages in order. Rungs whose every active run is
+evaluated get their decision (rbridge.planner.schedule decides, the store records
+it once, Optuna is told); a stage whose last rung is decided opens the next stage
+(creates its runs); the first rung with unevaluated runs is where the work is.
+Decisions depend only on the stored scores, so whichever process makes them makes
+the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rbridge._failpoints import failpoint
+from rbridge.planner import mirror
+from rbridge.planner.reconcile import run_fingerprint
+from rbridge.planner.schedule import decide, rung_tokens, survivors_at
+from rbridge.reporting import SILENT, Reporter
+from rbridge.spec import Spec, Stage, parse_spec
+from rbridge.store import Store
+from rbridge.store import plans as plan_ops
+from rbridge.store import runs as run_ops
+from rbridge.store.models import Candidate, Plan, Run
+
+
+@dataclass
+class Task:
+    """Train ``run`` to rung ``rung`` (``tokens`` tokens) of ``stage``."""
+
+    stage: Stage
+    rung: int
+    tokens: int
+    run: Run
+    candidate: Candidate
+    n_entrants: int
+
+
+@dataclass
+class SyncResult:
+    done: bool
+    tasks: list[Task] = field(default_factory=list)  # runs without an evaluation at the current rung
+    stage: Stage | None = None
+    rung: int = 0
+    n_done: int = 0  # runs of the current rung already evaluated
+
+
+class PlanState:
+    """One plan as a worker sees it: its spec, data and traces, and its rows in the store."""
+
+    def __init__(self, store: Store, plan: Plan, spec: Spec, report: Reporter = SILENT, data=None, traces=None):
+        self.store = store
+        self.plan_id = plan.id
+        self.name = plan.name
+        self.spec_hash = plan.spec_hash
+        self.spec = spec
+        self.report = report
+        self.stages = spec.resolved_stages()
+        self._data = data
+        self._traces = traces
+
+    @classmethod
+    def from_store(cls, store: Store, plan: Plan, report: Reporter = SILENT) -> "PlanState":
+        """A worker's view: the spec as stored; its paths resolve where the plan was written."""
+        spec = parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"))
+        return cls(store, plan, spec, report)
+
+    @property
+    def data(self):
+        from rbridge.planner.steps import prepare_data
+        if self._data is None:
+            self._data = prepare_data(self.spec, self.report)
+        return self._data
+
+    @property
+    def traces(self):
+        from rbridge.scoring.traces import load_traces
+        if self._traces is None:
+            self._traces = {b.name: load_traces(b.traces) for b in self.spec.benchmarks}
+        return self._traces
+
+    # ------------------------------------------------------------------ sync
+    def sync(self) -> SyncResult:
+        """Make every decision the store's evaluations allow; return where the work is."""
+        cands = plan_ops.candidates(self.store, self.plan_id)
+        by_id = {c.id: n for n, c in cands.items()}
+        entrants = sorted(cands)
+        for stage in self.stages:
+            runs = self._open_stage(stage, entrants, cands)
+            rungs = rung_tokens(stage)
+            active = entrants
+            for rung, tokens in enumerate(rungs, start=1):
+                evaluated = run_ops.evaluated(self.store, [r.id for r in runs.values()], rung)
+                lacking = [n for n in active if runs[n].id not in evaluated]
+                if lacking:
+                    tasks = [Task(stage, rung, tokens, runs[n], cands[n], len(entrants)) for n in lacking]
+                    return SyncResult(False, tasks, stage, rung, len(active) - len(lacking))
+                made = plan_ops.decisions(self.store, self.plan_id, stage.name, rung)
+                if made:
+                    active = sorted(by_id[d.candidate_id] for d in made if d.kept)
+                else:
+                    active = self._decide(stage, rung, len(rungs), entrants, active, runs, cands)
+            entrants = active
+        if plan_ops.get_plan(self.store, self.plan_id).status != "done":
+            self.record_compute()
+            plan_ops.mark_plan_done(self.store, self.plan_id)
+        return SyncResult(True)
+
+    def _open_stage(self, stage: Stage, entrants: list[str], cands: dict[str, Candidate]) -> dict[str, Run]:
+        """The stage's runs for exactly these entrants: created once (unique index), extras dropped."""
+        from rbridge.planner.steps import describe_proxy
+
+        runs = plan_ops.stage_runs(self.store, self.plan_id, stage.name)
+        wanted = {cands[n].id for n in entrants}
+        extra = [r for cid, r in runs.items() if cid not in wanted]
+        if extra:  # survivors changed after a --force: these candidates no longer reach the stage
+            plan_ops.delete_runs(self.store, [r.id for r in extra])
+            for run in extra:
+                if run.checkpoint:
+                    shutil.rmtree(run.checkpoint, ignore_errors=True)
+        missing = [n for n in entrants if cands[n].id not in runs]
+        if missing:
+            info = describe_proxy(stage, self.data)
+            plan_ops.open_runs(self.store, [
+                Run(plan_id=self.plan_id, stage=stage.name, stage_index=stage.index, candidate_id=cands[n].id,
+                    config=json.dumps(info["config"], sort_keys=True), params=info["params"],
+                    non_embedding_params=info["non_embedding_params"], tokens_target=stage.training.tokens,
+                    fingerprint=run_fingerprint(self.spec, stage, json.loads(cands[n].mix), self.data))
+                for n in missing])
+            runs = plan_ops.stage_runs(self.store, self.plan_id, stage.name)
+        return {n: runs[cands[n].id] for n in entrants}
+
+    # ------------------------------------------------------------------ decisions
+    def _decide(self, stage: Stage, rung: int, n_rungs: int, entrants: list[str], active: list[str],
+                runs: dict[str, Run], cands: dict[str, Candidate]) -> list[str]:
+        prune = stage.pruning
+        by_run = run_ops.rung_scores(self.store, [runs[n].id for n in active], rung, prune.metric)
+        scores = {n: by_run[runs[n].id] for n in active}
+        n_keep = min(survivors_at(rung, n_rungs, len(entrants), prune.keep, prune.reduction_factor,
+                                  list(scores.values())), len(active))
+        decisions = decide(scores, n_keep, rung, prune.metric)
+        final = rung == n_rungs
+        mirror.tell_rung(self.store.url, self.name, stage.name,
+                         [(runs[d.candidate].trial_number, d.score, d.kept) for d in decisions],
+                         rung_tokens(stage)[rung - 1], final)
+        failpoint("after-tell")
+        rows = [plan_ops.DecisionRow(cands[d.candidate].id, runs[d.candidate].id, d.kept, d.score, d.rank, d.why)
+                for d in decisions]
+        if not plan_ops.decide(self.store, self.plan_id, stage.name, rung, rows):
+            # Another worker decided this rung first: the same decision.
+            by_id = {c.id: n for n, c in cands.items()}
+            return sorted(by_id[d.candidate_id] for d in plan_ops.decisions(self.store, self.plan_id, stage.name, rung)
+                          if d.kept)
+        dropped = [d.candidate for d in decisions if not d.kept]
+        if dropped:
+            self.report.say(f"  {stage.name} rung {rung} decision: keep {n_keep}/{len(active)}; "
+                            f"dropped {', '.join(dropped)}")
+        if final:
+            mirror.fail_orphans(self.store.url, self.name, stage.name, {r.trial_number for r in runs.values()})
+            self.record_compute()
+        return sorted(d.candidate for d in decisions if d.kept)
+
+    def record_compute(self) -> None:
+        """Store the plan's compute so far (spent, naive, reduction) on its row."""
+        from rbridge.analysis.status import plan_status
+
+        plan_ops.set_plan_compute(self.store, self.plan_id, plan_status(self.store, self.name)["compute"])

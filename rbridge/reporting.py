@@ -1,0 +1,37 @@
+"""How library code tells its caller what it is doing, without printing.
+
+The planner and the data preparation report through a ``Reporter``: one line
+of news (``say``) or a unit of work with a progress count (``progress``). This
+base class does nothing, so library calls are silent by default; the CLI passes
+a reporter that prints with rich (rbridge.commands._base.RichReporter), and a
+notebook or a service can pass its own. A leaf module: it imports nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+
+class Progress:
+    """A running unit of work; ``update`` may be called as often as the work likes."""
+
+    def update(self, completed: int, total: int | None = None) -> None:
+        pass
+
+
+class Reporter:
+    """Silent. Subclass and override ``say`` and ``progress`` to show news and progress."""
+
+    #: Whether live progress bars are worth drawing (a terminal); callers may skip progress otherwise.
+    live: bool = False
+
+    def say(self, text: str) -> None:
+        """One line of news, with rich markup (``[bold]...[/]``) that a plain reporter may strip."""
+
+    @contextmanager
+    def progress(self, description: str, total: int, completed: int = 0) -> Iterator[Progress]:
+        yield Progress()
+
+
+SILENT = Reporter()

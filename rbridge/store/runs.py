@@ -1,0 +1,118 @@
+"""Named operations on runs: the claim protocol and recording a rung's result.
+
+Every state change a worker makes is one short transaction behind a name here,
+as Optuna keeps every statement behind its storage's methods. A claim, a beat,
+a release and a record are compare-and-set UPDATEs: each returns False when
+another process changed the row first (claimed it, took it over, recorded it),
+and then nothing is written. The same statements run on SQLite (the database
+write lock serialises them) and PostgreSQL (the row lock does);
+tests/test_store_ops.py runs one contract suite on both.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlmodel import select
+
+from rbridge._failpoints import failpoint
+from rbridge.scoring.config import HIGHER_IS_BETTER
+from rbridge.store.db import Store
+from rbridge.store.models import Evaluation, Run, utcnow
+
+
+def _held(run_id: int, lease: int, worker: str):
+    """The row condition of a claim still held: same lease, same holder, still running."""
+    return (Run.id == run_id) & (Run.lease == lease) & (Run.worker == worker) & (Run.status == "running")
+
+
+def claim(store: Store, run: Run, worker: str, beat_every_s: float, checkpoint: str) -> int | None:
+    """Take ``run`` as it was read (pending, or running under a holder judged gone); return the new lease.
+
+    None when the row changed since it was read: another worker claimed it, its
+    holder beat, or it was recorded.
+    """
+    with store.session() as s:
+        res = s.execute(
+            update(Run).where(Run.id == run.id, Run.lease == run.lease, Run.beats == run.beats,
+                              Run.status == run.status)
+            .values(status="running", worker=worker, lease=run.lease + 1, beats=0, beat_every_s=beat_every_s,
+                    heartbeat_at=utcnow(), started_at=run.started_at or utcnow(), checkpoint=checkpoint))
+    return run.lease + 1 if res.rowcount == 1 else None
+
+
+def beat(store: Store, run_id: int, lease: int, worker: str) -> bool:
+    """One heartbeat of a held claim; False when the claim is no longer ours."""
+    with store.session() as s:
+        res = s.execute(update(Run).where(_held(run_id, lease, worker))
+                        .values(beats=Run.beats + 1, heartbeat_at=utcnow()))
+    return res.rowcount == 1
+
+
+def release(store: Store, run_id: int, lease: int, worker: str) -> bool:
+    """Give a held run back (after a failure): pending again, for any worker."""
+    with store.session() as s:
+        res = s.execute(update(Run).where(_held(run_id, lease, worker)).values(status="pending", worker=""))
+    return res.rowcount == 1
+
+
+def set_trial(store: Store, run_id: int, lease: int, trial_number: int) -> bool:
+    """Record the run's Optuna trial, once, by the holder of ``lease``; False if it already has one."""
+    with store.session() as s:
+        res = s.execute(update(Run).where(Run.id == run_id, Run.lease == lease, Run.trial_number.is_(None))
+                        .values(trial_number=trial_number))
+        failpoint("run-row")  # asked, not yet recorded on the run
+    return res.rowcount == 1
+
+
+def rung_recorded(store: Store, run_id: int, rung: int) -> bool:
+    """Whether the run has evaluations at ``rung``."""
+    with store.session() as s:
+        return s.exec(select(Evaluation.id).where(Evaluation.run_id == run_id, Evaluation.rung == rung)).first() \
+            is not None
+
+
+def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,
+           wall_s: float, tokens_per_s: float, train_flops: float, score_flops: float,
+           scores: dict[str, dict[str, float]]) -> bool:
+    """Record a rung of a held run in one transaction: the run's progress, then every score.
+
+    ``scores`` is {benchmark: {metric: value}}. False (and nothing written) when the
+    claim was taken over meanwhile. ``score_flops`` adds to the run's total.
+    """
+    with store.session() as s:
+        res = s.execute(
+            update(Run).where(_held(run_id, lease, worker))
+            .values(status="done" if done else "pending", worker="", tokens_seen=tokens_seen, wall_s=wall_s,
+                    tokens_per_s=tokens_per_s, train_flops=train_flops, score_flops=Run.score_flops + score_flops,
+                    finished_at=utcnow() if done else None))
+        if res.rowcount != 1:
+            return False
+        for bench, values in scores.items():
+            for metric, value in values.items():
+                s.add(Evaluation(run_id=run_id, rung=rung, tokens_seen=tokens_seen, benchmark=bench, metric=metric,
+                                 value=float(value), higher_is_better=metric in HIGHER_IS_BETTER))
+        s.flush()
+        failpoint("eval-write")  # dies mid-transaction: nothing of it lands
+    return True
+
+
+def evaluated(store: Store, run_ids: list[int], rung: int) -> set[int]:
+    """Which of ``run_ids`` have evaluations at ``rung``."""
+    with store.session() as s:
+        return set(s.exec(select(Evaluation.run_id).where(Evaluation.run_id.in_(run_ids),
+                                                          Evaluation.rung == rung)).all())
+
+
+def rung_scores(store: Store, run_ids: list[int], rung: int, metric: str) -> dict[int, float]:
+    """Each run's ``metric`` at ``rung``, averaged over benchmarks (the stage's decision score).
+
+    Averaged here in recording order, not by SQL AVG, so the figure is the same on every backend.
+    """
+    with store.session() as s:
+        rows = s.exec(select(Evaluation.run_id, Evaluation.value)
+                      .where(Evaluation.run_id.in_(run_ids), Evaluation.rung == rung, Evaluation.metric == metric)
+                      .order_by(Evaluation.id)).all()
+    values: dict[int, list[float]] = {}
+    for run_id, value in rows:
+        values.setdefault(run_id, []).append(value)
+    return {run_id: sum(v) / len(v) for run_id, v in values.items()}
