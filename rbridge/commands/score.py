@@ -43,7 +43,7 @@ def score(model_path: Path, traces_path: Path, context: str, fewshot_k: int, min
           precision: str, batch_size: int, max_length: int | None, baselines: bool, accuracy: bool,
           max_new_tokens: int, per_trace: bool, device: str, no_cache: bool, as_json: bool) -> None:
     """Score any local causal LM on frontier traces (rBridge and baselines; lower NLL is better)."""
-    from rbridge.scoring.baselines import score_file
+    from rbridge.scoring.api import score_file
 
     doc, cached = score_file(model_path, traces_path, context=context, minmax=minmax, aggregate=aggregate,
                              precision=precision, batch_size=batch_size, fewshot_k=fewshot_k,

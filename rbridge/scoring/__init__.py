@@ -4,14 +4,23 @@ Public names (imported lazily, so reading traces does not import torch):
 
 - traces:   ``Trace``, ``load_traces(path)``, ``write_traces(path, traces)``
 - weights:  ``letter_weights``, ``token_weights``, ``minmax``, ``minmax_benchmark``
+- requests: ``Request`` (context ids, continuation ids, what it belongs to, its results),
+            ``loglikelihood(model, requests, ...)`` (the one batched teacher-forcing pass)
 - scorer:   ``score_traces(model, tokenizer, traces, ...) -> BenchmarkScore``,
-            ``score_benchmarks``, ``score_model_dir(path, traces_path, ...)``,
-            ``load_model``, ``scores_to_json``
+            ``score_benchmarks``, ``scores_to_json``
+- api:      ``score_file`` (``rbridge score``, cached), ``score_model_dir(path, traces_path, ...)``,
+            ``load_model``
 - generate: ``generate_traces``, ``rescore_solutions``, ``load_questions``,
             ``main_generate(model_path, questions_path, out_path, rescore, limit)``
 - importers: ``import_traces(fmt, paths, out)``, ``import_openai``, ``import_per_token``,
             ``import_rbridge``
-- baselines: ``baseline_scores``, ``mc_values``, ``score_file`` (``rbridge score``, cached)
+- baselines: ``baseline_scores``, ``mc_values``
+
+Other modules: ``decoding`` (the one generation loop: accuracy baseline and
+trace generation), ``completions`` (the reasoning span and its tokens inside a
+JSON completion), ``cache`` (the score cache). Names that moved between
+modules stay importable from their old module (``scorer.load_model``,
+``baselines.score_file``, ``generate.find_reasoning``, ...).
 """
 
 from importlib import import_module
@@ -21,19 +30,30 @@ _NAMES = {
     "letter_weights": "weights", "token_weights": "weights", "minmax": "weights",
     "minmax_benchmark": "weights",
     "BenchmarkScore": "scorer", "TraceScore": "scorer", "score_traces": "scorer",
-    "score_benchmarks": "scorer", "score_model_dir": "scorer", "load_model": "scorer",
-    "scores_to_json": "scorer",
+    "score_benchmarks": "scorer", "scores_to_json": "scorer",
+    "Request": "requests", "loglikelihood": "requests",
+    "score_model_dir": "api", "load_model": "api", "score_file": "api",
     "Question": "generate", "generate_traces": "generate", "rescore_solutions": "generate",
     "load_questions": "generate", "main_generate": "generate",
     "import_traces": "importers", "import_openai": "importers", "import_per_token": "importers",
     "import_rbridge": "importers",
-    "baseline_scores": "baselines", "mc_values": "baselines", "score_file": "baselines",
+    "baseline_scores": "baselines", "mc_values": "baselines",
 }
 
 __all__ = sorted(_NAMES)
 
 
+def forward_attr(module: str, name: str, table: dict[str, str]):
+    """A module's ``__getattr__`` for names it re-exports from others (``table``: name -> module).
+
+    The other module is imported on first use: the package does not import
+    torch for reading traces, and a module can keep a name that moved to a
+    module importing it (``scorer.load_model`` lives in ``api``).
+    """
+    if name in table:
+        return getattr(import_module(table[name]), name)
+    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+
 def __getattr__(name: str):
-    if name in _NAMES:
-        return getattr(import_module(f"rbridge.scoring.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'rbridge.scoring' has no attribute {name!r}")
+    return forward_attr(__name__, name, {k: f"rbridge.scoring.{v}" for k, v in _NAMES.items()})

@@ -1,9 +1,11 @@
 """Baselines per benchmark beside rBridge (METHOD.md section 4), as extra keys of ``rbridge score --json``.
 
-Every log-likelihood here goes through :func:`rbridge.scoring.scorer.request_nlls`
-(the one batched path: (context ids, continuation ids) requests, context
-starting with BOS -- or EOS -- and tokenized separately from the continuation,
-as lm-evaluation-harness does).
+Every log-likelihood here is a :class:`rbridge.scoring.requests.Request`
+(context ids starting with BOS -- or EOS -- and tokenized separately from the
+continuation, as lm-evaluation-harness does), tagged with its trace and, for a
+choice, its option index; one :func:`rbridge.scoring.requests.loglikelihood`
+pass scores all of a benchmark's requests and each value is read back from its
+request.
 
 NLL on the benchmark's own answer (traces with ``label``)
     ``label_nll``: mean over those traces of the mean NLL per proxy token of
@@ -39,7 +41,13 @@ the few-shot context when ``context="fewshot"``) for up to ``max_new_tokens``
 tokens; the text up to the first blank line is kept and its last number is
 compared with the gold number (the ``#### N`` of the label, else the label's
 last number, else the trace's ``answer``). ``acc_greedy`` is the fraction
-correct over ``n_acc`` traces.
+correct over ``n_acc`` traces. Generation is :func:`rbridge.scoring.decoding.generate`,
+batched and left-padded, stopping at the tokenizer's EOS only (not at other EOS
+ids of the model's generation config, where trace generation also stops:
+``rbridge score --accuracy`` has always done so, and keeps doing so).
+
+``score_file`` (``rbridge score``) moved to :mod:`rbridge.scoring.api`; it is
+still importable from here.
 """
 
 from __future__ import annotations
@@ -50,9 +58,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from rbridge.scoring.scorer import context_text, request_nlls, start_token_id
+from rbridge.scoring import decoding, forward_attr
+from rbridge.scoring.requests import Request, loglikelihood
+from rbridge.scoring.scorer import context_text, start_token_id, text_ids
 from rbridge.scoring.traces import Trace
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -93,11 +102,13 @@ def checker_for(benchmark: str) -> Callable[[str, Trace], bool] | None:
 
 
 def cloze_context(trace: Trace) -> str:
+    """The cloze-form context of a multiple-choice question (OLMES / DataDecide)."""
     return f"Question: {trace.question}\nAnswer:"
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+def cloze_continuation(choice: str) -> str:
+    """The cloze-form continuation of one choice: a space, then the choice."""
+    return " " + choice
 
 
 def mc_values(lls: Sequence[float], chars: Sequence[int], gold: int) -> dict[str, float]:
@@ -133,43 +144,32 @@ def baseline_scores(model, tokenizer, traces: Sequence[Trace], *, context: str =
     """
     bos = start_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
-    requests: list[tuple[list[int], list[int]]] = []
-    label_idx: list[int] = []
-    mc: list[tuple[Trace, list[int], list[int]]] = []   # trace, request indices, char lengths
-    for t in traces:
-        if t.label:
-            ctx = context_text(t, context, traces, fewshot_k)
-            cont = _ids(tokenizer, t.label)
-            if cont:
-                label_idx.append(len(requests))
-                requests.append(([bos] + _ids(tokenizer, ctx), cont))
-        if t.choices and t.gold is not None:
-            ctx_ids = [bos] + _ids(tokenizer, cloze_context(t))
-            idx, chars = [], []
-            for ch in t.choices:
-                cont_text = " " + ch
-                idx.append(len(requests))
-                chars.append(len(cont_text))
-                requests.append((ctx_ids, _ids(tokenizer, cont_text)))
-            mc.append((t, idx, chars))
+    requests = _requests(tokenizer, traces, bos, context, fewshot_k)
     out: dict[str, Any] = {}
     if requests:
-        nlls = request_nlls(model, requests, batch_size=batch_size, precision=precision,
-                            pad_id=int(pad), max_length=max_length)
-        if label_idx:
-            out["label_nll"] = float(np.mean([nlls[i].mean() for i in label_idx]))
-            out["n_label"] = len(label_idx)
-        if mc:
-            rows = [mc_values([-float(nlls[i].sum()) for i in idx], chars, t.gold)
-                    for t, idx, chars in mc]
+        loglikelihood(model, requests, batch_size=batch_size, precision=precision,
+                      pad_id=int(pad), max_length=max_length)
+        labels = [r for r in requests if r.kind == "label"]
+        if labels:
+            out["label_nll"] = float(np.mean([r.mean_nll for r in labels]))
+            out["n_label"] = len(labels)
+        choices: dict[int, list[Request]] = {}
+        for r in requests:
+            if r.kind == "choice":
+                choices.setdefault(r.trace, []).append(r)
+        if choices:
+            rows = [mc_values([r.sum_logprob for r in opts],
+                              [len(cloze_continuation(traces[i].choices[r.option])) for r in opts],
+                              traces[i].gold)
+                    for i, opts in choices.items()]
             for k in MC_KEYS:
                 out[k] = float(np.mean([r[k] for r in rows]))
-            out["n_mc"] = len(mc)
+            out["n_mc"] = len(choices)
     if accuracy and traces:
         check = checker_for(traces[0].benchmark)
         if check is not None:
             mode = "fewshot" if context == "fewshot" else "question"
-            prompts = [[bos] + _ids(tokenizer, context_text(t, mode, traces, fewshot_k)) for t in traces]
+            prompts = [[bos] + text_ids(tokenizer, context_text(t, mode, traces, fewshot_k)) for t in traces]
             gens = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, pad_id=int(pad))
             out["acc_greedy"] = float(np.mean([check(g, t) for g, t in zip(gens, traces)]))
@@ -177,91 +177,35 @@ def baseline_scores(model, tokenizer, traces: Sequence[Trace], *, context: str =
     return out
 
 
+def _requests(tokenizer, traces: Sequence[Trace], bos: int, context: str, fewshot_k: int) -> list[Request]:
+    """Per trace, in trace order: its label request (if it has a label), then one per choice."""
+    requests: list[Request] = []
+    for i, t in enumerate(traces):
+        if t.label:
+            cont = text_ids(tokenizer, t.label)
+            if cont:
+                ctx = context_text(t, context, traces, fewshot_k)
+                requests.append(Request([bos] + text_ids(tokenizer, ctx), cont, trace=i, kind="label"))
+        if t.choices and t.gold is not None:
+            ctx_ids = [bos] + text_ids(tokenizer, cloze_context(t))
+            requests.extend(Request(ctx_ids, text_ids(tokenizer, cloze_continuation(ch)), trace=i,
+                                    kind="choice", option=j)
+                            for j, ch in enumerate(t.choices))
+    return requests
+
+
 def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int = 128,
                     batch_size: int = 16, pad_id: int = 0) -> list[str]:
-    """Greedy continuations (decoded text) of token-id prompts, batched by length, left-padded."""
-    from transformers import GenerationConfig
+    """Greedy continuations (decoded text) of token-id prompts, batched by length, left-padded.
 
-    device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                           eos_token_id=eos)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            width = len(prompts[idx[0]])
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                p = prompts[i]
-                ids[j, width - len(p):] = torch.tensor(p, dtype=torch.long)
-                mask[j, width - len(p):] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
-            for j, i in enumerate(idx):
-                new = gen[j, width:].tolist()
-                if eos is not None and eos in new:
-                    new = new[:new.index(eos)]
-                out[i] = tokenizer.decode(new, skip_special_tokens=True)
-    return out
-
-
-# ---------------------------------------------------------------- whole files (rbridge score)
-
-def score_file(model_path, traces_path, *, context: str = "question", minmax: str = "trace",
-               aggregate: str = "mean", precision: str = "auto", batch_size: int = 16,
-               fewshot_k: int = 3, max_length: int | None = None, baselines: bool = True,
-               accuracy: bool = False, max_new_tokens: int = 128, per_trace: bool = False,
-               device: str = "auto", use_cache: bool = True,
-               cache_file=None) -> tuple[dict[str, Any], bool]:
-    """``rbridge score``: (the ``--json`` document, whether it came from the cache).
-
-    Traces are validated before the model loads. Results are cached in
-    :mod:`rbridge.scoring.cache` keyed by (model, traces, options).
+    Stops at the tokenizer's EOS only (see the module docstring); special
+    tokens are left out of the text.
     """
-    import time
+    eos = tokenizer.eos_token_id
+    gens = decoding.generate(model, prompts, max_new_tokens=max_new_tokens,
+                             stop=[eos] if eos is not None else [], pad_id=pad_id, batch_size=batch_size)
+    return [tokenizer.decode(g.ids, skip_special_tokens=True) for g in gens]
 
-    import rbridge
-    from rbridge.scoring import cache
-    from rbridge.scoring.scorer import (AGGREGATES, CONTEXTS, MINMAX, PRECISIONS, load_model,
-                                        score_benchmarks, scores_to_json)
-    from rbridge.scoring.traces import group_by_benchmark, load_traces
-    from rbridge.errors import InputError
 
-    for name, val, allowed in (("--context", context, CONTEXTS), ("--minmax", minmax, MINMAX),
-                               ("--aggregate", aggregate, AGGREGATES), ("--precision", precision, PRECISIONS)):
-        if val not in allowed:
-            raise InputError(f"must be one of {', '.join(allowed)}, not {val!r}", field=name)
-    traces = load_traces(traces_path)
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    options = {"context": context, "minmax": minmax, "aggregate": aggregate, "precision": precision,
-               "fewshot_k": fewshot_k, "max_length": max_length, "baselines": baselines,
-               "accuracy": accuracy, "max_new_tokens": max_new_tokens if accuracy else None,
-               "per_trace": per_trace, "device": dev.split(":")[0], "rbridge": rbridge.__version__}
-    key = mfp = tfp = opts = None
-    if use_cache:
-        mfp, tfp = cache.model_fingerprint(model_path), cache.traces_fingerprint(traces_path)
-        key, opts = cache.cache_key(mfp, tfp, options)
-        hit = cache.get(key, cache_file)
-        if hit is not None:
-            return hit, True
-    t0 = time.perf_counter()
-    model, tokenizer, name = load_model(model_path, device=dev)
-    t1 = time.perf_counter()
-    scores = score_benchmarks(model, tokenizer, traces, context=context, minmax=minmax,
-                              aggregate=aggregate, batch_size=batch_size, precision=precision,
-                              fewshot_k=fewshot_k, max_length=max_length)
-    doc = scores_to_json(name, scores, per_trace=per_trace)
-    if baselines or accuracy:
-        for bench, group in group_by_benchmark(traces).items():
-            extra = baseline_scores(model, tokenizer, group, context=context, fewshot_k=fewshot_k,
-                                    batch_size=batch_size, precision=precision, max_length=max_length,
-                                    accuracy=accuracy, max_new_tokens=max_new_tokens) if baselines or accuracy else {}
-            if not baselines:
-                extra = {k: v for k, v in extra.items() if k in ("acc_greedy", "n_acc")}
-            doc["benchmarks"][bench].update(extra)
-    doc["seconds"] = {"load": round(t1 - t0, 3), "score": round(time.perf_counter() - t1, 3)}
-    if use_cache and key is not None:
-        cache.put(key, mfp, tfp, opts, doc, cache_file)
-    return doc, False
+def __getattr__(name: str):   # score_file moved to api, which imports this module: resolved on first use
+    return forward_attr(__name__, name, {"score_file": "rbridge.scoring.api"})

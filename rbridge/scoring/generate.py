@@ -7,35 +7,40 @@ then ``\\nRespond ONLY with a JSON object in this exact format: { "reasoning":
 through the model's chat template with the generation prompt.
 
 - :func:`generate_traces`: the model answers (greedy, raw per-token logprobs
-  from the unprocessed logits). The value of ``"reasoning"`` is found inside
-  the generated token stream and JSON escapes (``\\n \\t \\" \\\\ \\/ \\b \\f
-  \\r \\uXXXX``, surrogate pairs included) are mapped back to characters.
-  Malformed output (no JSON object with a non-empty string ``reasoning`` and a
-  ``final_answer``, or the template's placeholder reasoning copied back) is retried once: with twice the token budget when the
-  first try ran out of tokens, otherwise by sampling at ``retry_temperature``
-  with a seed derived from the question's index (greedy again would repeat the
-  same output). A question malformed twice is dropped and counted.
+  from the unprocessed logits; :func:`rbridge.scoring.decoding.generate`, one
+  question at a time, stopping at the tokenizer's EOS and every EOS id of the
+  model's generation config). The value of ``"reasoning"`` is found inside
+  the generated token stream (:mod:`rbridge.scoring.completions`: JSON escapes
+  mapped back to characters, each character given to the token that completes
+  it). Malformed output (no JSON object with a non-empty string ``reasoning``
+  and a ``final_answer``, or the template's placeholder reasoning copied back)
+  is retried once: with twice the token budget when the first try ran out of
+  tokens, otherwise by sampling at ``retry_temperature`` with a seed derived
+  from the question's index (greedy again would repeat the same output). A
+  question malformed twice is dropped and counted. A ``final_answer`` of JSON
+  ``null`` is written as the answer text ``"null"`` (the importers write ``""``).
 - :func:`rescore_solutions`: given worked solutions (e.g. a benchmark's gold
-  solutions) are teacher forced as the assistant turn, so the model supplies
+  solutions) are teacher forced as the assistant turn
+  (:func:`rbridge.scoring.requests.loglikelihood`, fp32), so the model supplies
   the probabilities a frontier model would have attached had it written them.
   ``assistant_format="plain"`` (default): the assistant turn is the solution
   text itself; ``"json"``: the assistant turn is the JSON object the prompt asks
   for (``{"reasoning": <solution>, "final_answer": <answer>}``) and the
   reasoning span is recovered as for generated output.
 
-Which token a character belongs to: a reasoning character belongs to the token
-that *completes* it -- for a character whose UTF-8 bytes span several tokens,
-the token holding its last byte; for a JSON escape split over tokens
-(``\\`` | ``n``), the token holding the escape's last character. Tokens that
-complete no reasoning character (the partial ones, the JSON wrapper) are left
-out of ``frontier.tokens``, so the token texts concatenate exactly to the
-reasoning. Logprobs are rounded to 6 decimals (and clamped to <= 0) so files
-regenerate byte for byte on the same software.
+Tokens that complete no reasoning character are left out of
+``frontier.tokens``, so the token texts concatenate exactly to the reasoning.
+Logprobs are rounded to 6 decimals (and clamped to <= 0) so files regenerate
+byte for byte on the same software.
+
+The prompt's JSON instruction (``INSTRUCTION``, ``PLACEHOLDER``) and the
+completion readers (``stream_texts``, ``split_by_offsets``, ``find_reasoning``,
+``reasoning_tokens``) moved to :mod:`rbridge.scoring.completions`, which the
+importers share without importing torch; they are still importable from here.
 """
 
 from __future__ import annotations
 
-import bisect
 import datetime as _dt
 import json
 import re
@@ -44,18 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import rbridge
 from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
-from rbridge.scoring.scorer import load_model, request_nlls
-from rbridge.scoring.traces import Frontier, FrontierToken, Trace, write_traces
+from rbridge.scoring import decoding, forward_attr
+from rbridge.scoring.completions import (INSTRUCTION, answer_text, find_reasoning, reasoning_tokens,
+                                         split_by_offsets, stream_texts)
+from rbridge.scoring.requests import Request, loglikelihood
+from rbridge.scoring.traces import Frontier, Trace, write_traces
 
-INSTRUCTION = ('\nRespond ONLY with a JSON object in this exact format: '
-               '{ "reasoning": "your step by step reasoning", "final_answer": "your final answer" }')
 PROMPT_NAME = "rbridge-paper-json"
-PLACEHOLDER = "your step by step reasoning"   # small models copy the template; that is malformed
 
 
 @dataclass
@@ -148,233 +151,16 @@ def prompt_ids(tokenizer, question: str, task: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-# ---------------------------------------------------------------- token streams
-
-def stream_texts(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Text each token adds to the decoded stream (completing-token rule).
-
-    Decodes growing prefixes; a trailing U+FFFD (an incomplete UTF-8
-    character) is held back until the token that completes it.
-    """
-    texts, emitted = [], ""
-    for i in range(len(ids)):
-        full = tokenizer.decode(list(ids[:i + 1]), skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-        stable = full if i == len(ids) - 1 else full.rstrip("\ufffd")
-        if not stable.startswith(emitted):
-            raise ValueError("the tokenizer does not decode incrementally; cannot align tokens")
-        texts.append(stable[len(emitted):])
-        emitted = stable
-    return texts
-
-
-def split_by_offsets(text: str, offsets: Sequence[tuple[int, int]]) -> list[str]:
-    """Partition ``text`` among tokens given character offsets (completing-token rule).
-
-    A character belongs to the last token whose span holds it (byte-level
-    tokens that split a character all report it); characters no token covers
-    go to the next token (the last one at the end). The pieces concatenate to
-    ``text``.
-    """
-    n = len(text)
-    if not offsets:
-        raise ValueError("no tokens")
-    owner = [-1] * n
-    for i, (s, e) in enumerate(offsets):
-        for c in range(max(0, s), min(n, e)):
-            owner[c] = i
-    nxt = len(offsets) - 1
-    for c in range(n - 1, -1, -1):
-        if owner[c] < 0:
-            owner[c] = nxt
-        else:
-            nxt = owner[c]
-    pieces = [[] for _ in offsets]
-    running = 0
-    for c in range(n):
-        running = max(running, owner[c])   # keep pieces contiguous
-        pieces[running].append(text[c])
-    return ["".join(p) for p in pieces]
-
-
-_SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_WS = " \t\n\r"
-
-
-def _scan_string(text: str, i: int) -> tuple[list[str], list[int], int]:
-    """Scan the JSON string starting at ``text[i] == '"'``.
-
-    Returns decoded characters, for each the raw index one past its escape,
-    and the index after the closing quote. Raises ValueError when malformed.
-    """
-    if text[i] != '"':
-        raise ValueError("expected a string")
-    chars: list[str] = []
-    ends: list[int] = []
-    j = i + 1
-    while True:
-        if j >= len(text):
-            raise ValueError("unterminated string")
-        c = text[j]
-        if c == '"':
-            return chars, ends, j + 1
-        if c == "\\":
-            e = text[j + 1:j + 2]
-            if e in _SIMPLE_ESCAPES:
-                chars.append(_SIMPLE_ESCAPES[e])
-                j += 2
-            elif e == "u":
-                code = int(text[j + 2:j + 6], 16) if re.fullmatch(r"[0-9a-fA-F]{4}", text[j + 2:j + 6]) else None
-                if code is None:
-                    raise ValueError("bad \\u escape")
-                j += 6
-                if 0xD800 <= code < 0xDC00 and text[j:j + 2] == "\\u" \
-                        and re.fullmatch(r"[0-9a-fA-F]{4}", text[j + 2:j + 6]):
-                    low = int(text[j + 2:j + 6], 16)
-                    if 0xDC00 <= low < 0xE000:
-                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
-                        j += 6
-                if 0xD800 <= code < 0xE000:
-                    raise ValueError("lone surrogate in \\u escape")
-                chars.append(chr(code))
-            else:
-                raise ValueError("bad escape")
-            ends.append(j)
-        else:
-            if ord(c) < 0x20:
-                raise ValueError("control character in string")
-            chars.append(c)
-            j += 1
-            ends.append(j)
-
-
-def find_reasoning(text: str) -> tuple[list[str], list[int], Any] | None:
-    """Locate the first JSON object in ``text`` with a string ``reasoning`` and a ``final_answer``.
-
-    Returns (reasoning characters, raw end index of each, final_answer value),
-    or None when the output is malformed: no such object, an empty reasoning,
-    or the prompt's placeholder "your step by step reasoning" copied back.
-    """
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if not (isinstance(obj, dict) and isinstance(obj.get("reasoning"), str)
-                and "final_answer" in obj and obj["reasoning"].strip()
-                and obj["reasoning"].strip().lower() != PLACEHOLDER):
-            continue
-        # Walk the object again, keeping raw positions of the reasoning value.
-        found = None
-        j = m.start() + 1
-        try:
-            while True:
-                while text[j] in _WS:
-                    j += 1
-                if text[j] == "}":
-                    break
-                key_chars, _, j = _scan_string(text, j)
-                while text[j] in _WS:
-                    j += 1
-                j += 1  # ':'
-                while text[j] in _WS:
-                    j += 1
-                if "".join(key_chars) == "reasoning" and text[j] == '"':
-                    chars, ends, j = _scan_string(text, j)
-                    found = (chars, ends)   # the last duplicate wins, as in json.loads
-                else:
-                    _, j = decoder.raw_decode(text, j)
-                while text[j] in _WS:
-                    j += 1
-                if text[j] == ",":
-                    j += 1
-        except (ValueError, IndexError):
-            continue
-        if found is None or "".join(found[0]) != obj["reasoning"]:
-            continue
-        return found[0], found[1], obj["final_answer"]
-    return None
-
-
-def _clean_logprob(lp: float, digits: int | None = 6) -> float:
-    v = min(0.0, float(lp))
-    if digits is not None:
-        v = round(v, digits)
-    return 0.0 if v == 0 else v
-
-
-def reasoning_tokens(token_texts: Sequence[str], logprobs: Sequence[float],
-                     reasoning: tuple[list[str], list[int]], *,
-                     digits: int | None = 6) -> list[FrontierToken]:
-    """Frontier tokens over exactly the reasoning, from a tokenized completion.
-
-    ``token_texts`` partition the completion text; ``reasoning`` is what
-    :func:`find_reasoning` returned (characters and raw end indices).
-    ``digits``: logprobs are rounded to this many decimals (None: kept exact,
-    as importers do); either way they are clamped to <= 0.
-    """
-    starts, pos = [], 0
-    for t in token_texts:
-        starts.append(pos)
-        pos += len(t)
-    chars, ends = reasoning
-    out: list[FrontierToken] = []
-    cur_tok, cur_text = None, []
-    for ch, end in zip(chars, ends):
-        tok = bisect.bisect_right(starts, end - 1) - 1
-        while tok > 0 and len(token_texts[tok]) == 0:   # empty pieces complete nothing
-            tok -= 1
-        if tok != cur_tok and cur_text:
-            out.append(FrontierToken(text="".join(cur_text), logprob=_clean_logprob(logprobs[cur_tok], digits)))
-            cur_text = []
-        cur_tok = tok
-        cur_text.append(ch)
-    if cur_text:
-        out.append(FrontierToken(text="".join(cur_text), logprob=_clean_logprob(logprobs[cur_tok], digits)))
-    return out
-
-
-def _answer_text(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-
-
 # ---------------------------------------------------------------- generation
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set()
-    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(v, int):
-            ids.add(v)
-        elif isinstance(v, (list, tuple)):
-            ids.update(int(x) for x in v)
-    return sorted(ids)
-
 
 def _generate_once(model, tokenizer, ids: list[int], *, max_new_tokens: int,
                    temperature: float | None, seed: int) -> tuple[list[int], list[float], bool]:
-    """One completion: (new token ids without EOS, raw logprobs, hit the token limit)."""
-    from transformers import GenerationConfig
-
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature is not None,
-                           temperature=temperature if temperature is not None else 1.0,
-                           top_k=0 if temperature is not None else None, top_p=1.0,
-                           eos_token_id=eos or None, pad_token_id=pad,
-                           output_logits=True, return_dict_in_generate=True)
-    device = next(model.parameters()).device
-    inp = torch.tensor([ids], dtype=torch.long, device=device)
-    if temperature is not None:
-        torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(input_ids=inp, attention_mask=torch.ones_like(inp), generation_config=cfg)
-    new = out.sequences[0, len(ids):].tolist()
-    lps = [float(torch.log_softmax(lg[0].float(), -1)[t]) for lg, t in zip(out.logits, new)]
-    stop = next((k for k, t in enumerate(new) if t in eos), None)
-    if stop is not None:
-        return new[:stop], lps[:stop], False
-    return new, lps, len(new) >= max_new_tokens
+    """One completion: (new token ids without the stop id, raw logprobs, hit the token limit)."""
+    stop = decoding.stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    (g,) = decoding.generate(model, [ids], max_new_tokens=max_new_tokens, stop=stop, pad_id=pad,
+                             temperature=temperature, seed=seed, logprobs=True)
+    return g.ids, g.logprobs, g.truncated
 
 
 def generate_traces(model, tokenizer, questions: Sequence[Question], task: str = "grade school math",
@@ -411,7 +197,7 @@ def generate_traces(model, tokenizer, questions: Sequence[Question], task: str =
                 meta.setdefault("questions_source", q.source)
             result.traces.append(Trace(
                 id=q.id, benchmark=benchmark, question=q.question, reasoning="".join(chars),
-                answer=_answer_text(final), label=q.label,
+                answer=answer_text(final, null="null"), label=q.label,
                 frontier=Frontier(model=name, tokens=reasoning_tokens(texts, lps, (chars, ends))),
                 metadata=meta))
         if progress:
@@ -435,8 +221,8 @@ def rescore_solutions(model, tokenizer, items: Sequence[Question], task: str = "
     if assistant_format not in ("plain", "json"):
         raise ValueError("assistant_format must be plain or json")
     name = model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__
-    requests, layouts = [], []
-    for q in items:
+    jobs: list[tuple[Question, str, list[tuple[int, int]], Request]] = []
+    for k, q in enumerate(items):
         if not q.solution:
             raise InputError("no worked solution to rescore", field=f"{q.id}.solution")
         if assistant_format == "plain":
@@ -445,12 +231,13 @@ def rescore_solutions(model, tokenizer, items: Sequence[Question], task: str = "
             completion = json.dumps({"reasoning": q.solution, "final_answer": q.answer or ""},
                                     ensure_ascii=False)
         enc = tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-        requests.append((prompt_ids(tokenizer, q.question, task), list(enc["input_ids"])))
-        layouts.append((completion, [tuple(o) for o in enc["offset_mapping"]]))
-    nlls = request_nlls(model, requests, batch_size=batch_size, precision="fp32")
+        req = Request(prompt_ids(tokenizer, q.question, task), list(enc["input_ids"]), trace=k,
+                      kind="solution")
+        jobs.append((q, completion, [tuple(o) for o in enc["offset_mapping"]], req))
+    loglikelihood(model, [job[3] for job in jobs], batch_size=batch_size, precision="fp32")
     traces = []
-    for q, (completion, offs), nll in zip(items, layouts, nlls):
-        lps = [-float(x) for x in nll]
+    for q, completion, offs, req in jobs:
+        lps = [-float(x) for x in req.nll]
         texts = split_by_offsets(completion, offs)
         if assistant_format == "plain":
             reasoning = (list(completion), list(range(1, len(completion) + 1)))
@@ -513,6 +300,8 @@ def main_generate(model_path: str | Path, questions_path: str | Path, out_path: 
     questions_path, model_path = Path(questions_path), Path(model_path)
     bench = benchmark or _default_benchmark(questions_path)
     questions = load_questions(questions_path, benchmark=bench, limit=limit)
+    from rbridge.scoring.api import load_model
+
     model, tokenizer, name = load_model(model_path, device=device)
     meta: dict[str, Any] = {"date": date or _dt.date.today().isoformat(), "rbridge": rbridge.__version__}
     src = package_of(model_path if model_path.is_file() else next(iter(sorted(model_path.glob("*.gguf"))), model_path))
@@ -539,3 +328,7 @@ def main_generate(model_path: str | Path, questions_path: str | Path, out_path: 
             "method": "rescored" if rescore else "generated", "model": name,
             "mean_frontier_tokens": sum(n_tok) / len(n_tok), "seconds": round(time.time() - t0, 1),
             "out": str(out_path)}
+
+
+def __getattr__(name: str):   # moved to completions with the readers above, still importable from here
+    return forward_attr(__name__, name, {"PLACEHOLDER": "rbridge.scoring.completions"})

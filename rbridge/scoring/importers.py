@@ -18,13 +18,13 @@ Three formats (every error is an :class:`InputError` naming the file, the
     Token texts are rebuilt from ``bytes`` (UTF-8, decoded incrementally: a
     token carrying only the first bytes of a character adds no text, the token
     with the character's last byte adds the whole character -- the
-    completing-token rule of ``generate.py``); without ``bytes`` the ``token``
+    completing-token rule of ``completions.py``); without ``bytes`` the ``token``
     string is used. The completion text must equal ``message.content`` when
     that is given. The value of ``"reasoning"`` is found in it with
-    :func:`rbridge.scoring.generate.find_reasoning`, JSON escapes (``\\n \\t
+    :func:`rbridge.scoring.completions.find_reasoning`, JSON escapes (``\\n \\t
     \\" \\\\ \\/ \\uXXXX``, surrogate pairs) are mapped back to characters, and
     every reasoning character is given to the token that completes it
-    (:func:`rbridge.scoring.generate.reasoning_tokens`, logprobs kept exact).
+    (:func:`rbridge.scoring.completions.reasoning_tokens`, logprobs kept exact).
 
 ``per-token``
     The layout the paper's authors released: completions files (a JSON array,
@@ -57,7 +57,7 @@ from typing import Any
 
 from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
-from rbridge.scoring.generate import INSTRUCTION, find_reasoning, reasoning_tokens
+from rbridge.scoring.completions import INSTRUCTION, answer_text, find_reasoning, reasoning_tokens
 from rbridge.scoring.traces import Trace, parse_trace, write_traces
 
 FORMATS = ("openai", "per-token", "rbridge")
@@ -208,12 +208,6 @@ def _frontier_from_completion(texts: list[str], lps: list[float], *, file: Path,
     return "".join(chars), [t.model_dump() for t in toks], final
 
 
-def _answer_text(v: Any) -> str:
-    if v is None:
-        return ""
-    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-
-
 # ---------------------------------------------------------------- openai
 
 def _question_from_messages(rec: dict[str, Any]) -> str | None:
@@ -281,7 +275,7 @@ def import_openai(paths: Sequence[str | Path], *, benchmark: str | None = None,
             if question is None:
                 question = _question_from_messages(rec) or ""
             obj = {"id": qid, "benchmark": bench, "question": question, "reasoning": reasoning,
-                   "answer": _answer_text(final),
+                   "answer": answer_text(final),
                    "frontier": {"model": model or comp.get("model") or "openai", "tokens": ftoks},
                    "metadata": {"method": "imported", "format": "openai",
                                 "source": f"{path.name}:{line}"}}
@@ -391,7 +385,7 @@ def import_per_token(paths: Sequence[str | Path], *, options: dict[str, str] | N
                 final = fa
         qid = str(rec[f["key"]])
         obj = {"id": qid, "benchmark": bench, "question": rec.get(f["question"]) or "",
-               "reasoning": reasoning, "answer": _answer_text(final),
+               "reasoning": reasoning, "answer": answer_text(final),
                "frontier": {"model": model or rec.get(f["model"]) or "frontier", "tokens": ftoks},
                "metadata": {"method": "imported", "format": "per-token", "source": f"{path.name}:{line}"}}
         for name in ("label", "choices", "gold"):

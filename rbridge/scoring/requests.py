@@ -1,0 +1,210 @@
+"""Log-likelihood requests and the one batched teacher-forcing pass that answers them.
+
+A :class:`Request` is the unit of work of every log-likelihood in rbridge (as
+``Instance`` is in lm-evaluation-harness): it carries its arguments -- a
+context and a continuation, as token ids -- what it belongs to (the trace, the
+kind of request, the option of a multiple-choice question) and, once
+:func:`loglikelihood` has run, its own results. Callers build requests, make
+one call, and read each request's results from the request itself: batching,
+sorting and windowing live here only, and no caller tracks positions in a
+result list.
+
+The context must be non-empty: it starts with BOS (or EOS where the tokenizer
+has no BOS). Context and continuation are tokenized separately by the caller,
+so no token straddles the boundary. Every continuation token is scored by
+teacher forcing: NLL_i = -log p(token_i | context, tokens before i).
+
+Batching: requests are cut into window rows (below), the rows sorted by length
+(longest first; equal lengths keep request order), cut into batches of
+``batch_size`` and right-padded with ``pad_id``. No attention mask: in a causal
+LM a real token attends only to earlier positions, all real, and without a mask
+attention takes the fused causal kernel (as lm-evaluation-harness does). One
+forward pass per batch under ``torch.inference_mode`` on the model's own
+device; log-softmax in float32 whatever the model's dtype.
+
+Long requests: when context + continuation exceed the model's maximum positions
+(``config.max_position_embeddings`` or ``n_positions``, or ``max_length=``),
+the request is split into strided windows, never silently truncated. Windows
+hold at most ``max_length`` tokens and advance by ``stride = max_length // 2``;
+each window scores only tokens no earlier window scored, so every continuation
+token is scored exactly once, with at least ``max_length - stride`` tokens of
+left context (the first window keeps BOS and as much of the context as fits;
+later windows are plain slices of the full sequence, without a new BOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(eq=False)
+class Request:
+    """One (context, continuation) pair to score, what it belongs to, and its results.
+
+    ``trace`` is the index of the trace (question) the request belongs to in the
+    caller's list, ``kind`` what is scored (``"reasoning"``, ``"label"``,
+    ``"choice"``, ``"solution"``, ...) and ``option`` the choice index of a
+    multiple-choice continuation. :func:`loglikelihood` fills ``nll`` (nats,
+    float64, one value per continuation token) and ``is_greedy`` (every
+    continuation token was the model's argmax, as lm-evaluation-harness reports).
+    """
+
+    context: Sequence[int]
+    continuation: Sequence[int]
+    trace: int = 0
+    kind: str = "reasoning"
+    option: int | None = None
+    nll: np.ndarray | None = field(default=None, repr=False)
+    is_greedy: bool | None = None
+
+    def _result(self) -> np.ndarray:
+        if self.nll is None:
+            raise RuntimeError("the request has not been scored; pass it to loglikelihood() first")
+        return self.nll
+
+    @property
+    def sum_logprob(self) -> float:
+        """Summed log-likelihood of the continuation (nats; <= 0)."""
+        return -float(self._result().sum())
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean NLL per continuation token (nats)."""
+        return float(self._result().mean())
+
+
+def model_max_length(model) -> int | None:
+    """The model's maximum positions, from its config; None when it names none."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 1:
+            return v
+    return None
+
+
+def _windows(n_ctx: int, total: int, max_len: int | None) -> list[tuple[int, int, int]]:
+    """(start, first_scored, end) windows over a sequence; see the module docstring."""
+    if max_len is None or total <= max_len:
+        return [(0, n_ctx, total)]
+    if max_len < 2:
+        raise ValueError("max_length must be at least 2")
+    stride = max(1, max_len // 2)
+    out = []
+    pos = n_ctx
+    while pos < total:
+        end = min(total, max(pos + stride, max_len))
+        start = max(0, end - max_len)
+        out.append((start, pos, end))
+        pos = end
+    return out
+
+
+def _precision_context(model, precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported() \
+            and next(model.parameters()).dtype == torch.float32:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class _Row:
+    """One window of one request: the token ids it feeds and the first of them it scores."""
+
+    request: Request
+    ids: list[int]
+    first: int
+    nll: np.ndarray | None = None
+    greedy: bool = True
+
+
+def _rows(requests: Sequence[Request], max_len: int | None) -> list[list[_Row]]:
+    """The window rows of each request, in sequence order (one list per request)."""
+    out: list[list[_Row]] = []
+    for req in requests:
+        if len(req.context) == 0:
+            raise ValueError("every request needs a non-empty context (BOS at least)")
+        full = list(req.context) + list(req.continuation)
+        out.append([_Row(req, full[start:end], first - start)
+                    for start, first, end in _windows(len(req.context), len(full), max_len)])
+    return out
+
+
+def loglikelihood(model, requests: Sequence[Request], *, batch_size: int = 16, precision: str = "auto",
+                  pad_id: int = 0, max_length: int | None = None,
+                  on_progress: Callable[[int, int], None] | None = None) -> Sequence[Request]:
+    """Score every request in place (``nll``, ``is_greedy``) in one batched pass; returns ``requests``.
+
+    ``max_length`` defaults to the model's maximum positions; longer requests
+    use strided windows. ``precision``: ``fp32`` computes in float32 end to end
+    (the model is cast for the pass and cast back), ``bf16`` autocasts,
+    ``auto`` autocasts to bf16 on a CUDA device that supports it.
+    ``on_progress(done_rows, total_rows)`` is called after every batch.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    per_request = _rows(requests, max_length if max_length is not None else model_max_length(model))
+    order = sorted((row for rows in per_request for row in rows), key=lambda r: -len(r.ids))
+
+    device = next(model.parameters()).device
+    orig_dtype = next(model.parameters()).dtype
+    was_training = model.training
+    if precision == "fp32" and orig_dtype != torch.float32:
+        model.to(torch.float32)
+    model.eval()
+    try:
+        with torch.inference_mode(), _precision_context(model, precision, device):
+            for b in range(0, len(order), batch_size):
+                _forward(model, order[b:b + batch_size], pad_id, device)
+                if on_progress is not None:
+                    on_progress(min(b + batch_size, len(order)), len(order))
+    finally:
+        if precision == "fp32" and orig_dtype != torch.float32:
+            model.to(orig_dtype)
+        model.train(was_training)
+    for req, rows in zip(requests, per_request):
+        req.nll = np.concatenate([r.nll for r in rows]) if rows else np.zeros(0)   # no continuation
+        req.is_greedy = all(r.greedy for r in rows)
+    return requests
+
+
+def _forward(model, batch: list[_Row], pad_id: int, device: torch.device) -> None:
+    """One right-padded forward pass over ``batch``; fills each row's ``nll`` and ``greedy``."""
+    width = len(batch[0].ids)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    for j, row in enumerate(batch):
+        ids[j, :len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+    logits = model(input_ids=ids.to(device)).logits
+    greedy = []
+    for j, row in enumerate(batch):
+        n = len(row.ids)
+        lg = logits[j, row.first - 1:n - 1].float()
+        tgt = ids[j, row.first:n].to(device)
+        logp = torch.log_softmax(lg, dim=-1)
+        row.nll = (-logp.gather(-1, tgt[:, None])[:, 0]).double().cpu().numpy()
+        greedy.append((logp.argmax(-1) == tgt).all())
+    for row, g in zip(batch, torch.stack(greedy).tolist()):   # one device sync per batch
+        row.greedy = bool(g)
+    del logits
+
+
+def request_nlls(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                 batch_size: int = 16, precision: str = "auto", pad_id: int = 0,
+                 max_length: int | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """NLL arrays of bare (context, continuation) pairs: :func:`loglikelihood` for older callers."""
+    reqs = [Request(ctx, cont, trace=i) for i, (ctx, cont) in enumerate(requests)]
+    loglikelihood(model, reqs, batch_size=batch_size, precision=precision, pad_id=pad_id,
+                  max_length=max_length, on_progress=on_progress)
+    return [r.nll for r in reqs]

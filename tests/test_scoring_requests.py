@@ -1,0 +1,91 @@
+"""Requests: one batched pass fills each request's own results, whatever the batch size, the order
+of the requests, or the windows long requests are cut into (fixtures ``model`` and ``tokenizer``)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rbridge.scoring.requests import Request, loglikelihood, request_nlls
+
+
+def naive(model, ctx, cont):
+    """Per-token NLL and greedy flag of one unpadded, unbatched forward pass."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ctx + cont])).logits[0].double()
+    lp = torch.log_softmax(logits[len(ctx) - 1:-1], -1)
+    tgt = torch.tensor(cont)
+    return -lp.gather(-1, tgt[:, None])[:, 0].numpy(), bool((lp.argmax(-1) == tgt).all())
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]   # noqa: E731
+    bos = tokenizer.bos_token_id
+    texts = [("How many clips?\n", "Natalia sold 48/2 = 24 clips in May."),
+             ("", "Café crème costs 3 €, and 😀 is a smile."),
+             ("Weng?\n", " 10"),
+             ("Question: Which?\nAnswer:", " 72"),
+             ("Working 50 minutes,", " she earned 0.2 x 50 = 10. The answer is 10.\nThe answer is 72.")]
+    return [([bos] + enc(c), enc(x)) for c, x in texts]
+
+
+def make(pairs):
+    return [Request(ctx, cont, trace=i, kind="choice" if i % 2 else "label", option=i % 3)
+            for i, (ctx, cont) in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("max_length", [None, 8])
+def test_results_land_on_their_request_whatever_the_batch_order(model, pairs, max_length):
+    reference = make(pairs)
+    loglikelihood(model, reference, batch_size=1, precision="fp32", pad_id=2, max_length=max_length)
+    rng = random.Random(0)
+    for batch_size in (2, 3, 16):
+        reqs = make(pairs)
+        shuffled = reqs[:]
+        rng.shuffle(shuffled)
+        assert loglikelihood(model, shuffled, batch_size=batch_size, precision="fp32", pad_id=2,
+                             max_length=max_length) is shuffled
+        for ref, req in zip(reference, reqs):
+            assert (req.trace, req.kind, req.option) == (ref.trace, ref.kind, ref.option)
+            assert req.nll.shape == (len(req.continuation),)
+            np.testing.assert_allclose(req.nll, ref.nll, atol=1e-6)
+            assert req.is_greedy == ref.is_greedy
+            assert req.sum_logprob == -float(req.nll.sum()) and req.mean_nll == float(req.nll.mean())
+            assert req.sum_logprob == pytest.approx(ref.sum_logprob, abs=1e-5)
+
+
+def test_one_pass_matches_a_naive_loop_and_the_pair_api(model, pairs):
+    reqs = make(pairs)
+    loglikelihood(model, reqs, batch_size=3, precision="fp32", pad_id=2)
+    for (ctx, cont), req in zip(pairs, reqs):
+        nll, greedy = naive(model, ctx, cont)
+        np.testing.assert_allclose(req.nll, nll, atol=1e-5)
+        assert req.is_greedy == greedy
+    for a, b in zip(request_nlls(model, pairs, batch_size=3, precision="fp32", pad_id=2), reqs):
+        np.testing.assert_array_equal(a, b.nll)
+
+
+def test_is_greedy_is_true_for_the_models_own_argmax(model, pairs):
+    ctx = pairs[0][0]
+    greedy_ids, ids = [], list(ctx)
+    with torch.no_grad():
+        for _ in range(4):
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            greedy_ids.append(nxt)
+            ids.append(nxt)
+    other = [(greedy_ids[0] + 1) % model.config.vocab_size] + greedy_ids[1:]
+    reqs = [Request(ctx, greedy_ids), Request(ctx, other)]
+    loglikelihood(model, reqs, precision="fp32")
+    assert [r.is_greedy for r in reqs] == [True, False]
+
+
+def test_misuse_is_an_error(model, pairs):
+    r = Request(*pairs[0])
+    with pytest.raises(RuntimeError, match="not been scored"):
+        r.sum_logprob
+    with pytest.raises(ValueError, match="non-empty context"):
+        loglikelihood(model, [Request([], pairs[0][1])])
+    with pytest.raises(ValueError, match="precision"):
+        loglikelihood(model, [r], precision="fp16")
