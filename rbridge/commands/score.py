@@ -10,6 +10,7 @@ from rich.table import Table
 
 from rbridge.commands._base import console, err_console, guard, main
 from rbridge.errors import InputError
+from rbridge.scoring.config import AGGREGATES, CONTEXTS, METRICS, MINMAX, ScoreOptions
 
 _PATH = click.Path(path_type=Path)
 
@@ -18,12 +19,12 @@ _PATH = click.Path(path_type=Path)
 @click.option("--model", "model_path", required=True, type=_PATH,
               help="Hugging Face causal LM directory, or a .gguf file (or a directory holding one).")
 @click.option("--traces", "traces_path", required=True, type=_PATH, help="rbridge traces JSONL.")
-@click.option("--context", type=click.Choice(["none", "question", "fewshot"]), default="question",
+@click.option("--context", type=click.Choice(CONTEXTS), default=ScoreOptions().context,
               show_default=True, help="What the proxy sees before the reasoning (after BOS).")
 @click.option("--fewshot-k", type=click.IntRange(min=0), default=3, show_default=True,
               help="Solved examples in the fewshot context (same benchmark, never the scored trace).")
-@click.option("--minmax", type=click.Choice(["trace", "benchmark", "none"]), default="trace", show_default=True)
-@click.option("--aggregate", type=click.Choice(["mean", "weighted"]), default="mean", show_default=True)
+@click.option("--minmax", type=click.Choice(MINMAX), default=ScoreOptions().minmax, show_default=True)
+@click.option("--aggregate", type=click.Choice(AGGREGATES), default=ScoreOptions().aggregate, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
@@ -56,16 +57,14 @@ def score(model_path: Path, traces_path: Path, context: str, fewshot_k: int, min
         return
     table = Table(title=f"rbridge score - {doc['model']} on {traces_path.name} (nats, lower is better)"
                         + (" [cached]" if cached else ""))
-    cols = ("benchmark", "rbridge", "nll", "rbridge_no_minmax", "bpb", "label_nll", "norm_correct_prob",
-            "acc_cloze", "acc_greedy", "traces", "tokens")
+    values = (*METRICS, "label_nll", "norm_correct_prob", "acc_cloze", "acc_greedy")
+    cols = ("benchmark", *values, "traces", "tokens")
     for c in cols:
         table.add_column(c, justify="left" if c == "benchmark" else "right")
     for name, b in doc["benchmarks"].items():
         def f(k):
             return "-" if b.get(k) is None else f"{b[k]:.4f}"
-        table.add_row(name, f("rbridge"), f("nll"), f("rbridge_no_minmax"), f("bpb"), f("label_nll"),
-                      f("norm_correct_prob"), f("acc_cloze"), f("acc_greedy"), str(b["n_traces"]),
-                      f"{b['n_tokens']:,}")
+        table.add_row(name, *(f(k) for k in values), str(b["n_traces"]), f"{b['n_tokens']:,}")
     console.print(table)
     first = next(iter(doc["benchmarks"].values()))
     console.print(f"context {first['context']}, minmax {first['minmax']}, aggregate {first['aggregate']}"

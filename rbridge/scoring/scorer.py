@@ -40,6 +40,7 @@ import numpy as np
 
 from rbridge.errors import InputError
 from rbridge.scoring import forward_attr
+from rbridge.scoring.config import METRICS, ScoreOptions
 from rbridge.scoring.requests import Request, loglikelihood
 from rbridge.scoring.traces import Trace, group_by_benchmark
 from rbridge.scoring.weights import normalize, trace_token_weights
@@ -81,9 +82,7 @@ class BenchmarkScore:
 
     def to_dict(self, per_trace: bool = False) -> dict[str, Any]:
         """The JSON object of ``rbridge score --json`` for this benchmark."""
-        d = {k: getattr(self, k) for k in (
-            "rbridge", "nll", "rbridge_no_minmax", "bpb", "n_traces", "n_tokens",
-            "context", "minmax", "aggregate")}
+        d = {k: getattr(self, k) for k in (*METRICS, "n_traces", "n_tokens", *ScoreOptions.model_fields)}
         if per_trace:
             d["traces"] = [asdict(t) for t in self.traces]
         return d
