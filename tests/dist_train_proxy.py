@@ -5,7 +5,7 @@
 For each ``--job``, trains the proxy of ``tests/test_distributed.py`` (tiny
 config, random tokens from DATA.npy, ``N`` optimizer steps in all) to step ``K``,
 resuming from the latest checkpoint in CKPT_DIR if there is one, and saves a
-checkpoint there at the end; ``{rank}`` in CKPT_DIR is replaced by the rank,
+checkpoint there at the end (``--micro-batch-size M``: M rows per forward/backward pass); ``{rank}`` in CKPT_DIR is replaced by the rank,
 and a job whose trainer raises InputError is recorded, not fatal. Every rank writes ``OUT_DIR/rank_<i>.json`` with
 what it saw (rank, world size, backend, and per job the step it resumed at, its
 losses and the first token of each row it trained on), so the test can tell that
@@ -38,12 +38,14 @@ def make_trainer(data: np.ndarray, steps: int, **kw) -> ProxyTrainer:
                         lr=LR, seed=SEED, precision="fp32", **kw)
 
 
-def run_job(acc: Accelerator, data: np.ndarray, job: str, steps: int, save_every_s: float | None) -> dict:
+def run_job(acc: Accelerator, data: np.ndarray, job: str, steps: int, save_every_s: float | None,
+            micro_batch_size: int | None = None) -> dict:
     """One ``CKPT_DIR:TO_STEP`` job; its trainer is freed when this returns."""
     checkpoint_dir, to_step = job.rsplit(":", 1)
     checkpoint_dir = checkpoint_dir.format(rank=acc.process_index)
     try:
-        t = make_trainer(data, steps, checkpoint_dir=checkpoint_dir, save_every_s=save_every_s)
+        t = make_trainer(data, steps, checkpoint_dir=checkpoint_dir, save_every_s=save_every_s,
+                         micro_batch_size=micro_batch_size)
     except InputError as e:          # recorded for the test to check; every rank raises it
         return dict(checkpoint_dir=checkpoint_dir, error=str(e))
     resumed_at = t.step
@@ -65,6 +67,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--job", action="append", required=True, help="CKPT_DIR:TO_STEP")
     ap.add_argument("--save-every-s", type=float, default=None)
+    ap.add_argument("--micro-batch-size", type=int, default=None)
     args = ap.parse_args()
     # A rank that hangs (a collective the other rank never joins) prints every thread's stack and exits,
     # so the test fails with the place instead of waiting for its timeout.
@@ -73,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(1)
     data = np.load(args.data)
     acc = Accelerator()
-    jobs = [run_job(acc, data, job, args.steps, args.save_every_s) for job in args.job]
+    jobs = [run_job(acc, data, job, args.steps, args.save_every_s, args.micro_batch_size) for job in args.job]
     out = dict(rank=acc.process_index, world_size=acc.num_processes, backend=acc.state.backend,
                distributed_type=str(acc.distributed_type), jobs=jobs)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)

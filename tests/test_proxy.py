@@ -137,12 +137,15 @@ def test_bf16_autocast_trains(random_data):
     assert next(t.model.parameters()).dtype == torch.float32          # master weights stay fp32
 
 
-def test_global_batch_is_the_same_for_any_world_size():
+def test_global_batch_is_the_same_for_any_world_size_and_micro_batch():
     data = np.arange(10 * 4).reshape(10, 4)
 
-    def batch(step, world, rank):
-        fake = SimpleNamespace(batch_size=4, data=data, accelerator=SimpleNamespace(
-            num_processes=world, process_index=rank, device=torch.device("cpu")))
+    def batch(step, world, rank, micro=None):
+        micro = micro or 4 // world
+        fake = SimpleNamespace(batch_size=4, data=data, micro_batch_size=micro, micro_per_rank=4 // (micro * world),
+                               accelerator=SimpleNamespace(num_processes=world, process_index=rank,
+                                                           device=torch.device("cpu")))
+        fake._micro_batch = lambda s, j: ProxyTrainer._micro_batch(fake, s, j)
         return ProxyTrainer._batch(fake, step)
 
     for step in range(4):
@@ -150,6 +153,24 @@ def test_global_batch_is_the_same_for_any_world_size():
         assert whole[:, 0].tolist() == [4 * ((step * 4 + j) % 10) for j in range(4)]     # wraps
         assert torch.equal(torch.cat([batch(step, 2, r) for r in range(2)]), whole)
         assert torch.equal(torch.cat([batch(step, 4, r) for r in range(4)]), whole)
+        assert torch.equal(batch(step, 1, 0, micro=1), whole)   # four micro-batches of one row, in order
+        assert torch.equal(torch.cat([batch(step, 2, r, micro=1) for r in range(2)]), whole)
+
+
+def test_micro_batch_size_checks_and_default(random_data):
+    with pytest.raises(InputError) as e:
+        trainer(random_data, micro_batch_size=3)
+    assert e.value.field == "micro_batch_size" and "not a multiple" in str(e.value)
+    with pytest.raises(InputError):
+        trainer(random_data, micro_batch_size=0)
+    # The default is one micro-batch of the whole batch (per process): bitwise the run it always was.
+    a, b = trainer(random_data, steps=3), trainer(random_data, steps=3, micro_batch_size=BATCH)
+    la, lb = a.train_to(10**9), b.train_to(10**9)
+    assert la == lb and max_diff(weights(a.model), weights(b.model)) == 0.0
+    # Two micro-batches: the same mean gradient up to float order.
+    c = trainer(random_data, steps=3, micro_batch_size=BATCH // 2)
+    assert c.micro_per_rank == 2 and abs(c.train_to(10**9) - la) < 1e-4
+    assert max_diff(weights(a.model), weights(c.model)) < 1e-4
 
 
 def test_bad_inputs(random_data):

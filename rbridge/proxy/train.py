@@ -2,9 +2,11 @@
 
 The loop, top to bottom (``ProxyTrainer._train_step``):
 
-    rows  = data[(step*B + j) mod n_rows for j in this rank's slice of 0..B-1]
-    loss  = model(rows, labels=rows).loss          # bf16 autocast if precision says so
-    backward, clip grad norm, AdamW step, LR schedule step
+    for each of this rank's k micro-batches m:     # B rows = n_micro micro-batches of M rows
+        rows  = data[(step*B + m*M + j) mod n_rows for j in 0..M-1]
+        loss  = model(rows, labels=rows).loss / k   # bf16 autocast if precision says so
+        backward (gradients summed locally; DDP all-reduces after the last one)
+    clip grad norm, AdamW step, LR schedule step
     step += 1; tokens_seen = step * B * seq_len    # global tokens, whatever the world size
 
 The learning-rate schedule (linear warmup, cosine decay to ``min_lr_ratio * lr``)
@@ -20,9 +22,22 @@ user's accelerate config) on GPUs; on CPUs Accelerate needs
 ``ACCELERATE_USE_CPU=1`` in the environment as well, or each of the N processes
 trains alone (``--cpu --num_processes N`` starts one process unless mpirun is
 configured). Accelerate then uses gloo and DistributedDataParallel. Every rank
-builds the same model from the same seed, trains on its slice of each global
-batch, and DDP averages gradients, so the trajectory is the 1-process one up to
-float rounding. Checkpoints hold one copy of the unwrapped model, optimizer and
+builds the same model from the same seed, trains on its micro-batches of each
+global batch, and DDP averages gradients.
+
+Micro-batches make a run independent of the number of processes. Without
+``micro_batch_size`` each rank computes one forward/backward over its
+B/N rows, so one process (one pass over B rows) and two (two passes over B/2,
+averaged) compute the same mean gradient in different float order; AdamW
+divides by sqrt(v), which magnifies those few ulps wherever a gradient is near
+zero, and proxy scores of 1 and 2 processes then differ by 1e-5 to 1e-3. With a
+fixed ``micro_batch_size`` M every world size runs the same passes over the
+same M rows; scaling a loss by 1/k is exact (a power of two for the usual
+sizes) and so is a+b == b+a, so one process with two micro-batches and two
+processes with one each produce bitwise-identical gradients (DDP divides by
+the world size and sums; tests/test_distributed.py checks equality). With more
+micro-batches per rank, or more than two ranks, the all-reduce adds the partial
+sums in another order than one process does, and results agree to rounding. Checkpoints hold one copy of the unwrapped model, optimizer and
 schedule plus one RNG file per rank (unused: training draws no random numbers),
 so a checkpoint written by any number of processes resumes in any other number.
 ``checkpoint_dir`` must be shared by all machines.
@@ -132,7 +147,8 @@ class ProxyTrainer:
                  lr: float, warmup_frac: float = 0.05, min_lr_ratio: float = 0.1, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), grad_clip: float | None = 1.0, seed: int,
                  precision: str = "auto", checkpoint_dir: str | Path | None = None,
-                 save_every_s: float | None = None, accelerator: Accelerator | None = None):
+                 save_every_s: float | None = None, accelerator: Accelerator | None = None,
+                 micro_batch_size: int | None = None):
         _check_data(data, model_config)
         _check_positive(total_tokens=total_tokens, batch_size=batch_size, lr=lr)
         if not 0.0 <= warmup_frac < 1.0:
@@ -157,11 +173,20 @@ class ProxyTrainer:
         if batch_size % acc.num_processes:
             raise InputError(f"batch_size {batch_size} is not divisible by the {acc.num_processes} processes",
                              field="batch_size")
+        # Rows per forward/backward pass; None keeps one pass per rank over its share of the batch.
+        micro = micro_batch_size if micro_batch_size is not None else batch_size // acc.num_processes
+        if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1 \
+                or batch_size % (micro * acc.num_processes):
+            raise InputError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x "
+                             f"{acc.num_processes} process(es); use a micro_batch_size that divides "
+                             f"{batch_size // acc.num_processes}", field="micro_batch_size")
         self.precision = _precision_with(acc, resolve_precision(precision, acc.device), precision)
 
         self.data = data
         self.seq_len = data.shape[1]
         self.batch_size = batch_size
+        self.micro_batch_size = micro
+        self.micro_per_rank = batch_size // (micro * acc.num_processes)
         self.total_tokens = total_tokens
         self.tokens_per_step = batch_size * self.seq_len
         self.total_steps = math.ceil(total_tokens / self.tokens_per_step)
@@ -192,6 +217,8 @@ class ProxyTrainer:
                               total_tokens=total_tokens, batch_size=batch_size, lr=lr, warmup_frac=warmup_frac,
                               min_lr_ratio=min_lr_ratio, weight_decay=weight_decay, betas=list(betas),
                               grad_clip=grad_clip, seed=seed, precision=self.precision)
+        if micro_batch_size is not None:  # only when given: checkpoints written before it existed still resume
+            self._identity["micro_batch_size"] = micro_batch_size
         self._step = 0
         self._wall_time_s = 0.0
         self._last_loss = float("nan")
@@ -273,25 +300,39 @@ class ProxyTrainer:
         return bool(broadcast(flag, from_process=0).item())
 
     def _train_step(self) -> float:
-        batch = self._batch(self._step)
+        acc, k = self.accelerator, self.micro_per_rank
         self._model.train()
-        with self._autocast():
-            loss = self._model(input_ids=batch, labels=batch).loss
-        self.accelerator.backward(loss)
+        total = None
+        for j in range(k):
+            batch = self._micro_batch(self._step, j)
+            # DDP all-reduces the summed gradients once, after the rank's last micro-batch.
+            with contextlib.nullcontext() if j == k - 1 else acc.no_sync(self._model):
+                with self._autocast():
+                    loss = self._model(input_ids=batch, labels=batch).loss
+                acc.backward(loss / k if k > 1 else loss)
+            total = loss.detach() if total is None else total + loss.detach()
         if self.grad_clip:
-            self.accelerator.clip_grad_norm_(self._model.parameters(), self.grad_clip)
+            acc.clip_grad_norm_(self._model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._step += 1
-        return self.accelerator.reduce(loss.detach(), reduction="mean").item()
+        return acc.reduce(total / k if k > 1 else total, reduction="mean").item()
+
+    def _micro_batch(self, step: int, j: int) -> torch.Tensor:
+        """Rows of this rank's ``j``-th micro-batch of global batch ``step``.
+
+        The global batch is rows (step*B + i) mod n_rows, i in 0..B-1, cut into micro-batches of M rows;
+        rank r takes micro-batches r*k .. r*k + k-1, so its rows are one contiguous slice.
+        """
+        first = step * self.batch_size + (self.accelerator.process_index * self.micro_per_rank + j) \
+            * self.micro_batch_size
+        rows = (first + np.arange(self.micro_batch_size)) % self.data.shape[0]
+        return torch.from_numpy(np.asarray(self.data[rows], dtype=np.int64)).to(self.accelerator.device)
 
     def _batch(self, step: int) -> torch.Tensor:
-        """This rank's rows of global batch ``step``: rows (step*B + j) mod n_rows, j in its slice."""
-        per_rank = self.batch_size // self.accelerator.num_processes
-        first = step * self.batch_size + self.accelerator.process_index * per_rank
-        rows = (first + np.arange(per_rank)) % self.data.shape[0]
-        return torch.from_numpy(np.asarray(self.data[rows], dtype=np.int64)).to(self.accelerator.device)
+        """This rank's rows of global batch ``step`` (all its micro-batches): rows (step*B + i) mod n_rows."""
+        return torch.cat([self._micro_batch(step, j) for j in range(self.micro_per_rank)])
 
     def _autocast(self):
         # torch.autocast instead of Accelerator(mixed_precision="bf16"): Accelerate keeps the
