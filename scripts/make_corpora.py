@@ -32,9 +32,7 @@ import gzip
 import hashlib
 import html
 import html.parser
-import io
 import json
-import os
 import re
 import shutil
 import sqlite3
@@ -48,6 +46,9 @@ from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing rbridge, too
+
+from rbridge.data.sources import write_documents  # noqa: E402 - the reader's own writer
 
 # Raw UTF-8 budget per corpus, in bytes.  Documents are added in a fixed order
 # until the next one would exceed the budget.
@@ -938,18 +939,8 @@ def decontaminate(docs, grams):
 
 
 def write_corpus(path: Path, docs):
-    if path.name.endswith(".jsonl.gz"):
-        payload = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
-    else:
-        # plain text: documents separated by blank lines, so a document holds no blank line
-        payload = "\n\n".join(re.sub(r"\n\s*\n", "\n", d) for d in docs) + "\n"
-    raw = payload.encode("utf-8")
-    buf = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as g:
-        g.write(raw)
-    path.write_bytes(buf.getvalue())
-    text_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    return text_bytes, len(buf.getvalue())
+    """The corpus file rbridge reads back document by document (rbridge.data.write_documents)."""
+    return write_documents(path, docs)
 
 
 BUILDERS = [build_austen, build_kjv, build_sotu, build_shakespeare, build_pydocs, build_code,

@@ -14,7 +14,7 @@ from rbridge.data._cache import DATA_FORMAT_VERSION, default_cache_dir
 from rbridge.data.mixture import Mixture, MixtureStats, allocate_rows, build_mixture
 from rbridge.data.shards import SourceShards, heldout_rows, token_dtype, tokenize_source
 from rbridge.data.sources import (DEFAULT_HELDOUT_FRACTION, SourceConfig, iter_documents, iter_labelled,
-                                  iter_split, source_fingerprint)
+                                  iter_split, source_fingerprint, write_documents)
 from rbridge.data.tokenizer import (SPECIAL_TOKEN, load_tokenizer, separator_id, tokenizer_fingerprint,
                                     train_tokenizer)
 
@@ -23,5 +23,5 @@ __all__ = [
     "Mixture", "MixtureStats", "SourceConfig", "SourceShards",
     "allocate_rows", "build_mixture", "default_cache_dir", "heldout_rows", "iter_documents",
     "iter_labelled", "iter_split", "load_tokenizer", "separator_id", "source_fingerprint",
-    "token_dtype", "tokenize_source", "tokenizer_fingerprint", "train_tokenizer",
+    "token_dtype", "tokenize_source", "tokenizer_fingerprint", "train_tokenizer", "write_documents",
 ]

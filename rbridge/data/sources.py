@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
@@ -170,6 +171,31 @@ def iter_documents(src: SourceConfig) -> Iterator[str]:
         raise InputError(f"source {src.name!r} holds no documents",
                          file=files[0] if src.glob is None else None,
                          field=f"sources.{src.name}")
+
+
+def write_documents(path: str | Path, docs: list[str]) -> tuple[int, int]:
+    """Write documents as a source ``iter_documents`` reads back, gzip-compressed and byte-reproducible.
+
+    ``*.jsonl.gz``: one ``{"text": ...}`` object per line. Anything else: plain text,
+    documents separated by one blank line; a blank (or whitespace-only) line inside a
+    document would split it, so such runs become one newline. The gzip header carries no
+    name and no time, so the same documents always give the same bytes
+    (scripts/make_corpora.py rebuilds specs/data/ this way). Returns (UTF-8 bytes of the
+    documents, bytes written).
+    """
+    path = Path(path)
+    if path.name.endswith(".jsonl.gz"):
+        payload = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+    else:
+        payload = "\n\n".join(_BLANK_RUN.sub("\n", d) for d in docs) + "\n"
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as g:
+        g.write(payload.encode("utf-8"))
+    path.write_bytes(buf.getvalue())
+    return sum(len(d.encode("utf-8")) for d in docs), len(buf.getvalue())
+
+
+_BLANK_RUN = re.compile(r"\n\s*\n")
 
 
 # -- fingerprints -----------------------------------------------------------
