@@ -10,18 +10,25 @@ Typical use (what the planner does for one candidate)::
     evals = heldout_rows(shards, seq_len=256, max_rows=64)             # {source: (n, 256)}
 """
 
-from rbridge.data._cache import DATA_FORMAT_VERSION, default_cache_dir
-from rbridge.data.mixture import Mixture, MixtureStats, allocate_rows, build_mixture
-from rbridge.data.shards import SourceShards, heldout_rows, token_dtype, tokenize_source
-from rbridge.data.sources import (DEFAULT_HELDOUT_FRACTION, SourceConfig, iter_documents, iter_labelled,
-                                  iter_split, source_fingerprint, write_documents)
-from rbridge.data.tokenizer import (SPECIAL_TOKEN, load_tokenizer, separator_id, tokenizer_fingerprint,
-                                    train_tokenizer)
+from importlib import import_module
 
-__all__ = [
-    "DATA_FORMAT_VERSION", "DEFAULT_HELDOUT_FRACTION", "SPECIAL_TOKEN",
-    "Mixture", "MixtureStats", "SourceConfig", "SourceShards",
-    "allocate_rows", "build_mixture", "default_cache_dir", "heldout_rows", "iter_documents",
-    "iter_labelled", "iter_split", "load_tokenizer", "separator_id", "source_fingerprint",
-    "token_dtype", "tokenize_source", "tokenizer_fingerprint", "train_tokenizer", "write_documents",
-]
+# Imported lazily (as in rbridge.scoring and rbridge.proxy): reading or writing documents
+# (rbridge.data.sources) needs neither numpy nor tokenizers.
+_NAMES = {
+    "DATA_FORMAT_VERSION": "_cache", "default_cache_dir": "_cache",
+    "Mixture": "mixture", "MixtureStats": "mixture", "allocate_rows": "mixture", "build_mixture": "mixture",
+    "SourceShards": "shards", "heldout_rows": "shards", "token_dtype": "shards", "tokenize_source": "shards",
+    "DEFAULT_HELDOUT_FRACTION": "sources", "SourceConfig": "sources", "iter_documents": "sources",
+    "iter_labelled": "sources", "iter_split": "sources", "source_fingerprint": "sources",
+    "write_documents": "sources",
+    "SPECIAL_TOKEN": "tokenizer", "load_tokenizer": "tokenizer", "separator_id": "tokenizer",
+    "tokenizer_fingerprint": "tokenizer", "train_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(import_module(f"rbridge.data.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'rbridge.data' has no attribute {name!r}")
