@@ -167,7 +167,23 @@ def test_micro_batch_size_checks_and_default(random_data):
     a, b = trainer(random_data, steps=3), trainer(random_data, steps=3, micro_batch_size=BATCH)
     la, lb = a.train_to(10**9), b.train_to(10**9)
     assert la == lb and max_diff(weights(a.model), weights(b.model)) == 0.0
-    # Two micro-batches: the same mean gradient up to float order.
+    # The gradient the optimizer sees is the batch mean whatever the micro-batching (a wrong loss scale
+    # would hardly show in AdamW's weights, so the gradients themselves are compared, unclipped).
+    grads = {}
+    for micro in (None, BATCH // 2, 1):
+        t = trainer(random_data, steps=3, micro_batch_size=micro, grad_clip=None)
+        step = t.optimizer.step
+
+        def capture(*a, _t=t, _micro=micro, _step=step, **k):
+            grads.setdefault(_micro, [p.grad.clone() for p in _t.model.parameters()])
+            return _step(*a, **k)
+
+        t.optimizer.step = capture
+        t.train_to(BATCH * SEQ)
+    for micro in (BATCH // 2, 1):
+        assert max((g - h).abs().max().item() for g, h in zip(grads[None], grads[micro])) < 1e-6
+        assert max(g.abs().max().item() for g in grads[micro]) > 1e-3
+    # Two micro-batches: the same training up to float order.
     c = trainer(random_data, steps=3, micro_batch_size=BATCH // 2)
     assert c.micro_per_rank == 2 and abs(c.train_to(10**9) - la) < 1e-4
     assert max_diff(weights(a.model), weights(c.model)) < 1e-4

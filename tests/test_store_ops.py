@@ -181,7 +181,8 @@ def test_a_spec_change_applies_whole(store):
         s.get(Run, s2["a"].id).trial_number = 3
     change = plan_ops.SpecChange(spec_text="name: p2", spec_hash="h2",
                                  candidates=[("b", {"x": 1.0}), ("a", {"x": 1.0}), ("d", {"z": 1.0})],
-                                 drop_runs=[runs["c"].id], drop_candidates=[cands["c"].id], redecide_stages=["s1", "s2"])
+                                 drop_runs=[runs["c"].id], drop_candidates=[cands["c"].id],
+                                 redecide_stages=["s1", "s2"])
     plan_ops.apply_spec_change(store, plan.id, change)
     now = plan_ops.candidates(store, plan.id)
     assert sorted(now) == ["a", "b", "d"] and [now[n].position for n in "bad"] == [0, 1, 2]

@@ -37,8 +37,9 @@ sizes) and so is a+b == b+a, so one process with two micro-batches and two
 processes with one each produce bitwise-identical gradients (DDP divides by
 the world size and sums; tests/test_distributed.py checks equality). With more
 micro-batches per rank, or more than two ranks, the all-reduce adds the partial
-sums in another order than one process does, and results agree to rounding. Checkpoints hold one copy of the unwrapped model, optimizer and
-schedule plus one RNG file per rank (unused: training draws no random numbers),
+sums in another order than one process does, and results agree to rounding.
+
+Checkpoints hold one copy of the unwrapped model, optimizer and schedule plus one RNG file per rank (unused: training draws no random numbers),
 so a checkpoint written by any number of processes resumes in any other number.
 ``checkpoint_dir`` must be shared by all machines.
 """
@@ -177,9 +178,11 @@ class ProxyTrainer:
         micro = micro_batch_size if micro_batch_size is not None else batch_size // acc.num_processes
         if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1 \
                 or batch_size % (micro * acc.num_processes):
+            share = batch_size // acc.num_processes
+            fits = ", ".join(str(m) for m in range(1, share + 1) if share % m == 0)
             raise InputError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x "
-                             f"{acc.num_processes} process(es); use a micro_batch_size that divides "
-                             f"{batch_size // acc.num_processes}", field="micro_batch_size")
+                             f"{acc.num_processes} process(es); with {acc.num_processes} process(es) use one of: "
+                             f"{fits}", field="micro_batch_size")
         self.precision = _precision_with(acc, resolve_precision(precision, acc.device), precision)
 
         self.data = data
