@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from types import SimpleNamespace
@@ -259,3 +260,53 @@ def test_checkpoint_of_another_run_is_refused(random_data, tmp_path):
     with pytest.raises(InputError, match="another run") as e:
         trainer(random_data, checkpoint_dir=tmp_path, lr=1e-3)
     assert e.value.field == "checkpoint_dir"
+
+
+def _damage(folder, name, how):
+    f = folder / name
+    if how == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "garbage":            # same size, other bytes: only the checksum tells
+        f.write_bytes(bytes((b + 1) % 256 for b in f.read_bytes()))
+    else:
+        f.unlink()
+
+
+@pytest.mark.parametrize("name, how", [
+    ("model.safetensors", "truncate"), ("model.safetensors", "garbage"), ("optimizer.bin", "garbage"),
+    ("optimizer.bin", "missing"), ("trainer.json", "garbage"), ("trainer.json", "missing"),
+    ("random_states_0.pkl", "truncate"), ("custom_checkpoint_0.pkl", "garbage"),
+])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_identically(random_data, tmp_path, name, how):
+    whole = trainer(random_data, steps=6)
+    whole.train_to(10**9)
+    t = trainer(random_data, steps=6, checkpoint_dir=tmp_path)
+    t.train_to(2 * BATCH * SEQ)
+    t.save_checkpoint()
+    t.train_to(4 * BATCH * SEQ)
+    t.save_checkpoint()
+    state = json.loads((tmp_path / "step_4" / "trainer.json").read_text())
+    assert set(state["files"]) >= {"model.safetensors", "optimizer.bin", "random_states_0.pkl"}
+    _damage(tmp_path / "step_4", name, how)
+
+    resumed = trainer(random_data, steps=6, checkpoint_dir=tmp_path)
+    assert resumed.step == 2                                         # from the checkpoint before
+    [(was, now, why)] = resumed.set_aside
+    assert (was.name, now.name) == ("step_4", "step_4.damaged") and (name in why or "trainer.json" in why)
+    resumed.train_to(10**9)
+    assert max_diff(weights(resumed.model), weights(whole.model)) == 0.0   # as if never interrupted
+    resumed.save_checkpoint()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_4.damaged", "step_6"]  # never deleted
+    assert (tmp_path / "step_4.damaged" / "COMPLETE").exists()
+
+
+def test_every_checkpoint_damaged_means_starting_over(random_data, tmp_path):
+    t = trainer(random_data, steps=4, checkpoint_dir=tmp_path)
+    t.train_to(BATCH * SEQ)
+    t.save_checkpoint()
+    _damage(tmp_path / "step_1", "model.safetensors", "garbage")
+    again = trainer(random_data, steps=4, checkpoint_dir=tmp_path)
+    assert again.step == 0 and [n.name for _, n, _ in again.set_aside] == ["step_1.damaged"]
+    (tmp_path / "step_1").mkdir()                                    # a later damage of the same step
+    (tmp_path / "step_1" / "COMPLETE").write_text("")
+    assert trainer(random_data, steps=4, checkpoint_dir=tmp_path).set_aside[0][1].name == "step_1.damaged-2"

@@ -221,3 +221,28 @@ def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_
     assert _rbridge(["plan", "crash.yaml"], fresh, env2).returncode == 0
     _same(_ranking(db), _ranking(fresh / "stores/crash.db"))
     assert _decisions(db) == _decisions(fresh / "stores/crash.db")
+
+
+@pytest.mark.parametrize("damage", ["model.safetensors", "trainer.json"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(baseline, tmp_path, damage):
+    """Killed right after a run's rung-2 checkpoint; that checkpoint is then damaged (a file overwritten, or
+    trainer.json lost). Resuming sets it aside (renamed, kept), trains the rung again from the rung-1
+    checkpoint and ends with the uninterrupted ranking."""
+    cache, expected, expected_decisions = baseline
+    env = _setup(tmp_path, cache)
+    killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint="after-checkpoint:5")
+    assert killed.returncode == -signal.SIGKILL
+    [newest] = [p for p in (tmp_path / "stores/crash.runs/filter").glob("*/step_8")]
+    assert (newest.parent / "step_4").is_dir()
+    f = newest / damage
+    if damage == "trainer.json":
+        f.unlink()
+    else:
+        f.write_bytes(bytes(b ^ 0xFF for b in f.read_bytes()))
+    again = _rbridge(["resume"], tmp_path, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "checkpoint step_8 is damaged" in again.stdout and "resuming from step 4" in again.stdout, again.stdout
+    assert (newest.parent / "step_8.damaged" / damage).exists() or damage == "trainer.json"
+    assert (newest.parent / "step_8.damaged").is_dir()
+    _same(_ranking(tmp_path / "stores/crash.db"), expected)
+    assert _decisions(tmp_path / "stores/crash.db") == expected_decisions

@@ -137,6 +137,9 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
                            checkpoint_dir=ctx.checkpoint_dir,
                            save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None,
                            **micro)
+    for was, now, why in trainer.set_aside:
+        report.say(f"  {stage.name}/{ctx.candidate}: checkpoint {was.name} is damaged ({why}); set aside as "
+                   f"{now.name}, resuming from " + (f"step {trainer.step}" if trainer.step else "the start"))
     if trainer.tokens_seen < tokens:
         # Live bars only where the reporter draws them; logs get the one line per rung the worker reports.
         with report.progress(f"  train {stage.name}/{ctx.candidate}", total=tokens,

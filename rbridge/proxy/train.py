@@ -39,15 +39,21 @@ the world size and sums; tests/test_distributed.py checks equality). With more
 micro-batches per rank, or more than two ranks, the all-reduce adds the partial
 sums in another order than one process does, and results agree to rounding.
 
-Checkpoints hold one copy of the unwrapped model, optimizer and schedule plus one RNG file per rank (unused: training draws no random numbers),
-so a checkpoint written by any number of processes resumes in any other number.
-``checkpoint_dir`` must be shared by all machines.
+Checkpoints hold one copy of the unwrapped model, optimizer and schedule plus
+one RNG file per rank (unused: training draws no random numbers), so a
+checkpoint written by any number of processes resumes in any other number.
+``checkpoint_dir`` must be shared by all machines. ``trainer.json`` records the
+size and SHA-256 of every file; a checkpoint whose files do not match (a
+truncated or overwritten file, a missing one, an unreadable ``trainer.json``) is
+renamed ``step_<n>.damaged`` (never deleted) and the run resumes from the
+previous complete checkpoint, which is why two are kept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -119,6 +125,52 @@ def latest_checkpoint(checkpoint_dir: str | Path | None) -> Path | None:
     """The complete ``step_<n>/`` with the largest n under ``checkpoint_dir``, or None."""
     found = _complete_checkpoints(checkpoint_dir)
     return found[-1] if found else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_sums(folder: Path) -> dict[str, list]:
+    """{relative path: [bytes, sha256]} of every file a checkpoint holds but its state and marker."""
+    return {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (STATE_FILE, MARKER)}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be trusted (a missing, truncated or changed file, an unreadable
+    ``trainer.json``), or None. Checkpoints written before checksums existed are checked for their state only."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} is unreadable ({type(exc).__name__})"
+    if not isinstance(state, dict) or not {"step", "identity", "wall_time_s"} <= set(state):
+        return f"{STATE_FILE} lacks the run's state"
+    for rel, (size, digest) in (state.get("files") or {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+        if _sha256(f) != digest:
+            return f"{rel} does not match the checksum written with it"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``step_<n>.damaged`` (``.damaged-2``, ...): kept for a look, never
+    deleted, and no longer a checkpoint that resuming or pruning sees."""
+    target = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, target)
+    return target
 
 
 def _complete_checkpoints(checkpoint_dir: str | Path | None) -> list[Path]:
@@ -225,6 +277,16 @@ class ProxyTrainer:
         self._step = 0
         self._wall_time_s = 0.0
         self._last_loss = float("nan")
+        # The newest checkpoint whose files match their checksums; damaged ones are set aside (by the main
+        # process, before any rank looks), and the run resumes from the one before, or from the start.
+        self.set_aside: list[tuple[Path, Path, str]] = []  # (checkpoint, renamed to, what was wrong)
+        if acc.is_main_process:
+            for candidate in reversed(_complete_checkpoints(self.checkpoint_dir)):
+                problem = checkpoint_problem(candidate)
+                if problem is None:
+                    break
+                self.set_aside.append((candidate, set_aside(candidate), problem))
+        acc.wait_for_everyone()
         ckpt = latest_checkpoint(self.checkpoint_dir)
         if acc.num_processes > 1:
             # Every rank must resume from the same step, or DDP would average gradients of different models.
@@ -353,8 +415,8 @@ class ProxyTrainer:
         """Write ``checkpoint_dir/step_<n>/`` atomically and keep the last two; return its path.
 
         Accelerate's ``save_state`` writes model, optimizer, scheduler and every rank's
-        RNG states into ``step_<n>.tmp/``; then ``trainer.json`` and the ``COMPLETE``
-        marker are written and the folder is renamed, so a crash leaves either a complete
+        RNG states into ``step_<n>.tmp/``; then ``trainer.json`` (with every file's size
+        and SHA-256) and the ``COMPLETE`` marker are written and the folder is renamed, so a crash leaves either a complete
         checkpoint or one that ``latest_checkpoint`` ignores. With several processes every
         rank must call this at the same step; the main process alone clears, marks, renames
         and prunes, between barriers, so no rank sees a half-written ``step_<n>/``.
@@ -377,7 +439,7 @@ class ProxyTrainer:
         failpoint("checkpoint-write")
         if acc.is_main_process:
             state = dict(step=self._step, tokens_seen=self.tokens_seen, wall_time_s=self._wall_time_s,
-                         last_loss=self._last_loss, identity=self._identity)
+                         last_loss=self._last_loss, identity=self._identity, files=_file_sums(tmp))
             _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
             _write_synced(tmp / MARKER, "")
             os.replace(tmp, final)
