@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -182,3 +183,44 @@ def test_plan_adopts_a_store_made_by_targets_import(plan_dir, tmp_path):
     con = sqlite3.connect(tmp_path / "stores" / "tiny.db")
     assert con.execute("select count(*) from plans").fetchone() == (1,)
     assert con.execute("select count(*) from decision_accuracy where proxy_metric = 'rbridge'").fetchone()[0] == 2
+
+
+def _dump(db: Path) -> list[str]:
+    con = sqlite3.connect(db)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()
+
+
+BAD_EDITS = [  # (what the edit does, old text, new text, the field the error names)
+    ("unknown preset", "proxy: {hidden_size: 48, num_hidden_layers: 2, num_attention_heads: 2}",
+     "proxy: {preset: 3M}", "stages[1].proxy.preset"),
+    ("unknown LlamaConfig field", "num_hidden_layers: 2, num_attention_heads: 2}",
+     "num_hidden_layers: 2, num_attention_heads: 2, hiden_act: gelu}", "stages[1].proxy.hiden_act"),
+    ("a shape the model refuses", "num_hidden_layers: 2, num_attention_heads: 2}",
+     "num_hidden_layers: 2, num_attention_heads: 2, hidden_act: nope}", "stages[1].proxy"),
+    ("tokens beyond the store's integers", "    tokens: 8192\n", "    tokens: 10000000000000000000\n",
+     "stages[1].tokens"),
+    ("a micro-batch that does not divide the batch", "    batch_size: 8\n", "    batch_size: 8\n    micro_batch_size: 3\n",
+     "stages[0].micro_batch_size"),
+]
+
+
+@pytest.mark.parametrize("what, old, new, field", BAD_EDITS, ids=[e[0] for e in BAD_EDITS])
+def test_force_with_an_invalid_edit_changes_nothing(plan_dir, tmp_path, what, old, new, field):
+    """Check everything, then change anything: `plan --force` with an edit that cannot run exits 2 naming
+    the spec and the field, and every table (Optuna's too) and every checkpoint is as it was."""
+    d, env, _first = plan_dir
+    work = tmp_path / "w"
+    shutil.copytree(d, work, ignore=shutil.ignore_patterns("cache"))
+    db = work / "stores" / "tiny.db"
+    before, ckpts = _dump(db), sorted(p.relative_to(work) for p in (work / "stores").rglob("*"))
+    spec = work / "tiny.yaml"
+    assert old in spec.read_text()
+    spec.write_text(spec.read_text().replace(old, new, 1))
+    res = _rbridge("plan", "tiny.yaml", "--force", cwd=work, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "tiny.yaml" in res.stderr and field in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert _dump(db) == before
+    assert sorted(p.relative_to(work) for p in (work / "stores").rglob("*")) == ckpts

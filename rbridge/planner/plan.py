@@ -189,6 +189,10 @@ class Planner:
         with plan_lock(self.store_arg, self.spec.name):
             self._check_store()
             data = self._prepare_data()
+            # Check everything, then change anything: every stage's model is built (on the meta device)
+            # before the store is created or a recorded row is touched.
+            from rbridge.planner.steps import check_proxies
+            check_proxies(self.stages, data, self.spec.path)
             failpoint("data-prepared")
             self.store = open_store(self.store_arg)
             try:

@@ -17,6 +17,7 @@ import torch
 from rbridge._failpoints import failpoint
 from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
                           train_tokenizer)
+from rbridge.errors import InputError
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
 from rbridge.reporting import SILENT, Reporter
 from rbridge.scoring.config import METRICS
@@ -62,6 +63,21 @@ def _config(stage: Stage, data: PlanData):
                         bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else eos,
                         eos_token_id=eos, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
                         field=f"stages[{stage.index}].proxy")
+
+
+def check_proxies(stages: list[Stage], data: PlanData, spec_path: Path | None = None) -> None:
+    """Build every stage's proxy on the meta device (no memory, no compute): a shape that LlamaConfig or
+    the model refuses fails here, as an InputError naming the stage, before a plan touches its store."""
+    from transformers import LlamaForCausalLM
+
+    for stage in stages:
+        cfg = _config(stage, data)
+        try:
+            with torch.device("meta"):
+                LlamaForCausalLM(cfg)
+        except Exception as exc:  # noqa: BLE001 - whatever the model refuses is an input error here
+            raise InputError(f"the model refuses this shape: {type(exc).__name__}: {exc}", file=spec_path,
+                             field=f"stages[{stage.index}].proxy") from None
 
 
 def describe_proxy(stage: Stage, data: PlanData) -> dict[str, Any]:

@@ -150,6 +150,8 @@ class ProxyShape(RootModel[dict[str, Any]]):
 
 
 _STRICT = ConfigDict(extra="forbid")
+# Token counts are stored as 64-bit integers (and multiplied by 6 x params for FLOPs, as floats).
+MAX_TOKENS = 2**63 - 1
 
 
 class TrainingConfig(BaseModel):
@@ -157,7 +159,8 @@ class TrainingConfig(BaseModel):
     from the previous stage (the first stage falls back to ``TRAINING_DEFAULTS``)."""
 
     model_config = _STRICT
-    tokens: int | None = Field(None, gt=0, description="training tokens per proxy (the stage's budget)")
+    tokens: int | None = Field(None, gt=0, le=MAX_TOKENS,
+                               description="training tokens per proxy (the stage's budget)")
     seq_len: int | None = Field(None, gt=1, description="tokens per packed row")
     batch_size: int | None = Field(None, gt=0, description="rows per optimizer step (global, all processes)")
     micro_batch_size: int | None = Field(None, gt=0, description=(
