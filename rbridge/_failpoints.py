@@ -24,3 +24,10 @@ def failpoint(name: str) -> None:
     _passes[name] = _passes.get(name, 0) + 1
     if _passes[name] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def raise_point(name: str, key: str) -> None:
+    """``RBRIDGE_RAISE=name:key`` makes this place raise RuntimeError every time for that key (e.g.
+    ``train:filter/cot``: a run whose training always fails), for the failed-run tests."""
+    if os.environ.get("RBRIDGE_RAISE") == f"{name}:{key}":
+        raise RuntimeError(f"injected failure ({name} of {key}, RBRIDGE_RAISE)")

@@ -144,6 +144,7 @@ class Spec(BaseModel):
     targets: Path | None = None
     target_model: TargetModel | None = None
     checkpoint_minutes: float | None = Field(10.0, gt=0)
+    max_attempts: int = Field(2, ge=1, le=100)  # tries of a run whose training or scoring raises, then failed
 
     # Filled by load_spec, not by the user.
     path: Path | None = Field(None, exclude=True)

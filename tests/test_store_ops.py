@@ -194,3 +194,21 @@ def test_a_spec_change_applies_whole(store):
     assert (row.spec_text, row.spec_hash, row.status) == ("name: p2", "h2", "running")
     with store.session() as s:
         assert s.exec(select(Decision)).all() == []
+
+
+def test_a_failed_attempt_is_retried_then_recorded_failed_and_never_pruned(store):
+    plan, cands = _plan(store)
+    run = _open_stage(store, plan, cands)["a"]
+    lease = run_ops.claim(store, run, ME, 0.5, "")
+    assert run_ops.fail(store, run.id, lease, OTHER, "RuntimeError: x", 2) is None  # not the holder
+    assert run_ops.fail(store, run.id, lease, ME, "RuntimeError: first", 2) == "pending"
+    again = _run(store, run.id)
+    assert (again.status, again.attempts, again.error, again.worker) == ("pending", 1, "RuntimeError: first", "")
+    lease = run_ops.claim(store, again, OTHER, 0.5, "")
+    assert run_ops.fail(store, run.id, lease, OTHER, "RuntimeError: second", 2) == "failed"
+    done = _run(store, run.id)
+    assert (done.status, done.attempts, done.error) == ("failed", 2, "RuntimeError: second")
+    assert done.finished_at is not None
+    rows = [plan_ops.DecisionRow(cands["a"].id, run.id, False, None, 3, "failed")]
+    assert plan_ops.decide(store, plan.id, "s1", 1, rows)
+    assert _run(store, run.id).status == "failed"  # a decision to drop it does not make it "pruned"

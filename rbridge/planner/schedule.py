@@ -114,7 +114,7 @@ def survivors_at(rung: int, n_rungs: int, n_start: int, keep: Keep | None,
 @dataclass(frozen=True)
 class RungDecision:
     candidate: str
-    score: float
+    score: float | None  # None: the run failed before this rung
     rank: int
     kept: bool
     why: str

@@ -18,7 +18,7 @@ from pathlib import Path
 from rbridge._failpoints import failpoint
 from rbridge.planner import mirror
 from rbridge.planner.reconcile import run_fingerprint
-from rbridge.planner.schedule import decide, rung_tokens, survivors_at
+from rbridge.planner.schedule import RungDecision, decide, rung_tokens, survivors_at
 from rbridge.reporting import SILENT, Reporter
 from rbridge.spec import Spec, Stage, parse_spec
 from rbridge.store import Store
@@ -94,7 +94,8 @@ class PlanState:
             active = entrants
             for rung, tokens in enumerate(rungs, start=1):
                 evaluated = run_ops.evaluated(self.store, [r.id for r in runs.values()], rung)
-                lacking = [n for n in active if runs[n].id not in evaluated]
+                # A failed run (max_attempts used up) lacks nothing: the rung is decided without it.
+                lacking = [n for n in active if runs[n].id not in evaluated and runs[n].status != "failed"]
                 if lacking:
                     tasks = [Task(stage, rung, tokens, runs[n], cands[n], len(entrants)) for n in lacking]
                     return SyncResult(False, tasks, stage, rung, len(active) - len(lacking))
@@ -137,15 +138,23 @@ class PlanState:
     def _decide(self, stage: Stage, rung: int, n_rungs: int, entrants: list[str], active: list[str],
                 runs: dict[str, Run], cands: dict[str, Candidate]) -> list[str]:
         prune = stage.pruning
-        by_run = run_ops.rung_scores(self.store, [runs[n].id for n in active], rung, prune.metric)
-        scores = {n: by_run[runs[n].id] for n in active}
+        failed = [n for n in active if runs[n].status == "failed"]
+        scored = [n for n in active if n not in failed]
+        by_run = run_ops.rung_scores(self.store, [runs[n].id for n in scored], rung, prune.metric)
+        scores = {n: by_run[runs[n].id] for n in scored}
         n_keep = min(survivors_at(rung, n_rungs, len(entrants), prune.keep, prune.reduction_factor,
-                                  list(scores.values())), len(active))
+                                  list(scores.values()) or None), len(scored))
         decisions = decide(scores, n_keep, rung, prune.metric)
+        decisions += [RungDecision(n, None, len(scored) + i, False, f"failed at rung {rung} after "
+                                   f"{runs[n].attempts} attempt(s): {runs[n].error}")
+                      for i, n in enumerate(failed, start=1)]
         final = rung == n_rungs
         mirror.tell_rung(self.store.url, self.name, stage.name,
-                         [(runs[d.candidate].trial_number, d.score, d.kept) for d in decisions],
+                         [(runs[d.candidate].trial_number, d.score, d.kept) for d in decisions if d.score is not None],
                          rung_tokens(stage)[rung - 1], final)
+        for n in failed:
+            if runs[n].trial_number is not None:
+                mirror.fail(self.store.url, self.name, stage.name, runs[n].trial_number)
         failpoint("after-tell")
         rows = [plan_ops.DecisionRow(cands[d.candidate].id, runs[d.candidate].id, d.kept, d.score, d.rank, d.why)
                 for d in decisions]
@@ -154,10 +163,10 @@ class PlanState:
             by_id = {c.id: n for n, c in cands.items()}
             return sorted(by_id[d.candidate_id] for d in plan_ops.decisions(self.store, self.plan_id, stage.name, rung)
                           if d.kept)
-        dropped = [d.candidate for d in decisions if not d.kept]
-        if dropped:
+        dropped = [d.candidate for d in decisions if not d.kept and d.candidate not in failed]
+        if dropped or failed:
             self.report.say(f"  {stage.name} rung {rung} decision: keep {n_keep}/{len(active)}; "
-                            f"dropped {', '.join(dropped)}")
+                            f"dropped {', '.join(dropped) or 'none'}" + (f"; failed {', '.join(failed)}" if failed else ""))
         if final:
             mirror.fail_orphans(self.store.url, self.name, stage.name, {r.trial_number for r in runs.values()})
             self.record_compute()

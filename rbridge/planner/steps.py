@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from rbridge._failpoints import failpoint
+from rbridge._failpoints import failpoint, raise_point
 from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
                           train_tokenizer)
 from rbridge.errors import InputError
@@ -143,6 +143,7 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     was taken over stops training instead of racing the new holder's checkpoints).
     """
     stage, train = ctx.stage, ctx.stage.training
+    raise_point("train", f"{stage.name}/{ctx.candidate}")
     cfg = _config(stage, ctx.data)
     rows, _stats = build_mixture(ctx.mix, ctx.data.shards, n_tokens=train.tokens, seq_len=train.seq_len,
                                  seed=ctx.seed, cache_dir=ctx.data.cache_dir, where=f"candidates.{ctx.candidate}.mix")

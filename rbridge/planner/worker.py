@@ -148,6 +148,13 @@ class PlanWorker:
             claim.stop()
             self.report.say(f"  {stage.name}/{name}: {exc}; its result is discarded")
             return False
+        except Exception as exc:  # noqa: BLE001 - one bad run must not stop the plan (as Optuna's FAIL)
+            if self.ranks is not None and self.ranks.distributed:
+                claim.release()  # the other ranks may be inside a collective: stop them all
+                raise
+            claim.stop()
+            self._failed(task, claim, exc)
+            return False
         except BaseException:
             claim.release()
             raise
@@ -157,6 +164,19 @@ class PlanWorker:
         self.report.say(f"  {stage.name}/{name} rung {task.rung}: {metric} {short} "
                         f"({trained.tokens_seen:,} tokens, {trained.tokens_per_s:,.0f} tok/s)")
         return True
+
+    def _failed(self, task: Task, claim: Claim, exc: Exception) -> None:
+        """Record a failed attempt: retried by any worker until ``max_attempts``, then the run is failed and
+        its rung is decided without it."""
+        stage, name, limit = task.stage, task.candidate.name, self.state.spec.max_attempts
+        error = f"{type(exc).__name__}: {exc}"
+        status = run_ops.fail(self.store, task.run.id, claim.lease, self.me, error, limit)
+        attempt = task.run.attempts + 1
+        if status == "failed":
+            self.report.say(f"  {stage.name}/{name} failed ({error}); attempt {attempt} of {limit}: recorded as "
+                            "failed, the plan goes on without it")
+        elif status == "pending":
+            self.report.say(f"  {stage.name}/{name} failed ({error}); attempt {attempt} of {limit}, will be retried")
 
     def step(self) -> str:
         """Do one unit of work if there is one: 'worked', 'waiting' (others hold the work) or 'done'."""

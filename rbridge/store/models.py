@@ -14,7 +14,8 @@ from sqlmodel import Field, SQLModel
 
 # 2: runs carry a worker claim (worker, lease, beats, heartbeat_at, beat_every_s);
 #    unique (plan, stage, candidate) runs and (plan, stage, rung, candidate) decisions.
-SCHEMA_VERSION = 2
+# 3: runs count failed attempts (attempts) and keep the last error (error); status 'failed'.
+SCHEMA_VERSION = 3
 
 # Parameter and token counts pass 2**31 (a 1B proxy, 20B target tokens): 64-bit
 # everywhere (SQLite's INTEGER already is; PostgreSQL's INTEGER is 32-bit).
@@ -87,6 +88,8 @@ class Run(SQLModel, table=True):
     beats: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # heartbeats of this lease
     beat_every_s: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})
     heartbeat_at: Optional[datetime] = None
+    attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # failed attempts so far
+    error: str = Field(default="", sa_column_kwargs={"server_default": ""})  # the last failure, if any
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
 

@@ -149,7 +149,7 @@ class DecisionRow:
     candidate_id: int
     run_id: int
     kept: bool
-    score: float
+    score: float | None  # None for a run that failed before the rung
     rank: int
     why: str
 
@@ -165,8 +165,9 @@ def decide(store: Store, plan_id: int, stage: str, rung: int, rows: list[Decisio
             for d in rows:
                 s.add(Decision(plan_id=plan_id, stage=stage, rung=rung, candidate_id=d.candidate_id, kept=d.kept,
                                score=d.score, rank=d.rank, why=d.why))
-                if not d.kept:
-                    s.execute(update(Run).where(Run.id == d.run_id).values(status="pruned", finished_at=utcnow()))
+                if not d.kept:  # a failed run stays failed
+                    s.execute(update(Run).where(Run.id == d.run_id, Run.status != "failed")
+                              .values(status="pruned", finished_at=utcnow()))
             s.flush()
             failpoint("decision-write")
         return True

@@ -11,7 +11,7 @@ tests/test_store_ops.py runs one contract suite on both.
 
 from __future__ import annotations
 
-from sqlalchemy import update
+from sqlalchemy import case, update
 from sqlmodel import select
 
 from rbridge._failpoints import failpoint
@@ -53,6 +53,20 @@ def release(store: Store, run_id: int, lease: int, worker: str) -> bool:
     with store.session() as s:
         res = s.execute(update(Run).where(_held(run_id, lease, worker)).values(status="pending", worker=""))
     return res.rowcount == 1
+
+
+def fail(store: Store, run_id: int, lease: int, worker: str, error: str, max_attempts: int) -> str | None:
+    """Record a failed attempt of a held run: pending again for another try, or ``failed`` (with its error)
+    once it has failed ``max_attempts`` times. Returns the new status; None when the claim was lost."""
+    gives_up = Run.attempts + 1 >= max_attempts
+    with store.session() as s:
+        res = s.execute(update(Run).where(_held(run_id, lease, worker)).values(
+            attempts=Run.attempts + 1, error=error[:2000], worker="",
+            status=case((gives_up, "failed"), else_="pending"),
+            finished_at=case((gives_up, utcnow()), else_=None)))
+        if res.rowcount != 1:
+            return None
+        return s.exec(select(Run.status).where(Run.id == run_id)).one()
 
 
 def set_trial(store: Store, run_id: int, lease: int, trial_number: int) -> bool:
