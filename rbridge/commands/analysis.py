@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.commands._base import console, guard, main
+from rbridge.commands._base import console, guard, main, store_or_latest
+from rbridge.errors import InputError
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
 
@@ -164,9 +165,9 @@ def predict(store: str, plan_name: str | None, benchmark: str | None, x_metric: 
     from rbridge.analysis.fit import predict_store
     from rbridge.store import open_store
 
-    st = open_store(store, create=False)
+    st = open_store(store, create=False, read_only=True)
     try:
-        _ensure_views(st)
+        _require_plan(st, plan_name)
         out = predict_store(st, plan_name, benchmark=benchmark, x_metric=x_metric, stage=stage, level=level)
     finally:
         st.close()
@@ -189,19 +190,21 @@ def predict(store: str, plan_name: str | None, benchmark: str | None, x_metric: 
 
 
 @main.command()
-@click.option("--store", "store", required=True, help="SQLite path or SQLAlchemy URL.")
+@click.option("--store", "store", default=None,
+              help="SQLite path or SQLAlchemy URL (default: the most recent store under stores/).")
 @_plan_opt
 @click.option("--curve/--no-curve", default=True, show_default=True, help="Also decision accuracy per rung.")
 @_json_opt
 @guard
-def accuracy(store: str, plan_name: str | None, curve: bool, as_json: bool) -> None:
+def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: bool) -> None:
     """Decision accuracy and Kendall tau of every stage's proxy ranking against the imported targets."""
     from rbridge.analysis.decision import analysis_summary
     from rbridge.store import open_store
 
-    st = open_store(store, create=False)
+    store = store_or_latest(store)
+    st = open_store(store, create=False, read_only=True)
     try:
-        _ensure_views(st)
+        _require_plan(st, plan_name)
         info = analysis_summary(st, plan_name)
     finally:
         st.close()
@@ -237,3 +240,16 @@ def _ensure_views(st) -> None:
     from rbridge.store.db import _ensure_schema
 
     _ensure_schema(st)
+
+
+def _require_plan(st, plan_name: str | None) -> None:
+    """--plan NAME must name a plan of the store (exit 2 with the plans it has, as elsewhere)."""
+    from rbridge.store import plans as plan_ops
+    from rbridge.store.db import safe_url
+
+    if plan_name is None:
+        return
+    names = [p.name for p in plan_ops.all_plans(st)]
+    if plan_name not in names:
+        raise InputError(f"no plan {plan_name!r} in this store (plans: {', '.join(names) or 'none'})",
+                         file=safe_url(st.url), field="--plan")

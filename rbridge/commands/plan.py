@@ -164,7 +164,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
     from rbridge.store import open_store
 
     store = store_or_latest(store)
-    st = open_store(store, create=False)
+    st = open_store(store, create=False, read_only=True)
     info = plan_status(st, plan_name)
     if as_json:
         from rbridge.analysis.decision import analysis_summary

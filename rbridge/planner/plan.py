@@ -31,7 +31,7 @@ from rbridge.reporting import SILENT, Reporter
 from rbridge.spec import Spec, parse_spec
 from rbridge.store import Store, open_store, store_url
 from rbridge.store import plans as plan_ops
-from rbridge.store.db import safe_url
+from rbridge.store.db import check_sqlite_file, safe_url
 
 
 @contextmanager
@@ -186,6 +186,9 @@ class Planner:
         t0 = time.perf_counter()
         # Every input is read and validated before the store is created or changed.
         self._load_traces()
+        url = store_url(self.store_arg)
+        if url.startswith("sqlite:///"):  # a directory, a damaged or foreign file: refused before the lock file
+            check_sqlite_file(Path(url[len("sqlite:///"):]), create=True)
         with plan_lock(self.store_arg, self.spec.name):
             self._check_store()
             data = self._prepare_data()

@@ -15,6 +15,7 @@ The views are written in the SQL both engines share: booleans are only tested
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -278,13 +279,103 @@ class Store:
         self.engine.dispose()
 
 
-def open_store(store: str | Path, create: bool = True) -> Store:
-    """Open (and by default create) the store at a path or URL, with tables and views."""
+_SCHEMES = ("sqlite", "postgresql", "postgres")
+
+
+def check_sqlite_file(path: Path, *, create: bool) -> int | None:
+    """Look at a SQLite store file before anything opens it for writing; return its schema version.
+
+    None for a new store (no file yet, ``create``). Every other case raises one
+    InputError naming the file and saying what to do: a directory, no file for a
+    read command, an empty or unreadable file, not a SQLite database, a damaged
+    one (``PRAGMA quick_check``), a database of another application. Reads only
+    (``mode=ro``): a file that is refused is left byte for byte as it was.
+    """
+    if path.is_dir():
+        raise InputError("is a directory, not a store; give the path of a .db file", file=path)
+    if not path.exists():
+        if create:
+            return None
+        raise InputError("no store here; run `rbridge plan SPEC.yaml` first or pass --store", file=path)
+    # Only stat and SQLite itself look at the file: a plain open() and close() of a database file would
+    # drop every POSIX lock this process's SQLite connections hold on it (the fcntl rule SQLite works around).
+    if path.stat().st_size == 0:
+        if create:  # SQLite's own rule: an empty file is an empty database (and a store being created
+            return None  # by another process at this moment looks like one)
+        raise InputError("is an empty file, not an rbridge store; remove it or use another --store", file=path)
+    if not os.access(path, os.R_OK):
+        raise InputError("cannot be read (permission denied)", file=path)
+    import sqlite3
+
+    try:
+        # No -wal file: nobody is writing in WAL mode, so read it as immutable, which creates no -wal/-shm
+        # beside a file that may not be ours. With one (a plan running), a plain read-only connection.
+        live = Path(f"{path}-wal").exists()
+        con = sqlite3.connect(f"file:{path}?mode=ro" + ("" if live else "&immutable=1"), uri=True, timeout=30)
+        try:
+            check = [row[0] for row in con.execute("PRAGMA quick_check(5)")]
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = None
+            if Meta.__tablename__ in tables:
+                row = con.execute(f"SELECT value FROM {Meta.__tablename__} WHERE key = 'schema_version'").fetchone()
+                version = int(row[0]) if row and str(row[0]).isdigit() else None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise InputError("is not a SQLite database, so not an rbridge store; use another --store",
+                             file=path) from None
+        raise InputError(f"is damaged ({exc}); restore it from a copy, or use another --store", file=path) from None
+    if check != ["ok"]:
+        raise InputError(f"is damaged (quick_check: {'; '.join(check)}); restore it from a copy, or use another "
+                         "--store", file=path)
+    if tables and version is None and "plans" not in tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise InputError(f"is a database of another application (tables: {shown}), not an rbridge store; "
+                         "rbridge writes nothing into it. Use another --store", file=path)
+    if version is not None and version > SCHEMA_VERSION:
+        raise InputError(f"store schema {version} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
+                         file=path)
+    return version if version is not None else (0 if tables else None)
+
+
+def _sqlite_read_only(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA query_only=1")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def open_store(store: str | Path, create: bool = True, read_only: bool = False) -> Store:
+    """Open (and by default create) the store at a path or URL, with tables and views.
+
+    A SQLite file is checked first (``check_sqlite_file``). ``read_only`` (``status``,
+    ``accuracy``, ``predict``): the file is opened ``mode=ro``, so it works on a
+    read-only file and changes nothing, not even the journal mode; a store of an older
+    schema is upgraded first where the file is writable.
+    """
     url = store_url(store)
+    scheme = url.split("://", 1)[0].split("+", 1)[0]
+    if scheme not in _SCHEMES:
+        raise InputError(f"unsupported store URL scheme {scheme!r}; give a SQLite path or postgresql://...",
+                         file=safe_url(url))
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
-        if not path.exists() and not create:
-            raise InputError("no store here", file=path)
+        version = check_sqlite_file(path, create=create and not read_only)
+        if read_only:
+            if version is not None and version < SCHEMA_VERSION:
+                # Written by an older rbridge: the additive in-place upgrade, once, if the file may be written
+                # (permission bits, not os.access: root may write anything, but a 0444 file says "don't").
+                if not (path.stat().st_mode & 0o200 and os.access(path.parent, os.W_OK)):
+                    raise InputError(f"this store has schema {version} and needs the in-place upgrade to "
+                                     f"{SCHEMA_VERSION}, which a read-only file does not allow; make it writable "
+                                     "once, or read a copy", file=path)
+                open_store(store, create=True).close()
+            # As in check_sqlite_file: immutable (no -wal/-shm created) unless a writer's -wal file is there.
+            quiet = "" if Path(f"{path}-wal").exists() else "&immutable=1"
+            engine = create_engine(f"sqlite:///file:{path}?mode=ro{quiet}&uri=true", connect_args={"timeout": 30})
+            event.listen(engine, "connect", _sqlite_read_only)
+            return Store(url, engine)
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
