@@ -246,3 +246,40 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(base
     assert (newest.parent / "step_8.damaged").is_dir()
     _same(_ranking(tmp_path / "stores/crash.db"), expected)
     assert _decisions(tmp_path / "stores/crash.db") == expected_decisions
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_path, sig):
+    """SIGTERM / SIGINT in the middle of the plan: the plan stops at the next training step with a checkpoint,
+    gives its run back and exits 143 / 130; `rbridge resume` ends with the uninterrupted ranking."""
+    cache, expected, expected_decisions = baseline
+    env = _setup(tmp_path, cache)
+    env["RBRIDGE_SLOW_STEP_S"] = "0.02"  # test hook: steps slow enough for the signal to land mid-training
+    proc = subprocess.Popen([sys.executable, "-m", "rbridge.cli", "plan", "crash.yaml"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "stores/crash.db"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            con = sqlite3.connect(db)
+            try:
+                n = con.execute("select count(*) from runs where status = 'running'").fetchone()[0]
+            except sqlite3.OperationalError:
+                n = 0
+            finally:
+                con.close()
+            if n:
+                break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + sig, out + err
+    assert f"stopped by {sig.name}" in out and "rbridge resume" in out, out
+    con = sqlite3.connect(db)
+    assert con.execute("select count(*) from runs where status = 'running'").fetchone() == (0,)  # given back
+    con.close()
+    again = _rbridge(["resume"], tmp_path, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    _same(_ranking(db), expected)
+    assert _decisions(db) == expected_decisions

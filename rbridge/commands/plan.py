@@ -83,8 +83,14 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
                          field="WORLD_SIZE")
     console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
-    result = run_plan(spec, store, report=RichReporter(console), force=force, threads=threads, local=local,
-                      poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout())
+    from rbridge.planner import stop
+
+    try:
+        with stop.polite_signals():
+            result = run_plan(spec, store, report=RichReporter(console), force=force, threads=threads, local=local,
+                              poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout())
+    except stop.Stopped as exc:
+        _stopped(exc, "rbridge resume")
     from rbridge.store.db import safe_url
 
     console.print(f"store: {safe_url(result.store_url)}")
@@ -128,9 +134,15 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
     """
     from rbridge.planner.worker import Worker
 
+    from rbridge.planner import stop
+
     w = Worker(store, RichReporter(console), plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
                heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None)
-    done = w.run()
+    try:
+        with stop.polite_signals():
+            done = w.run()
+    except stop.Stopped as exc:
+        _stopped(exc, "rbridge worker again")
     if w.ranks.main:
         console.print(f"worker idle: no unfinished plan left; rungs trained and scored by this worker: {done}")
     else:
@@ -202,3 +214,11 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
         console.print(f"  with the target model: total {c['target_total_flops']:.2e} vs naive "
                       f"{c['target_naive_flops']:.2e} FLOPs = {c['target_fraction']:.1%} of the naive cost "
                       f"(reduction {c['target_reduction']:.1f}x, METHOD.md section 7)")
+
+
+def _stopped(exc, how: str) -> None:
+    """Exit 143 (SIGTERM) or 130 (SIGINT) after a polite stop: the running proxy was checkpointed."""
+    import sys
+
+    console.print(f"{exc}: the running proxy was checkpointed and given back; continue with `{how}`")
+    sys.exit(exc.exit_code)

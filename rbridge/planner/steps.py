@@ -7,6 +7,7 @@ store: the worker loop (rbridge.planner.worker) records what these return.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from rbridge._failpoints import failpoint, raise_point
 from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
                           train_tokenizer)
 from rbridge.errors import InputError
+from rbridge.planner import stop
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
 from rbridge.reporting import SILENT, Reporter
 from rbridge.scoring.config import METRICS
@@ -135,6 +137,9 @@ class Trained:
     train_flops: float
 
 
+_SLOW_STEP_S = float(os.environ.get("RBRIDGE_SLOW_STEP_S") or 0)
+
+
 def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
               check: Callable[[], None] | None = None) -> Trained:
     """Resume the run from its last checkpoint, train it to ``tokens``, checkpoint it.
@@ -164,10 +169,17 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
             def on_step(seen: int, loss: float) -> None:
                 bar.update(seen)
                 failpoint("train-step")
+                if _SLOW_STEP_S:  # test hook (tests/test_resume.py): time for a signal to land mid-training
+                    time.sleep(_SLOW_STEP_S)
+                stop.check()
                 if check is not None:
                     check()
 
-            trainer.train_to(tokens, on_step=on_step)
+            try:
+                trainer.train_to(tokens, on_step=on_step)
+            except stop.Stopped:
+                trainer.save_checkpoint()  # the steps trained so far are kept
+                raise
         trainer.save_checkpoint()
     flops = proxy_train_flops(cfg, trainer.tokens_seen)["non_embedding"]
     model = trainer.model

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from rbridge._failpoints import failpoint
-from rbridge.planner import mirror
+from rbridge.planner import mirror, stop
 from rbridge.planner.claims import (DEFAULT_HEARTBEAT_TIMEOUT_S, Claim, ClaimLost, StaleWatch, beat_interval,
                                     worker_id)
 from rbridge.planner.ranks import Ranks, follow, run_message
@@ -239,6 +239,7 @@ class Worker:
         told = False
         try:
             while True:
+                stop.check()
                 plans = plan_ops.list_plans(self.store, self.plan)
                 if not plans and not told:
                     self.report.say("waiting for a plan: start one with `rbridge plan SPEC.yaml --store "
@@ -268,6 +269,7 @@ class Worker:
 def serve_plan(worker: PlanWorker, poll_s: float = 2.0) -> None:
     """Work on one plan until it is done (``rbridge plan``'s own worker)."""
     while True:
+        stop.check()
         what = worker.step()
         if what == "done":
             return
@@ -279,6 +281,7 @@ def wait_for_plan(state: PlanState, poll_s: float = 2.0) -> None:
     """``rbridge plan --no-local``: make decisions the workers leave, report progress, return when done."""
     last = None
     while True:
+        stop.check()
         sync = state.sync()
         if sync.done:
             return
