@@ -17,10 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rbridge.errors import FieldError, InputError
-from rbridge.planner.schedule import (NOT_INHERITED, PRUNING_DEFAULTS, Keep, KeepWithin, PruningConfig,  # noqa: F401
+from rbridge.planner.schedule import (NOT_INHERITED, PRUNING_DEFAULTS, Keep, KeepWithin, PruningConfig,
                                       keep_count)
 from rbridge.proxy.config import TRAINING_DEFAULTS, ProxyShape, TrainingConfig
 from rbridge.scoring.config import ScoreOptions
+
+__all__ = ["Spec", "Stage", "StageSpec", "BenchmarkSpec", "CandidateSpec", "SourceSpec", "TokenizerSpec",
+           "TargetModel", "Keep", "KeepWithin", "keep_count", "load_spec", "parse_spec"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=False)
 
@@ -194,6 +197,19 @@ class Spec(BaseModel):
                 raise FieldError(("stages", i, "proxy", *exc.loc), str(exc)) from None
             out.append(Stage(name=stage.name, index=i, proxy=proxy, training=training, pruning=pruning))
             prev = values
+        return out
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what was meant (printed by validate and plan)."""
+        out = []
+        entrants = len(self.candidates)
+        for st in self.resolved_stages():
+            keep = st.pruning.keep
+            if isinstance(keep, int) and keep > entrants:
+                out.append(f"stages[{st.index}].keep: keeps {keep} of the {entrants} candidates that reach stage "
+                           f"{st.name!r}, so none is dropped there")
+            if isinstance(keep, int):
+                entrants = min(entrants, keep)
         return out
 
     @property

@@ -208,3 +208,11 @@ def test_bad_option_and_per_token_errors(tmp_path):
     with pytest.raises(InputError) as e:
         import_per_token([tmp_path / "c.json", tmp_path / "p.jsonl"])
     assert e.value.line == 2 and e.value.field == "logprob"
+
+
+def test_out_onto_a_directory_exits_2_before_reading(tmp_path):
+    (tmp_path / "o.jsonl").mkdir()
+    r = CliRunner().invoke(main, ["traces", "import", "--format", "rbridge", str(tmp_path / "missing.jsonl"),
+                                  "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 2 and "is a directory" in r.output and "o.jsonl" in r.output, r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # no .tmp left beside it

@@ -197,3 +197,17 @@ def test_plan_of_a_spec_with_a_bad_preset_writes_nothing(tmp_path):
         assert res.returncode == 2, res.stdout + res.stderr
         assert f"{spec}:16: stages[1].proxy.preset: unknown preset '3M'" in res.stderr, res.stderr
     assert not (tmp_path / "stores").exists() and not (tmp_path / "cache").exists()
+
+
+def test_keep_above_the_candidates_is_a_warning(tmp_path):
+    spec = load_spec(_write(tmp_path, GOOD.replace("keep: 1", "keep: 5")))
+    assert spec.warnings() == ["stages[0].keep: keeps 5 of the 2 candidates that reach stage 's1', so none is "
+                               "dropped there"]
+    assert load_spec(_write(tmp_path, GOOD)).warnings() == []
+    res = subprocess.run([sys.executable, "-m", "rbridge.cli", "validate", str(tmp_path / "spec.yaml")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == ""
+    (tmp_path / "spec.yaml").write_text(GOOD.replace("keep: 1", "keep: 5"))
+    res = subprocess.run([sys.executable, "-m", "rbridge.cli", "validate", str(tmp_path / "spec.yaml")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "warning:" in res.stderr and "keeps 5 of the 2" in res.stderr, res.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.commands._base import RichReporter, console, guard, main, si, store_or_latest
+from rbridge.commands._base import RichReporter, console, err_console, guard, main, si, store_or_latest
 from rbridge.errors import InputError
 
 
@@ -23,6 +23,8 @@ def validate(spec_path: Path) -> None:
 
     spec = load_spec(spec_path)
     stages = spec.resolved_stages()
+    for warning in spec.warnings():
+        err_console.print(f"[yellow]warning:[/] {spec_path}: {warning}")
     console.print(f"{spec_path}: ok - plan '{spec.name}', {len(spec.sources)} sources, "
                   f"{len(spec.candidates)} candidates, {len(spec.benchmarks)} benchmarks, "
                   f"stages {' -> '.join(s.name for s in stages)}")
@@ -81,6 +83,8 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
         raise InputError("rbridge plan runs as one process; under accelerate launch / torchrun run "
                          "`rbridge worker --store URL`, and `rbridge plan --no-local` once, outside it",
                          field="WORLD_SIZE")
+    for warning in spec.warnings():
+        err_console.print(f"[yellow]warning:[/] {spec.path}: {warning}")
     console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
     from rbridge.planner import stop

@@ -56,7 +56,7 @@ from rbridge.scoring import decoding, forward_attr
 from rbridge.scoring.completions import (INSTRUCTION, answer_text, find_reasoning, reasoning_tokens,
                                          split_by_offsets, stream_texts)
 from rbridge.scoring.requests import Request, loglikelihood
-from rbridge.scoring.traces import Frontier, Trace, write_traces
+from rbridge.scoring.traces import Frontier, Trace, check_out_path, write_traces
 
 PROMPT_NAME = "rbridge-paper-json"
 
@@ -294,6 +294,7 @@ def main_generate(model_path: str | Path, questions_path: str | Path, out_path: 
     for ``test``/``train``/... files). Returns a summary dict (written, dropped,
     retried, seconds, mean frontier tokens per trace).
     """
+    check_out_path(out_path)  # before loading a model
     import time
 
     t0 = time.time()

@@ -58,7 +58,7 @@ from typing import Any
 from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
 from rbridge.scoring.completions import INSTRUCTION, answer_text, find_reasoning, reasoning_tokens
-from rbridge.scoring.traces import Trace, parse_trace, write_traces
+from rbridge.scoring.traces import Trace, check_out_path, parse_trace, write_traces
 
 FORMATS = ("openai", "per-token", "rbridge")
 
@@ -438,6 +438,7 @@ def import_traces(fmt: str, paths: Sequence[str | Path], out: str | Path, *,
                   options: dict[str, str] | None = None, benchmark: str | None = None,
                   model: str | None = None) -> dict[str, Any]:
     """``rbridge traces import``: convert ``paths`` in format ``fmt`` and write rbridge JSONL to ``out``."""
+    check_out_path(out)  # before reading anything
     if not paths:
         raise InputError("no input files", field="FILE")
     summary: dict[str, Any] = {}

@@ -182,9 +182,20 @@ def load_traces(path: str | Path) -> list[Trace]:
     return traces
 
 
+def check_out_path(path: str | Path) -> Path:
+    """The path a command will write traces to, checked before any work: not a directory, and its folder
+    is not a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError("is a directory; --out takes the path of the JSONL file to write", file=path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(f"{path.parent} is a file, not a folder", file=path)
+    return path
+
+
 def write_traces(path: str | Path, traces: list[Trace]) -> None:
     """Write traces as rbridge JSONL (UTF-8, one object per line, trailing newline)."""
-    path = Path(path)
+    path = check_out_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8", newline="\n") as f:
