@@ -230,7 +230,9 @@ def test_planner_stage_against_targets_and_compute(tmp_path):
     t = _csv(tmp_path / "t.csv", "candidate,benchmark,metric,value",
              ["a,gsm8k,accuracy,0.6", "b,gsm8k,accuracy,0.5", "c,gsm8k,accuracy,0.3", "d,gsm8k,accuracy,0.4",
               "zeta,gsm8k,accuracy,0.9"])  # a candidate the planner never saw: ignored by the views
-    r = _invoke("targets", "import", str(t), "--store", str(db))  # the store's only plan
+    r = _invoke("targets", "import", str(t), "--store", str(db))
+    assert r.exit_code == 2 and "zeta" in r.output and "--new-candidates" in r.output  # a typo, by default
+    r = _invoke("targets", "import", str(t), "--store", str(db), "--new-candidates")  # the store's only plan
     assert r.exit_code == 0 and "into plan 'tiny'" in r.output, r.output
     # The planner's own stage cannot be overwritten by imported results.
     r = _invoke("results", "import", str(t), "--store", str(db), "--stage", "filter")

@@ -224,3 +224,20 @@ def test_force_with_an_invalid_edit_changes_nothing(plan_dir, tmp_path, what, ol
     assert "tiny.yaml" in res.stderr and field in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert _dump(db) == before
     assert sorted(p.relative_to(work) for p in (work / "stores").rglob("*")) == ckpts
+
+
+def test_targets_for_a_candidate_the_plan_lacks_are_refused_unless_asked(plan_dir, tmp_path):
+    d, env, _first = plan_dir
+    work = tmp_path / "w"
+    shutil.copytree(d, work, ignore=shutil.ignore_patterns("cache"))
+    db = work / "stores" / "tiny.db"
+    before = _dump(db)
+    (tmp_path / "typo.csv").write_text(TARGETS.replace("kjv-cot,", "kjv-cott,"))
+    res = _rbridge("targets", "import", str(tmp_path / "typo.csv"), "--store", "stores/tiny.db", cwd=work, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "typo.csv:6: candidate:" in res.stderr and "kjv-cott" in res.stderr and "--new-candidates" in res.stderr
+    assert _dump(db) == before
+    res = _rbridge("targets", "import", str(tmp_path / "typo.csv"), "--store", "stores/tiny.db", "--new-candidates",
+                   cwd=work, env=env)
+    assert res.returncode == 0, res.stderr
+    assert sqlite3.connect(db).execute("select count(*) from results where candidate = 'kjv-cott'").fetchone() == (1,)

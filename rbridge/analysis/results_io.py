@@ -26,7 +26,7 @@ from sqlmodel import select
 
 from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
-from rbridge.store import Plan, Result, ResultChange, Run, Store
+from rbridge.store import Candidate, Plan, Result, ResultChange, Run, Store
 from rbridge.store.models import utcnow
 from rbridge.store.results import TARGET_STAGE
 
@@ -304,10 +304,13 @@ def resolve_plan(s, store: Store, plan_name: str | None, create: bool) -> tuple[
 
 
 def import_results(store: Store, path: str | Path, *, stage: str | None, plan_name: str | None = None,
-                   seed: int | None = None, rows: list[Row] | None = None) -> ImportReport:
+                   seed: int | None = None, rows: list[Row] | None = None,
+                   new_candidates: bool = False) -> ImportReport:
     """Write a results file into the store: targets when ``stage`` is None, else proxy results of ``stage``.
 
-    ``rows`` (from :func:`read_results`) lets the caller validate before opening the store.
+    ``rows`` (from :func:`read_results`) lets the caller validate before opening the store. For a plan
+    run from a spec, a candidate that is neither the spec's nor already in the plan's imported results is
+    refused as a likely typo, unless ``new_candidates`` (zero-shot transfer to candidates never trained).
     """
     path = Path(path)
     if rows is None:
@@ -327,6 +330,17 @@ def import_results(store: Store, path: str | Path, *, stage: str | None, plan_na
             if planner is not None:
                 raise InputError(f"stage '{stage}' of plan '{plan.name}' holds the planner's own runs; "
                                  "import under another stage name", field="--stage")
+        if plan.spec_hash and not new_candidates:
+            known = set(s.exec(select(Candidate.name).where(Candidate.plan_id == plan.id)).all())
+            known |= set(s.exec(select(Result.candidate).where(Result.plan_id == plan.id)).all())
+            unknown = [r for r in rows if r.candidate not in known]
+            if unknown:
+                names = sorted({r.candidate for r in unknown})
+                raise InputError(f"{len(names)} candidate(s) plan '{plan.name}' does not have: "
+                                 f"{', '.join(names[:5])}{', ...' if len(names) > 5 else ''} (its candidates: "
+                                 f"{', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''}); a typo? "
+                                 "Pass --new-candidates to import them anyway", file=path, line=unknown[0].line,
+                                 field="candidate")
         # A metric's direction is one fact per plan: refuse a file that contradicts the store.
         stored_dir = {m: h for m, h in s.exec(select(Result.metric, Result.higher_is_better)
                                              .where(Result.plan_id == plan.id)).all()}

@@ -22,14 +22,15 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def _import(file: Path, store: str, stage: str | None, plan_name: str | None, seed: int | None,
-            as_json: bool) -> None:
+            as_json: bool, new_candidates: bool = False) -> None:
     from rbridge.analysis.results_io import import_results, read_results
     from rbridge.store import open_store
 
     rows = read_results(file, seed=seed)  # the whole file is checked before the store is touched
     st = open_store(store)
     try:
-        rep = import_results(st, file, stage=stage, plan_name=plan_name, seed=seed, rows=rows)
+        rep = import_results(st, file, stage=stage, plan_name=plan_name, seed=seed, rows=rows,
+                             new_candidates=new_candidates)
     finally:
         st.close()
     if as_json:
@@ -53,6 +54,8 @@ _plan_opt = click.option("--plan", "plan_name", default=None,
                               "the store file).")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _store_req = click.option("--store", "store", required=True, help="SQLite path or SQLAlchemy URL.")
+_new_opt = click.option("--new-candidates", is_flag=True,
+                        help="Accept candidates the plan's spec does not have (default: refused as typos).")
 
 
 @main.group()
@@ -65,11 +68,13 @@ def targets() -> None:
 @_store_req
 @_plan_opt
 @_seed_opt
+@_new_opt
 @_json_opt
 @guard
-def targets_import(file: Path, store: str, plan_name: str | None, seed: int | None, as_json: bool) -> None:
+def targets_import(file: Path, store: str, plan_name: str | None, seed: int | None, new_candidates: bool,
+                   as_json: bool) -> None:
     """Import target results: CSV or JSON lines with candidate,benchmark,metric,value[,higher_is_better,params,tokens,seed]."""
-    _import(file, store, None, plan_name, seed, as_json)
+    _import(file, store, None, plan_name, seed, as_json, new_candidates)
 
 
 @main.group()
@@ -83,12 +88,13 @@ def results() -> None:
 @click.option("--stage", required=True, help="Stage name the proxy results belong to (e.g. regmix-1m).")
 @_plan_opt
 @_seed_opt
+@_new_opt
 @_json_opt
 @guard
 def results_import(file: Path, store: str, stage: str, plan_name: str | None, seed: int | None,
-                   as_json: bool) -> None:
+                   new_candidates: bool, as_json: bool) -> None:
     """Import proxy results: same columns as `rbridge targets import`."""
-    _import(file, store, stage, plan_name, seed, as_json)
+    _import(file, store, stage, plan_name, seed, as_json, new_candidates)
 
 
 @main.command()
