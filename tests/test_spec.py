@@ -147,6 +147,8 @@ def test_decide_is_order_independent_and_breaks_ties_by_name():
     ("{hidden_size: 0, num_hidden_layers: 1}", "stages[1].proxy.hidden_size", "positive integer"),
     ("{num_hidden_layers: 1}", "stages[1].proxy.hidden_size", "required"),
     ("[1, 2]", "stages[1].proxy", "dictionary"),
+    ("{preset: []}", "stages[1].proxy.preset", "unknown preset"),            # found by tests/test_fuzz_inputs.py
+    ("{hidden_size: null, num_hidden_layers: 2}", "stages[1].proxy.hidden_size", "required"),  # (a TypeError)
 ])
 def test_every_bad_proxy_setting_is_refused_at_load_with_file_line_field(tmp_path, proxy, field, words):
     err = _error(tmp_path, GOOD.replace("proxy: {preset: 2M}", f"proxy: {proxy}"))

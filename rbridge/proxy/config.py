@@ -114,7 +114,7 @@ class ProxyShape(RootModel[dict[str, Any]]):
         values: dict[str, Any] = dict(DEFAULTS)
         preset = spec.pop("preset", None)
         if preset is not None:
-            if preset not in PRESETS:
+            if not isinstance(preset, str) or preset not in PRESETS:
                 raise FieldError(("preset",), f"unknown preset {preset!r}; presets are: {', '.join(PRESETS)}")
             values.update(PRESETS[preset])
         known = llama_fields()
@@ -124,6 +124,9 @@ class ProxyShape(RootModel[dict[str, Any]]):
             if known is not None and key not in known:
                 raise FieldError((key,), f"unknown LlamaConfig field {key!r}")
         values.update(spec)
+        for key in _INT_FIELDS:  # a size written as null means "the default", as if left out
+            if key in values and values[key] is None:
+                del values[key]
         for key in ("hidden_size", "num_hidden_layers"):
             if key not in values:
                 raise FieldError((key,), "required when no preset is given")
