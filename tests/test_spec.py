@@ -213,3 +213,8 @@ def test_keep_above_the_candidates_is_a_warning(tmp_path):
     res = subprocess.run([sys.executable, "-m", "rbridge.cli", "validate", str(tmp_path / "spec.yaml")],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "warning:" in res.stderr and "keeps 5 of the 2" in res.stderr, res.stderr
+
+
+def test_tokens_beyond_the_stores_integers_are_refused_at_load(tmp_path):
+    err = _error(tmp_path, GOOD.replace("tokens: 2000", "tokens: 10000000000000000000"))
+    assert err.field == "stages[1].tokens" and err.line == 17
