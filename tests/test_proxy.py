@@ -310,3 +310,11 @@ def test_every_checkpoint_damaged_means_starting_over(random_data, tmp_path):
     (tmp_path / "step_1").mkdir()                                    # a later damage of the same step
     (tmp_path / "step_1" / "COMPLETE").write_text("")
     assert trainer(random_data, steps=4, checkpoint_dir=tmp_path).set_aside[0][1].name == "step_1.damaged-2"
+
+
+def test_the_spec_reads_the_same_llama_fields_as_the_installed_class():
+    """proxy.config reads LlamaConfig's fields from transformers' source (no import at spec load)."""
+    from rbridge.proxy.config import llama_fields
+    from rbridge.proxy.presets import llama_init_fields
+
+    assert llama_fields() == llama_init_fields()

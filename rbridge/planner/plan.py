@@ -117,8 +117,6 @@ class Planner:
         self.poll_s = poll_s
         self.heartbeat_timeout = heartbeat_timeout or DEFAULT_HEARTBEAT_TIMEOUT_S
         self.stages = spec.resolved_stages()
-        self._data = None
-        self._traces = None
         self.reused_runs = 0
         self.trained_runs = 0
 
@@ -168,30 +166,20 @@ class Planner:
             reconcile(self.store, plan.id, plan.name, old, spec, data, self.report)
         return plan_ops.get_plan(self.store, plan.id)
 
-    # ------------------------------------------------------------------ data
-    def _prepare_data(self):
-        from rbridge.planner.steps import prepare_data
-        if self._data is None:
-            self._data = prepare_data(self.spec, self.report)
-        return self._data
-
-    def _load_traces(self):
-        from rbridge.scoring.traces import load_traces
-        if self._traces is None:
-            self._traces = {b.name: load_traces(b.traces) for b in self.spec.benchmarks}
-        return self._traces
-
     # ------------------------------------------------------------------ run
     def run(self) -> PlanResult:
         t0 = time.perf_counter()
         # Every input is read and validated before the store is created or changed.
-        self._load_traces()
+        from rbridge.scoring.traces import load_traces
+
+        traces = {b.name: load_traces(b.traces) for b in self.spec.benchmarks}
         url = store_url(self.store_arg)
         if url.startswith("sqlite:///"):  # a directory, a damaged or foreign file: refused before the lock file
             check_sqlite_file(Path(url[len("sqlite:///"):]), create=True)
         with plan_lock(self.store_arg, self.spec.name):
             self._check_store()
-            data = self._prepare_data()
+            from rbridge.planner.steps import prepare_data  # torch: after the lock (a refusal stays quick)
+            data = prepare_data(self.spec, self.report)
             # Check everything, then change anything: every stage's model is built (on the meta device)
             # before the store is created or a recorded row is touched.
             from rbridge.planner.steps import check_proxies
@@ -199,11 +187,11 @@ class Planner:
             failpoint("data-prepared")
             self.store = open_store(self.store_arg)
             try:
-                return self._run_locked(data, t0)
+                return self._run_locked(data, traces, t0)
             finally:
                 self.store.close()
 
-    def _run_locked(self, data, t0: float) -> PlanResult:
+    def _run_locked(self, data, traces, t0: float) -> PlanResult:
         from rbridge.planner.worker import PlanWorker, serve_plan, wait_for_plan
 
         # Every stage's study (and Optuna's tables) exists before a worker can see the
@@ -212,7 +200,7 @@ class Planner:
             mirror.study(self.store.url, self.spec.name, stage.name)
         plan = self._plan_row(data)
         self.reused_runs = plan_ops.evaluated_rungs(self.store, plan.id)
-        state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=self._load_traces())
+        state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=traces)
         if self.local:
             worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
             serve_plan(worker, self.poll_s)
@@ -224,11 +212,6 @@ class Planner:
         ranking = plan_ops.ranking(self.store, self.spec.name)
         return PlanResult(plan.id, self.store.url, time.perf_counter() - t0, ranking,
                           self.reused_runs, self.trained_runs)
-
-
-def final_ranking(store: Store, plan_name: str) -> list[dict]:
-    """The ranking view's rows of a plan, stage by stage."""
-    return plan_ops.ranking(store, plan_name)
 
 
 def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
