@@ -96,7 +96,8 @@ def _ranking(db: Path) -> list[tuple]:
 def _decisions(db: Path) -> list[tuple]:
     con = sqlite3.connect(db)
     rows = con.execute("select d.stage, d.rung, c.name, d.kept, d.rank, round(d.score, 9) from decisions d "
-                       "join candidates c on c.id = d.candidate_id order by d.stage, d.rung, c.name").fetchall()
+                       "join candidates c on c.id = d.candidate_id where d.superseded_by = 0 "
+                       "order by d.stage, d.rung, c.name").fetchall()
     con.close()
     return rows
 
@@ -185,7 +186,7 @@ MIX = ("{kjv: 0.5, cot: 0.5}", "{kjv: 0.2, cot: 0.8}")
 
 @pytest.mark.parametrize("change", [RANK_TOKENS, MIX], ids=["stage2-tokens", "stage1-mixture"])
 def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_path, change):
-    cache, _expected, _dec = baseline
+    cache, expected, expected_decisions = baseline
     env = _setup(tmp_path, cache)
     assert _rbridge(["plan", "crash.yaml"], tmp_path, env).returncode == 0
     db = tmp_path / "stores/crash.db"
@@ -204,11 +205,12 @@ def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_
     assert forced.returncode == 0, forced.stderr
     con = sqlite3.connect(db)
     now = con.execute("select e.id, e.value from evaluations e join runs r on r.id = e.run_id "
-                      "where r.stage = 'filter' order by e.id").fetchall()
+                      "where r.stage = 'filter' and r.superseded_by = 0 order by e.id").fetchall()
     if change is RANK_TOKENS:
         assert "2 runs to redo (rank/" in forced.stdout
         assert now == filter_evals  # stage 1 untouched
-        assert {t for (t,) in con.execute("select tokens_seen from runs where stage = 'rank'")} == {3072}
+        assert {t for (t,) in con.execute("select tokens_seen from runs where stage = 'rank' "
+                                          "and superseded_by = 0")} == {3072}
     else:
         assert "runs to redo (filter/kjv-cot" in forced.stdout
         kept = set(filter_evals) & set(now)
@@ -221,6 +223,36 @@ def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_
     assert _rbridge(["plan", "crash.yaml"], fresh, env2).returncode == 0
     _same(_ranking(db), _ranking(fresh / "stores/crash.db"))
     assert _decisions(db) == _decisions(fresh / "stores/crash.db")
+    if change is MIX:
+        _undo_the_edit(tmp_path, env, db, filter_evals, expected, expected_decisions)
+
+
+def _undo_the_edit(tmp_path, env, db, filter_evals, expected, expected_decisions) -> None:
+    """`plan --force` back to the old spec revives the superseded runs (kept, with their evaluations and
+    checkpoints): nothing is trained, and the plan is again the baseline plan."""
+    con = sqlite3.connect(db)
+    superseded = con.execute("select r.id, r.stage, c.name, r.checkpoint from runs r join candidates c "
+                             "on c.id = r.candidate_id where r.superseded_by = 1").fetchall()
+    con.close()
+    assert superseded and all(".superseded/r1/" in ck and Path(ck).is_dir() for _, _, _, ck in superseded)
+    status = _rbridge(["status", "--store", str(db)], tmp_path, env)
+    assert "superseded by spec edits" in status.stdout and "revision 1: filter/kjv-cot" in status.stdout
+    (tmp_path / "crash.yaml").write_text(_spec(CANDIDATES))
+    back = _rbridge(["plan", "crash.yaml", "--force"], tmp_path, env)
+    assert back.returncode == 0, back.stderr
+    assert "revision 2" in back.stdout and "revived with their results" in back.stdout
+    assert "rungs trained and scored this time: 0;" in back.stdout
+    con = sqlite3.connect(db)
+    now = con.execute("select e.id, e.value from evaluations e join runs r on r.id = e.run_id "
+                      "where r.stage = 'filter' and r.superseded_by = 0 order by e.id").fetchall()
+    revived = con.execute("select checkpoint from runs where superseded_by = 0 and id in (%s)"
+                          % ",".join(str(i) for i, *_ in superseded)).fetchall()
+    con.close()
+    assert now == filter_evals  # the very rows recorded before the edit
+    assert len(revived) == len(superseded) and all(Path(ck).is_dir() and ".superseded" not in ck
+                                                   for (ck,) in revived)
+    _same(_ranking(db), expected)
+    assert _decisions(db) == expected_decisions
 
 
 @pytest.mark.parametrize("damage", ["model.safetensors"])  # every file in turn: tests/test_proxy.py

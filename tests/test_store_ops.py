@@ -159,19 +159,38 @@ def cands_by_id(cands):
     return {c.id: n for n, c in cands.items()}
 
 
-def test_delete_runs_takes_their_evaluations(store):
+def test_superseded_runs_keep_their_evaluations_lose_their_claim_and_can_be_revived(store):
     plan, cands = _plan(store)
     runs = _open_stage(store, plan, cands)
-    lease = run_ops.claim(store, runs["a"], ME, 0.5, "")
+    lease = run_ops.claim(store, runs["a"], ME, 0.5, "/ck/a")
     run_ops.record(store, runs["a"].id, lease, ME, rung=1, done=False, tokens_seen=1, wall_s=0, tokens_per_s=0,
                    train_flops=0, score_flops=0, scores={"g": {"nll": 1.0}})
-    plan_ops.delete_runs(store, [runs["a"].id, runs["b"].id])
+    held = run_ops.claim(store, _run(store, runs["b"].id), OTHER, 0.5, "/ck/b")
+    plan_ops.supersede_runs(store, {runs["a"].id: "/old/a", runs["b"].id: "/old/b"}, revision=1)
     assert sorted(plan_ops.stage_runs(store, plan.id, "s1")) == [cands["c"].id]
+    assert not run_ops.beat(store, runs["b"].id, held, OTHER)  # its holder is told at the next beat
+    b = _run(store, runs["b"].id)
+    assert (b.superseded_by, b.status, b.worker, b.checkpoint) == (1, "pending", "", "/old/b")
     with store.session() as s:
-        assert s.exec(select(Evaluation)).all() == []
+        assert [e.run_id for e in s.exec(select(Evaluation)).all()] == [runs["a"].id]  # kept
+    assert plan_ops.evaluated_rungs(store, plan.id) == 0  # ... and left out
+    assert plan_ops.ranking(store, "p") == []
+    # A new live run for the same (stage, candidate) may open beside the superseded one.
+    assert plan_ops.open_runs(store, [Run(plan_id=plan.id, stage="s1", stage_index=0, candidate_id=cands["b"].id,
+                                          config="{}", tokens_target=100)])
+    # Reviving "a" (a later spec asks for its inputs again) brings back its evaluations, once.
+    kept = plan_ops.superseded_runs(store, plan.id, "s1", [cands["a"].id, cands["b"].id])
+    assert {cid: [r.id for r in rs] for cid, rs in kept.items()} == {cands["a"].id: [runs["a"].id],
+                                                                     cands["b"].id: [runs["b"].id]}
+    assert plan_ops.open_runs(store, [], revive={runs["a"].id: "/ck/a"})
+    assert not plan_ops.open_runs(store, [], revive={runs["a"].id: "/ck/a"})  # a second reviver is told
+    a = _run(store, runs["a"].id)
+    assert (a.superseded_by, a.checkpoint, a.trial_number) == (0, "/ck/a", None)
+    assert plan_ops.evaluated_rungs(store, plan.id) == 1
+    assert [r["candidate"] for r in plan_ops.ranking(store, "p")] == ["a"]
 
 
-def test_a_spec_change_applies_whole(store):
+def test_a_spec_change_applies_whole_and_supersedes_instead_of_deleting(store):
     plan, cands = _plan(store)
     runs = _open_stage(store, plan, cands)
     s2 = _open_stage(store, plan, {n: cands[n] for n in "ab"}, stage="s2")
@@ -181,19 +200,31 @@ def test_a_spec_change_applies_whole(store):
         s.get(Run, s2["a"].id).trial_number = 3
     change = plan_ops.SpecChange(spec_text="name: p2", spec_hash="h2",
                                  candidates=[("b", {"x": 1.0}), ("a", {"x": 1.0}), ("d", {"z": 1.0})],
-                                 drop_runs=[runs["c"].id], drop_candidates=[cands["c"].id],
+                                 supersede_runs={runs["c"].id: "/old/c"}, drop_candidates=[cands["c"].id],
                                  redecide_stages=["s1", "s2"])
-    plan_ops.apply_spec_change(store, plan.id, change)
+    assert not plan_ops.apply_spec_change(store, plan.id, change, revision=2)  # not the next revision
+    assert plan_ops.get_plan(store, plan.id).spec_hash == "h1"
+    assert plan_ops.apply_spec_change(store, plan.id, change, revision=1)
     now = plan_ops.candidates(store, plan.id)
     assert sorted(now) == ["a", "b", "d"] and [now[n].position for n in "bad"] == [0, 1, 2]
     assert now["b"].mix == '{"x": 1.0}'
     assert plan_ops.decisions(store, plan.id, "s1", 1) == []
     assert {_run(store, r.id).status for r in (runs["a"], runs["b"])} == {"pending"}
     assert _run(store, s2["a"].id).trial_number is None
+    assert _run(store, runs["c"].id).superseded_by == 1
     row = plan_ops.get_plan(store, plan.id)
-    assert (row.spec_text, row.spec_hash, row.status) == ("name: p2", "h2", "running")
-    with store.session() as s:
-        assert s.exec(select(Decision)).all() == []
+    assert (row.spec_text, row.spec_hash, row.status, row.revision) == ("name: p2", "h2", "running", 1)
+    assert row.studies == '{"s1": 1, "s2": 1}'
+    with store.session() as s:  # nothing deleted: the old decisions and candidate are kept, superseded
+        assert sorted(d.superseded_by for d in s.exec(select(Decision)).all()) == [1, 1, 1]
+    assert [(r.id, n) for r, n in plan_ops.superseded(store, plan.id)] == [(runs["c"].id, "c")]
+    # The next edit brings "c" back: the same candidate row, so its superseded runs can be revived.
+    back = plan_ops.SpecChange(spec_text="name: p", spec_hash="h1",
+                               candidates=[("a", {"x": 1.0}), ("b", {"x": 0.5, "y": 0.5}), ("c", {"y": 1.0})],
+                               drop_candidates=[now["d"].id], redecide_stages=["s1", "s2"])
+    assert plan_ops.apply_spec_change(store, plan.id, back, revision=2)
+    again = plan_ops.candidates(store, plan.id)
+    assert sorted(again) == ["a", "b", "c"] and again["c"].id == cands["c"].id
 
 
 def test_a_failed_attempt_is_retried_then_recorded_failed_and_never_pruned(store):

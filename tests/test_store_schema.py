@@ -3,7 +3,9 @@ untouched."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -32,8 +34,8 @@ def _schema_1_store(path) -> None:
                   tokens_target=6144, tokens_seen=3072, status="done"))
     store.close()
     con = sqlite3.connect(path)
-    con.execute("DROP INDEX ux_runs_plan_stage_candidate")
-    con.execute("DROP INDEX ux_decisions_plan_stage_rung_candidate")
+    con.execute("DROP INDEX ux_runs_live")
+    con.execute("DROP INDEX ux_decisions_live")
     for col in SCHEMA_2_COLUMNS:
         con.execute(f"ALTER TABLE runs DROP COLUMN {col}")
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
@@ -51,7 +53,40 @@ def test_a_schema_1_store_is_upgraded_in_place(tmp_path):
         assert con.execute("SELECT stage, tokens_seen, status, worker, lease, beats FROM runs").fetchall() == \
             [("filter", 3072, "done", "", 0, 0)]                                 # kept, with the new defaults
         indexes = {row[1] for row in con.execute("SELECT * FROM sqlite_master WHERE type = 'index'")}
-        assert {"ux_runs_plan_stage_candidate", "ux_decisions_plan_stage_rung_candidate"} <= indexes
+        assert {"ux_runs_live", "ux_decisions_live"} <= indexes
+        assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    finally:
+        con.close()
+
+
+def test_a_schema_3_store_is_upgraded_in_place_with_its_results(tmp_path):
+    """tests/fixtures/store_v3.db was written by rbridge at schema 3 (commit 21fc302): one plan, two scored
+    runs, a rung decision. Schema 4 adds the revision columns, replaces the unique indexes by live-row ones
+    and recreates the views (which now leave superseded runs out); every row stays."""
+    db = tmp_path / "v3.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / "store_v3.db", db)
+    con = sqlite3.connect(db)
+    before = {t: con.execute(f"SELECT * FROM {t} ORDER BY id").fetchall()
+              for t in ("plans", "candidates", "runs", "evaluations", "decisions")}
+    ranking = con.execute("SELECT candidate, value, rank FROM ranking ORDER BY rank").fetchall()
+    con.close()
+    assert ranking == [("b", 3.25, 1), ("a", 3.5, 2)]
+    store = open_store(db)
+    store.close()
+    con = sqlite3.connect(db)
+    try:
+        for table, rows in before.items():  # each old row, with the new columns' defaults after it
+            now = con.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
+            assert [r[:len(rows[0])] for r in now] == rows, table
+        assert con.execute("SELECT revision, studies FROM plans").fetchall() == [(0, "")]
+        assert con.execute("SELECT DISTINCT superseded_by FROM runs").fetchall() == [(0,)]
+        indexes = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"ux_runs_live", "ux_decisions_live"} <= indexes
+        assert not {"ux_runs_plan_stage_candidate", "ux_decisions_plan_stage_rung_candidate"} & indexes
+        assert con.execute("SELECT candidate, value, rank FROM ranking ORDER BY rank").fetchall() == ranking
+        con.execute("UPDATE runs SET superseded_by = 1 WHERE candidate_id = (SELECT id FROM candidates "
+                    "WHERE name = 'a')")
+        assert con.execute("SELECT candidate FROM ranking").fetchall() == [("b",)]  # the recreated view
         assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     finally:
         con.close()

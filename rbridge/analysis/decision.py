@@ -118,7 +118,7 @@ def _observations(store: Store, plan: str | None) -> list[dict[str, Any]]:
                e.benchmark AS benchmark, e.metric AS metric, e.value AS value,
                e.higher_is_better AS higher_is_better, e.id AS id
         FROM evaluations e JOIN runs r ON r.id = e.run_id JOIN candidates c ON c.id = r.candidate_id
-        JOIN plans p ON p.id = r.plan_id WHERE 1 = 1 {where}""", **params)
+        JOIN plans p ON p.id = r.plan_id WHERE r.superseded_by = 0 {where}""", **params)
     for o in planner:
         o["source"] = "planner"
     imported = store.query(f"""

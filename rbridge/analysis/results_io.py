@@ -331,7 +331,8 @@ def import_results(store: Store, path: str | Path, *, stage: str | None, plan_na
                 raise InputError(f"stage '{stage}' of plan '{plan.name}' holds the planner's own runs; "
                                  "import under another stage name", field="--stage")
         if plan.spec_hash and not new_candidates:
-            known = set(s.exec(select(Candidate.name).where(Candidate.plan_id == plan.id)).all())
+            known = set(s.exec(select(Candidate.name).where(Candidate.plan_id == plan.id,
+                                                            Candidate.superseded_by == 0)).all())
             known |= set(s.exec(select(Result.candidate).where(Result.plan_id == plan.id)).all())
             unknown = [r for r in rows if r.candidate not in known]
             if unknown:

@@ -29,11 +29,13 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
         if plan is None:
             raise InputError("no plan in this store" + (f" named '{plan_name}'" if plan_name else ""),
                              file=store.url)
-        cands = {c.id: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
-        runs = s.exec(select(Run).where(Run.plan_id == plan.id).order_by(Run.stage_index, Run.id)).all()
+        every = {c.id: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id)).all()}
+        cands = {i: c for i, c in every.items() if not c.superseded_by}
+        all_runs = s.exec(select(Run).where(Run.plan_id == plan.id).order_by(Run.stage_index, Run.id)).all()
+        runs = [r for r in all_runs if not r.superseded_by]
         evals = s.exec(select(Evaluation).join(Run, Run.id == Evaluation.run_id)
                        .where(Run.plan_id == plan.id)).all()
-        decisions = s.exec(select(Decision).where(Decision.plan_id == plan.id)
+        decisions = s.exec(select(Decision).where(Decision.plan_id == plan.id, Decision.superseded_by == 0)
                            .order_by(Decision.rung)).all()
     try:
         spec = parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"), check_files=False)
@@ -108,9 +110,21 @@ def plan_status(store: Store, plan_name: str | None = None) -> dict[str, Any]:
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
                                "wall_s": 0.0})
     _add_progress(stages, stage_specs)
+    superseded = []  # runs an accepted spec edit set aside: kept, left out of the stages above
+    for run in sorted((r for r in all_runs if r.superseded_by), key=lambda r: (r.superseded_by, r.stage_index, r.id)):
+        ev = by_run.get(run.id, [])
+        rung = max((e.rung for e in ev), default=0)
+        metric = stage_specs[run.stage].pruning.metric if run.stage in stage_specs else "rbridge"
+        vals = [e.value for e in ev if e.rung == rung and e.metric == metric]
+        superseded.append({"revision": run.superseded_by, "stage": run.stage,
+                           "candidate": every[run.candidate_id].name, "status": run.status, "rung": rung,
+                           "tokens_seen": run.tokens_seen, "score": sum(vals) / len(vals) if vals else None,
+                           "checkpoint": run.checkpoint})
     return {
         "plan": plan.name,
         "status": plan.status,
+        "revision": plan.revision,
+        "superseded": superseded,
         "spec_hash": plan.spec_hash,
         "store": safe_url(store.url),
         "candidates": [c.name for c in sorted(cands.values(), key=lambda c: c.position)],

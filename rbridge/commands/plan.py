@@ -188,7 +188,8 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
         info["analysis"] = analysis_summary(st, info["plan"])
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    console.print(f"[bold]plan {info['plan']}[/] ({info['status']}) in {info['store']}")
+    revision = f", spec revision {info['revision']}" if info["revision"] else ""
+    console.print(f"[bold]plan {info['plan']}[/] ({info['status']}{revision}) in {info['store']}")
     for stage in info["stages"]:
         table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
                             f"{len(stage['survivors'])} survivors")
@@ -208,6 +209,16 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
         console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
                       f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
                       f"FLOPs, {stage['wall_s']:.0f} s of training")
+    if info["superseded"]:
+        by_rev: dict[int, list[str]] = {}
+        for r in info["superseded"]:
+            score = "" if r["score"] is None else f" {r['score']:.4f}"
+            by_rev.setdefault(r["revision"], []).append(f"{r['stage']}/{r['candidate']} ({r['status']}, rung "
+                                                        f"{r['rung']}{score})")
+        console.print(f"[bold]superseded[/] by spec edits (kept; `rbridge plan OLD_SPEC --force` reuses them): "
+                      f"{len(info['superseded'])} runs")
+        for rev, rows in sorted(by_rev.items()):
+            console.print(f"  revision {rev}: {', '.join(rows)}")
     c = info["compute"]
     console.print(f"[bold]compute[/]: spent {c['spent_flops']:.2e} FLOPs "
                   f"(train {c['train_flops']:.2e}, scoring {c['score_flops']:.2e}), {c['wall_s']:.0f} s")

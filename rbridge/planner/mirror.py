@@ -14,34 +14,36 @@ import optuna
 from optuna.trial import TrialState
 
 
-def study_name(plan: str, stage: str) -> str:
-    return f"{plan}:{stage}"
+def study_name(plan: str, stage: str, revision: int = 0) -> str:
+    """``plan:stage``; a stage decided afresh after an accepted spec edit gets a new study,
+    ``plan:stage@r<revision>``, and the earlier one is kept as it was."""
+    return f"{plan}:{stage}" + (f"@r{revision}" if revision else "")
 
 
-def study(store_url: str, plan: str, stage: str) -> optuna.Study:
+def study(store_url: str, plan: str, stage: str, revision: int = 0) -> optuna.Study:
     """The stage's study, created when missing."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=study_name(plan, stage), storage=store_url, direction="minimize",
-                               load_if_exists=True)
+    return optuna.create_study(study_name=study_name(plan, stage, revision), storage=store_url,
+                               direction="minimize", load_if_exists=True)
 
 
-def ask(store_url: str, plan: str, stage: str, candidate: str) -> int:
+def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0) -> int:
     """A new trial for a run; returns its number."""
-    trial = study(store_url, plan, stage).ask()
+    trial = study(store_url, plan, stage, revision).ask()
     trial.set_user_attr("candidate", candidate)
     return trial.number
 
 
-def fail(store_url: str, plan: str, stage: str, number: int) -> None:
+def fail(store_url: str, plan: str, stage: str, number: int, revision: int = 0) -> None:
     """Mark a trial failed (asked by a worker whose run took another trial)."""
-    study(store_url, plan, stage).tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    study(store_url, plan, stage, revision).tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def tell_rung(store_url: str, plan: str, stage: str, results: list[tuple[int | None, float, bool]],
-              step: int, final: bool) -> None:
+              step: int, final: bool, revision: int = 0) -> None:
     """Report a rung: each (trial number, score, kept) at ``step`` tokens; pruned trials end PRUNED,
     and at the stage's last rung the kept ones end COMPLETE with their score."""
-    st = study(store_url, plan, stage)
+    st = study(store_url, plan, stage, revision)
     trials = {t.number: t for t in st.get_trials(deepcopy=False)}
     for number, score, kept in results:
         frozen = trials.get(number)
@@ -59,22 +61,13 @@ def tell_rung(store_url: str, plan: str, stage: str, results: list[tuple[int | N
             continue
 
 
-def fail_orphans(store_url: str, plan: str, stage: str, run_trials: set[int | None]) -> None:
+def fail_orphans(store_url: str, plan: str, stage: str, run_trials: set[int | None], revision: int = 0) -> None:
     """Trials asked by a worker that died before recording them on its run: mark them failed.
 
     Called when a stage's last rung is decided: every run of the stage was claimed
     (and got its trial) by then, so a RUNNING trial no run names is an orphan.
     """
-    st = study(store_url, plan, stage)
+    st = study(store_url, plan, stage, revision)
     for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number not in run_trials:
             st.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def delete_studies(store_url: str, plan: str, stages: list[str]) -> None:
-    """Drop the studies of stages whose decisions are recomputed (their runs get fresh trials)."""
-    for stage in stages:
-        try:
-            optuna.delete_study(study_name=study_name(plan, stage), storage=store_url)
-        except KeyError:
-            pass

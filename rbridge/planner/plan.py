@@ -163,7 +163,7 @@ class Planner:
                 old = parse_spec(plan.spec_text, Path(plan.spec_path or "spec.yaml"), check_files=False)
             except InputError:
                 old = None
-            reconcile(self.store, plan.id, plan.name, old, spec, data, self.report)
+            reconcile(self.store, plan, old, spec, data, self.report)
         return plan_ops.get_plan(self.store, plan.id)
 
     # ------------------------------------------------------------------ run

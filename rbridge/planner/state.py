@@ -11,12 +11,12 @@ the same ones.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rbridge._failpoints import failpoint
 from rbridge.planner import mirror
+from rbridge.planner.checkpoints import checkpoint_dir, move_checkpoints, superseded_dir
 from rbridge.planner.reconcile import run_fingerprint
 from rbridge.planner.schedule import RungDecision, decide, rung_tokens, survivors_at
 from rbridge.reporting import SILENT, Reporter
@@ -56,6 +56,8 @@ class PlanState:
         self.plan_id = plan.id
         self.name = plan.name
         self.spec_hash = plan.spec_hash
+        self.revision = plan.revision  # accepted spec edits so far (rbridge.planner.reconcile)
+        self.studies: dict[str, int] = json.loads(plan.studies or "{}")  # stage -> its study's revision
         self.spec = spec
         self.report = report
         self.stages = spec.resolved_stages()
@@ -81,6 +83,10 @@ class PlanState:
         if self._traces is None:
             self._traces = {b.name: load_traces(b.traces) for b in self.spec.benchmarks}
         return self._traces
+
+    def study_revision(self, stage: str) -> int:
+        """The revision of the stage's current Optuna study (rbridge.planner.mirror.study_name)."""
+        return self.studies.get(stage, 0)
 
     # ------------------------------------------------------------------ sync
     def sync(self) -> SyncResult:
@@ -111,26 +117,49 @@ class PlanState:
         return SyncResult(True)
 
     def _open_stage(self, stage: Stage, entrants: list[str], cands: dict[str, Candidate]) -> dict[str, Run]:
-        """The stage's runs for exactly these entrants: created once (unique index), extras dropped."""
+        """The stage's runs for exactly these entrants: opened once (unique index), extras superseded.
+
+        A missing run whose inputs a superseded run of the same candidate had (a spec edit
+        undone) is revived with its evaluations and checkpoints instead of trained again.
+        """
         from rbridge.planner.steps import describe_proxy
 
         runs = plan_ops.stage_runs(self.store, self.plan_id, stage.name)
         wanted = {cands[n].id for n in entrants}
-        extra = [r for cid, r in runs.items() if cid not in wanted]
+        extra = {cid: r for cid, r in runs.items() if cid not in wanted}
         if extra:  # survivors changed after a --force: these candidates no longer reach the stage
-            plan_ops.delete_runs(self.store, [r.id for r in extra])
-            for run in extra:
-                if run.checkpoint:
-                    shutil.rmtree(run.checkpoint, ignore_errors=True)
+            names = {c.id: n for n, c in cands.items()}
+            moved = {}
+            for cid, run in extra.items():
+                live = checkpoint_dir(self.store.url, self.name, stage.name, names.get(cid, str(cid)))
+                to = superseded_dir(self.store.url, self.name, self.revision, stage.name, names.get(cid, str(cid)))
+                moved[run.id] = str(to) if move_checkpoints(live, to) else run.checkpoint
+            plan_ops.supersede_runs(self.store, moved, self.revision)
         missing = [n for n in entrants if cands[n].id not in runs]
         if missing:
-            info = describe_proxy(stage, self.data)
-            plan_ops.open_runs(self.store, [
-                Run(plan_id=self.plan_id, stage=stage.name, stage_index=stage.index, candidate_id=cands[n].id,
-                    config=json.dumps(info["config"], sort_keys=True), params=info["params"],
-                    non_embedding_params=info["non_embedding_params"], tokens_target=stage.training.tokens,
-                    fingerprint=run_fingerprint(self.spec, stage, json.loads(cands[n].mix), self.data))
-                for n in missing])
+            fingerprints = {n: run_fingerprint(self.spec, stage, json.loads(cands[n].mix), self.data)
+                            for n in missing}
+            kept = plan_ops.superseded_runs(self.store, self.plan_id, stage.name, [cands[n].id for n in missing])
+            revive, new = {}, []
+            for n in missing:
+                old = next((r for r in kept.get(cands[n].id, [])
+                            if r.fingerprint == fingerprints[n] and r.status != "failed"), None)
+                if old is None:
+                    new.append(n)
+                    continue
+                live = checkpoint_dir(self.store.url, self.name, stage.name, n)
+                if old.checkpoint:
+                    move_checkpoints(old.checkpoint, live)
+                revive[old.id] = str(live)
+            info = describe_proxy(stage, self.data) if new else None
+            if plan_ops.open_runs(self.store, [
+                    Run(plan_id=self.plan_id, stage=stage.name, stage_index=stage.index, candidate_id=cands[n].id,
+                        config=json.dumps(info["config"], sort_keys=True), params=info["params"],
+                        non_embedding_params=info["non_embedding_params"], tokens_target=stage.training.tokens,
+                        fingerprint=fingerprints[n])
+                    for n in new], revive=revive) and revive:
+                self.report.say(f"  {stage.name}: {len(revive)} superseded run(s) revived with their results, "
+                                f"not trained again ({', '.join(n for n in missing if n not in new)})")
             runs = plan_ops.stage_runs(self.store, self.plan_id, stage.name)
         return {n: runs[cands[n].id] for n in entrants}
 
@@ -149,12 +178,13 @@ class PlanState:
                                    f"{runs[n].attempts} attempt(s): {runs[n].error}")
                       for i, n in enumerate(failed, start=1)]
         final = rung == n_rungs
+        rev = self.study_revision(stage.name)
         mirror.tell_rung(self.store.url, self.name, stage.name,
                          [(runs[d.candidate].trial_number, d.score, d.kept) for d in decisions if d.score is not None],
-                         rung_tokens(stage)[rung - 1], final)
+                         rung_tokens(stage)[rung - 1], final, rev)
         for n in failed:
             if runs[n].trial_number is not None:
-                mirror.fail(self.store.url, self.name, stage.name, runs[n].trial_number)
+                mirror.fail(self.store.url, self.name, stage.name, runs[n].trial_number, rev)
         failpoint("after-tell")
         rows = [plan_ops.DecisionRow(cands[d.candidate].id, runs[d.candidate].id, d.kept, d.score, d.rank, d.why)
                 for d in decisions]
@@ -168,7 +198,7 @@ class PlanState:
             self.report.say(f"  {stage.name} rung {rung} decision: keep {n_keep}/{len(active)}; "
                             f"dropped {', '.join(dropped) or 'none'}" + (f"; failed {', '.join(failed)}" if failed else ""))
         if final:
-            mirror.fail_orphans(self.store.url, self.name, stage.name, {r.trial_number for r in runs.values()})
+            mirror.fail_orphans(self.store.url, self.name, stage.name, {r.trial_number for r in runs.values()}, rev)
             self.record_compute()
         return sorted(d.candidate for d in decisions if d.kept)
 

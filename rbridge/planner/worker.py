@@ -95,11 +95,12 @@ class PlanWorker:
             self.report.say(f"  taking over run {task.stage.name}/{task.candidate.name} left running by "
                             f"{run.worker or 'a process'} that died (resuming from its last checkpoint)")
         if run.trial_number is None:
-            number = mirror.ask(self.store.url, self.state.name, task.stage.name, task.candidate.name)
+            rev = self.state.study_revision(task.stage.name)
+            number = mirror.ask(self.store.url, self.state.name, task.stage.name, task.candidate.name, rev)
             if run_ops.set_trial(self.store, run.id, lease, number):
                 task.run.trial_number = number
             else:
-                mirror.fail(self.store.url, self.state.name, task.stage.name, number)
+                mirror.fail(self.store.url, self.state.name, task.stage.name, number, rev)
         return claim
 
     # ------------------------------------------------------------------ work
@@ -220,7 +221,8 @@ class Worker:
 
     def _worker(self, plan) -> PlanWorker:
         pw = self.workers.get(plan.name)
-        if pw is None or pw.state.spec_hash != plan.spec_hash:  # new, or changed with --force
+        if pw is None or (pw.state.spec_hash, pw.state.revision) != (plan.spec_hash, plan.revision):
+            # new, or changed with --force (possibly back to a spec this worker saw before)
             pw = PlanWorker(PlanState.from_store(self.store, plan, self.report), **self.kw)
             self.workers[plan.name] = pw
             self.report.say(f"serving plan {plan.name} as {pw.me}")

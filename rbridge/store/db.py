@@ -30,6 +30,9 @@ from sqlmodel import Session, SQLModel, create_engine, select
 from rbridge.errors import InputError
 from rbridge.store.models import SCHEMA_VERSION, Meta
 
+# Every view reads live runs only: a run superseded by an accepted spec edit keeps its
+# rows (rbridge status lists it) but no longer counts.
+#
 # The last evaluation of every run, ranked within (plan, stage, benchmark, metric).
 # A run that went further (more tokens: it survived more rungs) ranks above one
 # dropped earlier; among runs that reached the same point, the metric decides in
@@ -52,7 +55,7 @@ FROM last l
 JOIN runs r ON r.id = l.run_id
 JOIN candidates c ON c.id = r.candidate_id
 JOIN plans p ON p.id = r.plan_id
-WHERE l.rn = 1
+WHERE l.rn = 1 AND r.superseded_by = 0
 """
 
 # Proxy values per (plan, stage, candidate, benchmark, metric): the planner's last
@@ -81,7 +84,7 @@ FROM last l
 JOIN runs r ON r.id = l.run_id
 JOIN candidates c ON c.id = r.candidate_id
 JOIN plans p ON p.id = r.plan_id
-WHERE l.rn = 1
+WHERE l.rn = 1 AND r.superseded_by = 0
 UNION ALL
 SELECT p.name AS plan, i.stage AS stage, i.candidate AS candidate, i.benchmark AS benchmark, i.metric AS metric,
        i.value AS value, i.higher_is_better AS higher_is_better, i.tokens AS tokens_seen,
@@ -402,18 +405,43 @@ def open_store(store: str | Path, create: bool = True, read_only: bool = False) 
     return st
 
 
-def _create_views(conn: Connection, existing: set[str]) -> None:
+def _create_views(conn: Connection, existing: set[str], replace: bool = False) -> None:
+    """Create the views; ``replace``: drop and recreate them (a store of an older schema).
+
+    Views hold no data, so replacing them loses nothing. Dropped in reverse order:
+    a view is dropped before the views it reads.
+    """
+    if replace:
+        for name in reversed(list(VIEWS)):
+            if name in existing:
+                conn.execute(text(f"DROP VIEW {name}"))
+        existing = set()
     for name, sql in VIEWS.items():
         if name not in existing:
             conn.execute(text(sql))
 
 
-def _upgrade(conn: Connection) -> None:
-    """Bring a store written by an older rbridge up to this schema, in place.
+# Indexes of earlier schemas that a later one replaced (4: the unique indexes now hold
+# among live rows only). Dropping an index loses no data.
+_REPLACED_INDEXES = {"runs": ["ux_runs_plan_stage_candidate"],
+                     "decisions": ["ux_decisions_plan_stage_rung_candidate"]}
+
+
+def _stored_version(conn: Connection) -> int | None:
+    if Meta.__tablename__ not in inspect(conn).get_table_names():
+        return None
+    row = conn.execute(text(f"SELECT value FROM {Meta.__tablename__} WHERE key = 'schema_version'")).first()
+    return None if row is None else int(row[0])
+
+
+def _upgrade(conn: Connection) -> bool:
+    """Bring a store written by an older rbridge up to this schema, in place; True if it was older.
 
     Only additive changes: columns added with their server defaults, indexes
-    created when missing. Nothing is rewritten or dropped.
+    created when missing, replaced indexes and the views (no data) recreated.
+    Nothing is rewritten and no row is dropped.
     """
+    version = _stored_version(conn)
     insp = inspect(conn)
     tables = set(insp.get_table_names())
     for table in SQLModel.metadata.sorted_tables:
@@ -427,8 +455,13 @@ def _upgrade(conn: Connection) -> None:
             if col.server_default is not None:
                 ddl += f" DEFAULT '{col.server_default.arg}'"
             conn.execute(text(ddl))
+        indexes = {ix["name"] for ix in insp.get_indexes(table.name)}
+        for name in _REPLACED_INDEXES.get(table.name, []):
+            if name in indexes:
+                conn.execute(text(f"DROP INDEX {name}"))
         for index in table.indexes:
             index.create(conn, checkfirst=True)
+    return version is not None and version < SCHEMA_VERSION
 
 
 def _refuse_newer(st: Store) -> None:
@@ -450,25 +483,34 @@ def _ensure_schema(st: Store) -> None:
         with st.engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
             SQLModel.metadata.create_all(conn)
-            _upgrade(conn)
+            older = _upgrade(conn)
             existing = {row[0] for row in conn.execute(text(
                 "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
-            _create_views(conn, existing)
+            _create_views(conn, existing, replace=older)
+            if older:
+                conn.execute(text(f"UPDATE {Meta.__tablename__} SET value = :v WHERE key = 'schema_version'"),
+                             {"v": str(SCHEMA_VERSION)})
     else:
         # Several processes may open a new SQLite store at once (a plan and its workers);
-        # CREATE TABLE / VIEW are not guarded there, so a loser of the race looks again.
+        # CREATE TABLE / VIEW are not guarded there (pysqlite runs DDL outside a transaction),
+        # so a loser of the race looks again.
         for attempt in range(5):
             try:
                 SQLModel.metadata.create_all(st.engine)
                 with st.engine.begin() as conn:
-                    _upgrade(conn)
+                    older = _upgrade(conn)
                     existing = {row[0] for row in conn.execute(text(
                         "SELECT name FROM sqlite_master WHERE type='view'" if st.url.startswith("sqlite")
                         else "SELECT table_name FROM information_schema.views WHERE table_schema = current_schema()"))}
-                    _create_views(conn, existing)
+                    _create_views(conn, existing, replace=older)
+                    if older:  # in the same transaction: the next process sees a current store
+                        conn.execute(text(f"UPDATE {Meta.__tablename__} SET value = :v WHERE key = 'schema_version'"),
+                                     {"v": str(SCHEMA_VERSION)})
                 break
             except OperationalError as exc:
-                if "already exists" not in str(exc) or attempt == 4:
+                # A racing process created (or, upgrading, dropped) the same view or index.
+                if not any(m in str(exc) for m in ("already exists", "no such view", "no such index")) \
+                        or attempt == 4:
                     raise
                 time.sleep(0.1 * (attempt + 1))
     try:

@@ -9,13 +9,21 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Optional
 
-from sqlalchemy import BigInteger, Index
+from sqlalchemy import BigInteger, Index, text
 from sqlmodel import Field, SQLModel
 
 # 2: runs carry a worker claim (worker, lease, beats, heartbeat_at, beat_every_s);
 #    unique (plan, stage, candidate) runs and (plan, stage, rung, candidate) decisions.
 # 3: runs count failed attempts (attempts) and keep the last error (error); status 'failed'.
-SCHEMA_VERSION = 3
+# 4: an accepted spec edit supersedes rows instead of deleting them: plans.revision counts
+#    accepted edits; runs, candidates and decisions carry superseded_by (0: live, else the
+#    revision that superseded the row); the unique indexes cover live rows only;
+#    plans.studies names each stage's Optuna study revision.
+SCHEMA_VERSION = 4
+
+# The unique indexes below hold among live rows only (superseded_by = 0): a superseded
+# run and the live run that replaced it share (plan, stage, candidate).
+LIVE = text("superseded_by = 0")
 
 # Parameter and token counts pass 2**31 (a 1B proxy, 20B target tokens): 64-bit
 # everywhere (SQLite's INTEGER already is; PostgreSQL's INTEGER is 32-bit).
@@ -42,6 +50,8 @@ class Plan(SQLModel, table=True):
     seed: int = 0
     status: str = "running"  # running | done | failed
     compute: str = ""  # JSON: spend per stage, naive spend, reduction (rbridge.analysis.compute)
+    revision: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # accepted spec edits so far
+    studies: str = Field(default="", sa_column_kwargs={"server_default": ""})  # JSON {stage: study revision}
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -53,6 +63,7 @@ class Candidate(SQLModel, table=True):
     name: str
     mix: str  # JSON: {source: token share}
     position: int = 0  # order in the spec (display only; never used for decisions)
+    superseded_by: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # revision that dropped it
 
 
 class Run(SQLModel, table=True):
@@ -64,7 +75,8 @@ class Run(SQLModel, table=True):
     """
 
     __tablename__ = "runs"
-    __table_args__ = (Index("ux_runs_plan_stage_candidate", "plan_id", "stage", "candidate_id", unique=True),)
+    __table_args__ = (Index("ux_runs_live", "plan_id", "stage", "candidate_id", unique=True,
+                            sqlite_where=LIVE, postgresql_where=LIVE),)
     id: Optional[int] = Field(default=None, primary_key=True)
     plan_id: int = Field(foreign_key="plans.id", index=True)
     stage: str
@@ -90,6 +102,10 @@ class Run(SQLModel, table=True):
     heartbeat_at: Optional[datetime] = None
     attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # failed attempts so far
     error: str = Field(default="", sa_column_kwargs={"server_default": ""})  # the last failure, if any
+    # 0 while the run counts; else the plan revision whose spec edit superseded it. A superseded
+    # run keeps its evaluations (and its checkpoints, moved under <runs>/.superseded/r<revision>),
+    # is left out of every view, and is revived when a later spec asks for the same fingerprint.
+    superseded_by: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
 
@@ -112,8 +128,8 @@ class Decision(SQLModel, table=True):
 
     __tablename__ = "decisions"
     # Rung decisions are made once: a second worker deciding the same rung hits this index.
-    __table_args__ = (Index("ux_decisions_plan_stage_rung_candidate", "plan_id", "stage", "rung", "candidate_id",
-                            unique=True),)
+    __table_args__ = (Index("ux_decisions_live", "plan_id", "stage", "rung", "candidate_id", unique=True,
+                            sqlite_where=LIVE, postgresql_where=LIVE),)
     id: Optional[int] = Field(default=None, primary_key=True)
     plan_id: int = Field(foreign_key="plans.id", index=True)
     stage: str
@@ -123,4 +139,5 @@ class Decision(SQLModel, table=True):
     score: Optional[float] = None
     rank: int = 0
     why: str = ""
+    superseded_by: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # as Run.superseded_by
     created_at: datetime = Field(default_factory=utcnow)

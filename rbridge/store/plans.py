@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sqlalchemy import update
+from sqlalchemy import case, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, delete, select
+from sqlmodel import Session, select
 
 from rbridge._failpoints import failpoint
 from rbridge.store.db import Store
@@ -92,15 +92,18 @@ def set_plan_compute(store: Store, plan_id: int, compute: dict) -> None:
 
 
 def candidates(store: Store, plan_id: int) -> dict[str, Candidate]:
+    """The plan's live candidates by name (one a spec edit removed is kept, superseded, and left out)."""
     with store.session() as s:
-        return {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan_id)).all()}
+        return {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan_id,
+                                                                  Candidate.superseded_by == 0)).all()}
 
 
 def evaluated_rungs(store: Store, plan_id: int) -> int:
     """How many (run, rung) steps of the plan have evaluations."""
     with store.session() as s:
         return len(s.exec(select(Evaluation.run_id, Evaluation.rung).distinct()
-                          .join(Run, Run.id == Evaluation.run_id).where(Run.plan_id == plan_id)).all())
+                          .join(Run, Run.id == Evaluation.run_id)
+                          .where(Run.plan_id == plan_id, Run.superseded_by == 0)).all())
 
 
 def ranking(store: Store, plan_name: str) -> list[dict]:
@@ -114,34 +117,64 @@ def ranking(store: Store, plan_name: str) -> list[dict]:
 
 
 def stage_runs(store: Store, plan_id: int, stage: str) -> dict[int, Run]:
-    """The stage's runs by candidate id."""
+    """The stage's live runs by candidate id."""
     with store.session() as s:
-        return {r.candidate_id: r for r in s.exec(select(Run).where(Run.plan_id == plan_id, Run.stage == stage)).all()}
+        return {r.candidate_id: r for r in s.exec(select(Run).where(Run.plan_id == plan_id, Run.stage == stage,
+                                                                    Run.superseded_by == 0)).all()}
 
 
-def open_runs(store: Store, runs: list[Run]) -> bool:
-    """Create a stage's missing runs in one transaction; False when another worker created them first."""
+def superseded_runs(store: Store, plan_id: int, stage: str, candidate_ids: list[int]) -> dict[int, list[Run]]:
+    """The stage's superseded runs of these candidates, newest supersession first, by candidate id."""
+    out: dict[int, list[Run]] = {}
+    with store.session() as s:
+        for r in s.exec(select(Run).where(Run.plan_id == plan_id, Run.stage == stage, Run.superseded_by != 0,
+                                          Run.candidate_id.in_(candidate_ids))
+                        .order_by(Run.superseded_by.desc(), Run.id.desc())).all():
+            out.setdefault(r.candidate_id, []).append(r)
+    return out
+
+
+def open_runs(store: Store, runs: list[Run], revive: dict[int, str] | None = None) -> bool:
+    """Open a stage's missing runs in one transaction: create ``runs``, and revive the superseded runs
+    ``revive`` names ({run id: its checkpoint folder}) whose inputs the spec asks for again.
+
+    A revived run counts again with its evaluations; its stage is decided afresh (a new
+    Optuna trial, pruned -> pending). False when another worker opened the stage first.
+    """
     try:
         with store.session() as s:
+            for run_id, checkpoint in (revive or {}).items():
+                res = s.execute(update(Run).where(Run.id == run_id, Run.superseded_by != 0).values(
+                    superseded_by=0, trial_number=None, checkpoint=checkpoint,
+                    status=case((Run.status == "pruned", "pending"), else_=Run.status)))
+                if res.rowcount != 1:  # revived by another worker
+                    raise IntegrityError("revive", {}, None)
             s.add_all(runs)
         return True
-    except IntegrityError:  # the unique (plan, stage, candidate) index: theirs are the same rows
+    except IntegrityError:  # the unique live (plan, stage, candidate) index: theirs are the same rows
         return False
 
 
-def delete_runs(store: Store, run_ids: list[int]) -> None:
-    """Delete runs and their evaluations, in one transaction (checkpoints are the caller's)."""
+def supersede_runs(store: Store, run_ids: dict[int, str], revision: int) -> None:
+    """Set runs aside as superseded by ``revision`` ({run id: where its checkpoints now are}), in one
+    transaction: they keep their evaluations and leave every view; a claim on them is lost."""
     if not run_ids:
         return
     with store.session() as s:
-        s.exec(delete(Evaluation).where(Evaluation.run_id.in_(run_ids)))
-        s.exec(delete(Run).where(Run.id.in_(run_ids)))
+        _supersede(s, run_ids, revision)
+
+
+def _supersede(s: Session, run_ids: dict[int, str], revision: int) -> None:
+    for run_id, checkpoint in run_ids.items():
+        s.execute(update(Run).where(Run.id == run_id, Run.superseded_by == 0).values(
+            superseded_by=revision, checkpoint=checkpoint, worker="",
+            status=case((Run.status == "running", "pending"), else_=Run.status)))
 
 
 def decisions(store: Store, plan_id: int, stage: str, rung: int) -> list[Decision]:
     with store.session() as s:
         return list(s.exec(select(Decision).where(Decision.plan_id == plan_id, Decision.stage == stage,
-                                                  Decision.rung == rung)).all())
+                                                  Decision.rung == rung, Decision.superseded_by == 0)).all())
 
 
 @dataclass(frozen=True)
@@ -180,42 +213,78 @@ def decide(store: Store, plan_id: int, stage: str, rung: int, rows: list[Decisio
 
 @dataclass
 class SpecChange:
-    """What an accepted spec edit (``rbridge plan --force``) does to a plan's rows, computed by the planner."""
+    """What an accepted spec edit (``rbridge plan --force``) does to a plan's rows, computed by the planner.
+
+    Nothing is deleted: what the edit invalidates is marked superseded by the plan's
+    next revision, kept, and left out of the views (``rbridge status`` lists it).
+    """
 
     spec_text: str
     spec_hash: str
-    candidates: list[tuple[str, dict]]                         # the new spec's, in order
-    drop_runs: list[int] = field(default_factory=list)         # runs whose inputs changed
-    drop_candidates: list[int] = field(default_factory=list)   # candidates no longer in the spec
-    redecide_stages: list[str] = field(default_factory=list)   # stages whose decisions are recomputed
+    candidates: list[tuple[str, dict]]                              # the new spec's, in order
+    supersede_runs: dict[int, str] = field(default_factory=dict)    # runs whose inputs changed -> checkpoints
+    drop_candidates: list[int] = field(default_factory=list)        # candidates no longer in the spec
+    redecide_stages: list[str] = field(default_factory=list)        # stages whose decisions are recomputed
 
 
-def apply_spec_change(store: Store, plan_id: int, change: SpecChange) -> None:
-    """Apply a spec change in one transaction: all of it lands, or none of it."""
+def apply_spec_change(store: Store, plan_id: int, change: SpecChange, revision: int) -> bool:
+    """Apply a spec change as plan revision ``revision``, in one transaction: all of it lands, or none.
+
+    False (nothing written) when the plan is no longer at ``revision - 1``: another
+    process accepted an edit meanwhile.
+    """
     with store.session() as s:
-        have = {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan_id)).all()}
-        for position, (name, mix) in enumerate(change.candidates):
-            if name in have:
-                have[name].mix, have[name].position = json.dumps(mix, sort_keys=True), position
-        _add_candidates(s, plan_id, change.candidates, set(have))
-        if change.drop_runs:
-            s.exec(delete(Evaluation).where(Evaluation.run_id.in_(change.drop_runs)))
-            s.exec(delete(Run).where(Run.id.in_(change.drop_runs)))
-        for cid in change.drop_candidates:
-            s.exec(delete(Decision).where(Decision.candidate_id == cid))
-            s.exec(delete(Candidate).where(Candidate.id == cid))
-        if change.redecide_stages:
-            s.exec(delete(Decision).where(Decision.plan_id == plan_id, Decision.stage.in_(change.redecide_stages)))
-            # Runs of those stages get fresh Optuna trials (in fresh studies) and may run again.
-            for run in s.exec(select(Run).where(Run.plan_id == plan_id, Run.stage.in_(change.redecide_stages))).all():
-                run.trial_number = None
-                if run.status == "pruned":
-                    run.status = "pending"
         row = s.get(Plan, plan_id)
+        if row.revision != revision - 1:
+            return False
+        live = {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan_id,
+                                                                  Candidate.superseded_by == 0)).all()}
+        old = {}  # superseded candidates, the most recently superseded first
+        for c in s.exec(select(Candidate).where(Candidate.plan_id == plan_id, Candidate.superseded_by != 0)
+                        .order_by(Candidate.superseded_by.desc(), Candidate.id.desc())).all():
+            old.setdefault(c.name, c)
+        for position, (name, mix) in enumerate(change.candidates):
+            c = live.get(name) or old.get(name)  # a candidate the spec brings back keeps its id and runs
+            if c is not None:
+                c.mix, c.position, c.superseded_by = json.dumps(mix, sort_keys=True), position, 0
+                s.add(c)
+        s.flush()
+        _add_candidates(s, plan_id, change.candidates, set(live) | set(old))
+        _supersede(s, change.supersede_runs, revision)
+        if change.drop_candidates:
+            s.execute(update(Candidate).where(Candidate.id.in_(change.drop_candidates))
+                      .values(superseded_by=revision))
+            s.execute(update(Decision).where(Decision.candidate_id.in_(change.drop_candidates),
+                                             Decision.superseded_by == 0).values(superseded_by=revision))
+        studies = json.loads(row.studies or "{}")
+        if change.redecide_stages:
+            s.execute(update(Decision).where(Decision.plan_id == plan_id, Decision.superseded_by == 0,
+                                             Decision.stage.in_(change.redecide_stages))
+                      .values(superseded_by=revision))
+            # Live runs of those stages get fresh Optuna trials (in the revision's new studies) and may run again.
+            s.execute(update(Run).where(Run.plan_id == plan_id, Run.superseded_by == 0,
+                                        Run.stage.in_(change.redecide_stages))
+                      .values(trial_number=None, status=case((Run.status == "pruned", "pending"),
+                                                             else_=Run.status)))
+            studies.update({stage: revision for stage in change.redecide_stages})
         row.spec_text, row.spec_hash, row.status, row.updated_at = change.spec_text, change.spec_hash, "running", \
             utcnow()
+        row.revision, row.studies = revision, json.dumps(studies, sort_keys=True)
+        s.add(row)
+        failpoint("spec-change")
+    return True
+
+
+def superseded(store: Store, plan_id: int) -> list[tuple[Run, str]]:
+    """Every superseded run of a plan with its candidate's name, by revision then stage."""
+    with store.session() as s:
+        rows = s.exec(select(Run, Candidate.name).join(Candidate, Candidate.id == Run.candidate_id)
+                      .where(Run.plan_id == plan_id, Run.superseded_by != 0)
+                      .order_by(Run.superseded_by, Run.stage_index, Candidate.name)).all()
+    return [(r, n) for r, n in rows]
 
 
 def plan_runs(store: Store, plan_id: int) -> list[Run]:
+    """The plan's live runs."""
     with store.session() as s:
-        return list(s.exec(select(Run).where(Run.plan_id == plan_id)).all())
+        return list(s.exec(select(Run).where(Run.plan_id == plan_id, Run.superseded_by == 0)).all())

@@ -21,8 +21,9 @@ from rbridge.store.models import Evaluation, Run, utcnow
 
 
 def _held(run_id: int, lease: int, worker: str):
-    """The row condition of a claim still held: same lease, same holder, still running."""
-    return (Run.id == run_id) & (Run.lease == lease) & (Run.worker == worker) & (Run.status == "running")
+    """The row condition of a claim still held: same lease, same holder, still running, not superseded."""
+    return ((Run.id == run_id) & (Run.lease == lease) & (Run.worker == worker) & (Run.status == "running")
+            & (Run.superseded_by == 0))
 
 
 def claim(store: Store, run: Run, worker: str, beat_every_s: float, checkpoint: str) -> int | None:
@@ -34,7 +35,7 @@ def claim(store: Store, run: Run, worker: str, beat_every_s: float, checkpoint: 
     with store.session() as s:
         res = s.execute(
             update(Run).where(Run.id == run.id, Run.lease == run.lease, Run.beats == run.beats,
-                              Run.status == run.status)
+                              Run.status == run.status, Run.superseded_by == 0)
             .values(status="running", worker=worker, lease=run.lease + 1, beats=0, beat_every_s=beat_every_s,
                     heartbeat_at=utcnow(), started_at=run.started_at or utcnow(), checkpoint=checkpoint))
     return run.lease + 1 if res.rowcount == 1 else None
