@@ -262,6 +262,23 @@ def test_checkpoint_of_another_run_is_refused(random_data, tmp_path):
     assert e.value.field == "checkpoint_dir"
 
 
+def test_a_checkpoint_another_run_wrote_is_set_aside_not_loaded(random_data, tmp_path):
+    """Same shapes and settings, another run (key): e.g. a worker still saving a run that a spec edit
+    superseded, into the folder of the run that replaced it. Its checkpoint is set aside, never loaded;
+    a checkpoint without a key (written before keys existed) still resumes."""
+    old = trainer(random_data, checkpoint_dir=tmp_path, run_key="a" * 64)
+    old.train_to(BATCH * SEQ)
+    old.save_checkpoint()
+    new = trainer(random_data, checkpoint_dir=tmp_path, run_key="b" * 64)
+    assert new.step == 0
+    [(was, now, why)] = new.set_aside
+    assert (was.name, now.name) == ("step_1", "step_1.damaged") and "another run (aaaaaaaaaaaa)" in why
+    keyless = trainer(random_data, checkpoint_dir=tmp_path / "k")
+    keyless.train_to(BATCH * SEQ)
+    keyless.save_checkpoint()
+    assert trainer(random_data, checkpoint_dir=tmp_path / "k", run_key="b" * 64).step == 1
+
+
 def _damage(folder, name, how):
     f = folder / name
     if how == "truncate":

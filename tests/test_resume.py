@@ -273,7 +273,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(base
         f.write_bytes(bytes(b ^ 0xFF for b in f.read_bytes()))
     again = _rbridge(["resume"], tmp_path, env)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "checkpoint step_8 is damaged" in again.stdout and "resuming from step 4" in again.stdout, again.stdout
+    assert "checkpoint step_8 set aside" in again.stdout and "resuming from step 4" in again.stdout, again.stdout
     assert (newest.parent / "step_8.damaged" / damage).exists() or damage == "trainer.json"
     assert (newest.parent / "step_8.damaged").is_dir()
     _same(_ranking(tmp_path / "stores/crash.db"), expected)

@@ -77,7 +77,8 @@ def run_message(ctx: RunContext, spec_hash: str, tokens: int, non_embedding_para
             "spec_path": str(spec.path.resolve()) if spec.path else "",
             "stage_index": ctx.stage.index, "candidate": ctx.candidate, "mix": ctx.mix,
             "non_embedding_params": non_embedding_params, "tokens": tokens,
-            "checkpoint": str(ctx.checkpoint_dir.resolve()), "seed": ctx.seed, "model_seed": ctx.model_seed}
+            "checkpoint": str(ctx.checkpoint_dir.resolve()), "seed": ctx.seed, "model_seed": ctx.model_seed,
+            "run_key": ctx.run_key}
 
 
 def follow(ranks: Ranks, threads: int | None = None) -> int:
@@ -98,6 +99,6 @@ def follow(ranks: Ranks, threads: int | None = None) -> int:
         stage = spec.resolved_stages()[message["stage_index"]]
         cpu_threads(message["non_embedding_params"], threads)
         ctx = RunContext(spec, stage, message["candidate"], message["mix"], data, {}, Path(message["checkpoint"]),
-                         seed=message["seed"], model_seed=message["model_seed"])
+                         seed=message["seed"], model_seed=message["model_seed"], run_key=message["run_key"])
         train_run(ctx, message["tokens"])
         n += 1

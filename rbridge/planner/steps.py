@@ -126,6 +126,7 @@ class RunContext:
     checkpoint_dir: Path
     seed: int       # data order: from the spec seed, the stage and the candidate name
     model_seed: int  # initial weights: the same for every candidate of a stage
+    run_key: str = ""  # the run's fingerprint: checkpoints in the folder written by another run are set aside
 
 
 @dataclass
@@ -158,9 +159,9 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
                            warmup_frac=train.warmup, seed=ctx.model_seed, precision=train.precision,
                            checkpoint_dir=ctx.checkpoint_dir,
                            save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None,
-                           **micro)
+                           run_key=ctx.run_key or None, **micro)
     for was, now, why in trainer.set_aside:
-        report.say(f"  {stage.name}/{ctx.candidate}: checkpoint {was.name} is damaged ({why}); set aside as "
+        report.say(f"  {stage.name}/{ctx.candidate}: checkpoint {was.name} set aside ({why}) as "
                    f"{now.name}, resuming from " + (f"step {trainer.step}" if trainer.step else "the start"))
     if trainer.tokens_seen < tokens:
         # Live bars only where the reporter draws them; logs get the one line per rung the worker reports.

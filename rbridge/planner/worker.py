@@ -126,7 +126,7 @@ class PlanWorker:
         ctx = RunContext(state.spec, stage, name, json.loads(task.candidate.mix), state.data, state.traces,
                          checkpoint_dir(self.store.url, state.name, stage.name, name),
                          seed=derive_seed(state.spec.seed, stage.name, name),
-                         model_seed=derive_seed(state.spec.seed, stage.name))
+                         model_seed=derive_seed(state.spec.seed, stage.name), run_key=task.run.fingerprint)
         n_params = task.run.non_embedding_params
         try:
             distributed = self.ranks is not None and self.ranks.distributed

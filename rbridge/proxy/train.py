@@ -201,7 +201,7 @@ class ProxyTrainer:
                  betas: tuple[float, float] = (0.9, 0.95), grad_clip: float | None = 1.0, seed: int,
                  precision: str = "auto", checkpoint_dir: str | Path | None = None,
                  save_every_s: float | None = None, accelerator: Accelerator | None = None,
-                 micro_batch_size: int | None = None):
+                 micro_batch_size: int | None = None, run_key: str | None = None):
         _check_data(data, model_config)
         _check_positive(total_tokens=total_tokens, batch_size=batch_size, lr=lr)
         if not 0.0 <= warmup_frac < 1.0:
@@ -274,6 +274,9 @@ class ProxyTrainer:
                               grad_clip=grad_clip, seed=seed, precision=self.precision)
         if micro_batch_size is not None:  # only when given: checkpoints written before it existed still resume
             self._identity["micro_batch_size"] = micro_batch_size
+        # Which run the checkpoints belong to (the planner's run fingerprint): a checkpoint another run wrote
+        # into this folder (a worker still saving a run that a spec edit superseded) is set aside, not loaded.
+        self.run_key = run_key
         self._step = 0
         self._wall_time_s = 0.0
         self._last_loss = float("nan")
@@ -282,7 +285,7 @@ class ProxyTrainer:
         self.set_aside: list[tuple[Path, Path, str]] = []  # (checkpoint, renamed to, what was wrong)
         if acc.is_main_process:
             for candidate in reversed(_complete_checkpoints(self.checkpoint_dir)):
-                problem = checkpoint_problem(candidate)
+                problem = checkpoint_problem(candidate) or self._foreign(candidate)
                 if problem is None:
                     break
                 self.set_aside.append((candidate, set_aside(candidate), problem))
@@ -440,6 +443,8 @@ class ProxyTrainer:
         if acc.is_main_process:
             state = dict(step=self._step, tokens_seen=self.tokens_seen, wall_time_s=self._wall_time_s,
                          last_loss=self._last_loss, identity=self._identity, files=_file_sums(tmp))
+            if self.run_key:
+                state["run_key"] = self.run_key
             _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
             _write_synced(tmp / MARKER, "")
             os.replace(tmp, final)
@@ -447,6 +452,14 @@ class ProxyTrainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _foreign(self, path: Path) -> str | None:
+        """Why a sound checkpoint is not this run's (another ``run_key``), or None. Checkpoints without a
+        key (written before keys existed, or by a trainer given none) are this run's."""
+        theirs = json.loads((path / STATE_FILE).read_text()).get("run_key")
+        if self.run_key and theirs and theirs != self.run_key:
+            return f"written by another run ({theirs[:12]}), not this one ({self.run_key[:12]})"
+        return None
 
     def _load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / STATE_FILE).read_text())
