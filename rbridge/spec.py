@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -48,12 +48,23 @@ class TokenizerSpec(BaseModel):
 
 
 class SourceSpec(BaseModel):
-    """Named raw text: one file (.txt, .gz, .jsonl with `field`) or a glob of files."""
+    """Named raw text: one file or `datasets` folder, or a glob of files (rbridge.data.formats).
+
+    ``format`` overrides what the file names imply; ``field`` is the JSON key or
+    column holding the text (default ``text``).
+    """
 
     model_config = _STRICT
     path: Path | None = None
     glob: str | None = None
     field: str | None = None
+    format: Literal["text", "jsonl", "parquet", "arrow", "files"] | None = None
+
+    def config(self, name: str):
+        """The source as rbridge.data reads it (paths already resolved against the spec's folder)."""
+        from rbridge.data.sources import SourceConfig
+
+        return SourceConfig(name, path=self.path, field=self.field, glob=self.glob, format=self.format)
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -278,7 +289,7 @@ def _check_files(spec: Spec, path: Path, root: yaml.Node | None) -> None:
     if spec.tokenizer.path is not None and not spec.tokenizer.path.exists():
         missing(("tokenizer", "path"), spec.tokenizer.path)
     for name, src in spec.sources.items():
-        if src.path is not None and not src.path.is_file():
+        if src.path is not None and not (src.path.is_file() or src.path.is_dir()):
             missing(("sources", name, "path"), src.path)
         if src.glob is not None:
             import glob as _glob

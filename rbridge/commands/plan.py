@@ -25,6 +25,12 @@ def validate(spec_path: Path) -> None:
     stages = spec.resolved_stages()
     for warning in spec.warnings():
         err_console.print(f"[yellow]warning:[/] {spec_path}: {warning}")
+    from rbridge.data.sources import check_source
+
+    for name, src in spec.sources.items():  # each file opened far enough to catch a wrong format
+        info = check_source(src.config(name))
+        console.print(f"  source {name}: {info.format}, {info.files} file(s), {info.chunks} chunk(s), "
+                      f"{si(info.bytes)}B")
     console.print(f"{spec_path}: ok - plan '{spec.name}', {len(spec.sources)} sources, "
                   f"{len(spec.candidates)} candidates, {len(spec.benchmarks)} benchmarks, "
                   f"stages {' -> '.join(s.name for s in stages)}")

@@ -1,13 +1,13 @@
 """Named raw-text sources: reading documents, content fingerprints, the held-out split.
 
-Three kinds of source (INTERFACE.md, ``sources:``):
-
-* plain text, ``path: x.txt`` or ``x.txt.gz``: documents are separated by one
-  or more blank lines (a line holding only whitespace counts as blank);
-* JSONL, ``path: x.jsonl`` or ``x.jsonl.gz``: one document per line, the text
-  in ``field`` (default ``"text"``);
-* a glob, ``glob: "code/**/*.py"``: one document per matching file (sorted by
-  path, ``**`` recursive, ``.gz`` files decompressed).
+A source is one file (``path:``), a Hugging Face ``datasets`` folder (``path:`` of a
+``save_to_disk`` directory), or a glob of files (``glob:``). Its format comes from
+``format:`` or the file names (rbridge.data.formats): plain text (documents separated
+by blank lines), JSON lines (the text in ``field``, default ``"text"``), Parquet and
+Arrow (the ``field`` column), each optionally gzip- or zstd-compressed where that
+applies. A glob of Parquet, JSON-lines or Arrow shards reads each shard in that
+format; a glob of anything else reads one document per file (sorted by path, ``**``
+recursive).
 
 Every source has a deterministic held-out slice: a document is held out when
 the sha1 of its text falls in the last ``heldout_fraction`` of hash space (and
@@ -28,8 +28,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
+from rbridge.data.formats import FORMATS, arrow_files, detect_format, list_chunks, read_chunk
 from rbridge.errors import InputError
 
 DEFAULT_HELDOUT_FRACTION = 0.05
@@ -41,7 +42,8 @@ _HASH_SPACE = 1 << 160  # sha1 digests are 160-bit integers
 class SourceConfig:
     """One named source: exactly one of ``path`` or ``glob``.
 
-    ``field`` is the JSONL key holding the text (JSONL only; default "text").
+    ``field`` is the key or column holding the text (JSON lines, Parquet, Arrow;
+    default "text"); ``format`` overrides the format the file names imply.
     Relative ``path`` and ``glob`` are taken relative to ``base_dir``
     (the spec file's directory; default: the working directory).
     """
@@ -51,16 +53,31 @@ class SourceConfig:
     field: str | None = None
     glob: str | None = None
     base_dir: Path | None = None
+    format: str | None = None
 
     @property
     def kind(self) -> str:
-        """"text", "jsonl" or "glob"."""
-        if self.glob is not None:
+        """"text", "jsonl" or "glob" for the formats of earlier versions (their cache keys keep these
+        names), else the format: "parquet", "arrow"."""
+        fmt = self.fmt
+        if fmt == "files":
             return "glob"
-        suffixes = [s.lower() for s in Path(self.path).suffixes] if self.path else []
-        if suffixes and suffixes[-1] == ".gz":
-            suffixes = suffixes[:-1]
-        return "jsonl" if suffixes and suffixes[-1] == ".jsonl" else "text"
+        if self.glob is not None and fmt in ("text", "jsonl"):
+            return f"glob-{fmt}"
+        return fmt
+
+    @property
+    def fmt(self) -> str:
+        """The format documents are read in (rbridge.data.formats.FORMATS)."""
+        if self.format is not None:
+            return self.format
+        if self.glob is not None:
+            found = {detect_format(f) for f in self._matches()}
+            return found.pop() if len(found) == 1 and found <= {"jsonl", "parquet", "arrow"} else "files"
+        p = self.resolved_path()
+        if p.is_dir():
+            return "arrow"
+        return detect_format(p)
 
     def resolved_path(self) -> Path:
         p = Path(self.path).expanduser()
@@ -68,106 +85,95 @@ class SourceConfig:
             p = Path(self.base_dir) / p
         return p
 
+    def _matches(self) -> list[Path]:
+        base = Path(self.base_dir) if self.base_dir is not None else Path.cwd()
+        pattern = os.path.join(str(base), os.path.expanduser(self.glob))
+        found = [Path(f) for f in _glob.glob(pattern, recursive=True)]
+        return sorted((f for f in found if f.is_file()), key=lambda f: f.as_posix())
+
     def files(self) -> list[Path]:
         """The files this source reads, in reading order. Raises InputError when there are none."""
         self._check()
         if self.glob is None:
             p = self.resolved_path()
+            if p.is_dir():
+                return arrow_files(p, self.name)
             if not p.is_file():
                 raise InputError(f"source {self.name!r}: file not found",
                                  file=p, field=f"sources.{self.name}.path")
             return [p]
-        base = Path(self.base_dir) if self.base_dir is not None else Path.cwd()
-        pattern = os.path.join(str(base), os.path.expanduser(self.glob))
-        found = [Path(f) for f in _glob.glob(pattern, recursive=True)]
-        found = sorted((f for f in found if f.is_file()), key=lambda f: f.as_posix())
+        found = self._matches()
         if not found:
+            base = Path(self.base_dir) if self.base_dir is not None else Path.cwd()
             raise InputError(f"source {self.name!r}: glob {self.glob!r} matches no files under {base}",
                              field=f"sources.{self.name}.glob")
+        if self.fmt in ("parquet", "arrow", "jsonl"):
+            odd = [f for f in found if detect_format(f) != self.fmt]
+            if odd:
+                raise InputError(f"source {self.name!r}: a glob of {self.fmt} shards matches a file of "
+                                 f"another format", file=odd[0], field=f"sources.{self.name}.glob")
         return found
 
     def _check(self) -> None:
         where = f"sources.{self.name}"
         if (self.path is None) == (self.glob is None):
             raise InputError("a source needs exactly one of 'path' or 'glob'", field=where)
-        if self.field is not None and self.kind != "jsonl":
-            raise InputError("'field' applies only to JSONL sources (.jsonl or .jsonl.gz)",
+        if self.format is not None and self.format not in FORMATS:
+            raise InputError(f"unknown format {self.format!r} (formats: {', '.join(FORMATS)})",
+                             field=f"{where}.format")
+        if self.field is not None and self.fmt not in ("jsonl", "parquet", "arrow"):
+            raise InputError("'field' applies only to JSON-lines, Parquet and Arrow sources",
                              field=f"{where}.field")
 
-
-def _open_text(path: Path) -> IO[str]:
-    # Undecodable bytes become U+FFFD rather than aborting a long corpus read.
-    if path.suffix.lower() == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+    def chunks(self):
+        """The source's chunks in natural order (rbridge.data.formats.Chunk)."""
+        return list_chunks(self.files(), self.fmt, self.name)
 
 
-def _read_guarded(src: SourceConfig, path: Path) -> Iterator[str]:
-    """Lines of ``path``, with I/O and gzip errors turned into InputError."""
-    try:
-        with _open_text(path) as fh:
-            yield from fh
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:  # BadGzipFile is an OSError; explicit for clarity
-        raise InputError(f"source {src.name!r}: cannot read: {exc}", file=path) from exc
+@dataclass(frozen=True)
+class SourceSummary:
+    name: str
+    format: str
+    files: int
+    chunks: int
+    bytes: int
 
 
-def _iter_text(src: SourceConfig, path: Path) -> Iterator[str]:
-    buf: list[str] = []
-    for line in _read_guarded(src, path):
-        if line.strip():
-            buf.append(line)
-        elif buf:
-            yield "".join(buf).rstrip("\n")
-            buf = []
-    if buf:
-        yield "".join(buf).rstrip("\n")
-
-
-def _iter_jsonl(src: SourceConfig, path: Path) -> Iterator[str]:
-    field = src.field or "text"
-    for lineno, line in enumerate(_read_guarded(src, path), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"bad JSON: {exc}", file=path, line=lineno) from None
-        if not isinstance(obj, dict) or field not in obj:
-            raise InputError(f"missing field {field!r}", file=path, line=lineno,
-                             field=f"sources.{src.name}.field")
-        text = obj[field]
-        if not isinstance(text, str):
-            raise InputError(f"field {field!r} is {type(text).__name__}, not a string",
-                             file=path, line=lineno)
-        if text:
-            yield text
-
-
-def _iter_glob(src: SourceConfig, files: list[Path]) -> Iterator[str]:
-    for path in files:
-        text = "".join(_read_guarded(src, path))
-        if text.strip():
-            yield text
+def check_source(src: SourceConfig, full_bytes: int = 64 << 20) -> SourceSummary:
+    """Open a source far enough to catch a wrong or damaged file (``rbridge validate``): the metadata
+    of every file (Parquet footers, Arrow batches), every document of its first chunks up to
+    ``full_bytes``, and the first document of every other file. Raises InputError."""
+    chunks = src.chunks()
+    seen: set[Path] = set()
+    budget = full_bytes
+    for chunk in chunks:
+        if budget > 0:
+            budget -= chunk.nbytes
+            for _doc in read_chunk(chunk, src.fmt, src.field, src.name):
+                pass
+        elif chunk.file not in seen:
+            for _doc in read_chunk(chunk, src.fmt, src.field, src.name):
+                break
+        seen.add(chunk.file)
+    return SourceSummary(src.name, src.fmt, len(seen), len(chunks), sum(c.nbytes for c in chunks))
 
 
 def iter_documents(src: SourceConfig) -> Iterator[str]:
     """Every document of ``src`` in a fixed order (empty documents are skipped).
 
-    Raises InputError for a missing file, a glob matching nothing, a bad JSONL
-    line or missing field (naming file and line), and a source without documents.
+    Raises InputError for a missing file, a glob matching nothing, a damaged file,
+    a bad JSON line or missing field or column (naming file and line or row), and a
+    source without documents.
     """
-    files = src.files()
-    if src.kind == "glob":
-        docs = _iter_glob(src, files)
-    elif src.kind == "jsonl":
-        docs = _iter_jsonl(src, files[0])
-    else:
-        docs = _iter_text(src, files[0])
+    chunks = src.chunks()
+    fmt = src.fmt
     empty = True
-    for doc in docs:
-        empty = False
-        yield doc
+    for chunk in chunks:
+        for doc, _where in read_chunk(chunk, fmt, src.field, src.name):
+            empty = False
+            yield doc
     if empty:
+        files = src.files()
         raise InputError(f"source {src.name!r} holds no documents",
                          file=files[0] if src.glob is None else None,
                          field=f"sources.{src.name}")
@@ -225,11 +231,12 @@ def source_fingerprint(src: SourceConfig) -> str:
     """
     files = src.files()
     h = hashlib.sha256()
-    field = (src.field or "text") if src.kind == "jsonl" else None
-    h.update(json.dumps({"kind": src.kind, "field": field}, sort_keys=True).encode())
+    kind = src.kind
+    field = (src.field or "text") if src.fmt in ("jsonl", "parquet", "arrow") else None
+    h.update(json.dumps({"kind": kind, "field": field}, sort_keys=True).encode())
     base = Path(src.base_dir) if src.base_dir is not None else Path.cwd()
     for f in files:
-        rel = os.path.relpath(f, base) if src.kind == "glob" else ""
+        rel = os.path.relpath(f, base) if src.glob is not None or src.fmt == "arrow" else ""
         h.update(f"\0{Path(rel).as_posix()}\0{_file_digest(f)}".encode())
     return h.hexdigest()
 

@@ -16,8 +16,7 @@ from typing import Any, Callable
 import torch
 
 from rbridge._failpoints import failpoint, raise_point
-from rbridge.data import (SourceConfig, build_mixture, default_cache_dir, load_tokenizer, tokenize_source,
-                          train_tokenizer)
+from rbridge.data import build_mixture, default_cache_dir, load_tokenizer, tokenize_source, train_tokenizer
 from rbridge.errors import InputError
 from rbridge.planner import stop
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
@@ -37,8 +36,7 @@ class PlanData:
 def prepare_data(spec: Spec, report: Reporter = SILENT) -> PlanData:
     """Tokenizer and token shards of every source, from the cache when the inputs are unchanged."""
     cache = spec.cache or default_cache_dir()
-    sources = {name: SourceConfig(name, path=s.path, field=s.field, glob=s.glob)
-               for name, s in spec.sources.items()}
+    sources = {name: s.config(name) for name, s in spec.sources.items()}
     t0 = time.perf_counter()
     if spec.tokenizer.path is not None:
         tok = load_tokenizer(spec.tokenizer.path)
