@@ -143,6 +143,17 @@ class TargetModel(BaseModel):
     tokens: float = Field(gt=0)
 
 
+class SamplingSpec(BaseModel):
+    """How large sources are read (rbridge.data.sample): a source whose files hold more than ``above``
+    bytes is sampled, reading only ``margin`` times the most tokens any stage draws from it (plus its
+    held-out slice); smaller ones are read whole. ``workers``: tokenizing processes (default: every core)."""
+
+    model_config = _STRICT
+    above: int = Field(256 << 20, ge=0)
+    margin: float = Field(1.25, ge=1.0)
+    workers: int | None = Field(None, ge=1)
+
+
 class Spec(BaseModel):
     model_config = _STRICT
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -150,6 +161,7 @@ class Spec(BaseModel):
     cache: Path | None = None
     seed: int = 0
     heldout_fraction: float = Field(0.05, gt=0, lt=0.5)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     tokenizer: TokenizerSpec = Field(default_factory=lambda: TokenizerSpec(train=TokenizerTrain()))
     sources: dict[str, SourceSpec]
     candidates: list[CandidateSpec] = Field(min_length=1)
@@ -159,6 +171,23 @@ class Spec(BaseModel):
     target_model: TargetModel | None = None
     checkpoint_minutes: float | None = Field(10.0, gt=0)
     max_attempts: int = Field(2, ge=1, le=100)  # tries of a run whose training or scoring raises, then failed
+
+    def source_needs(self) -> dict[str, int]:
+        """Training tokens each source must supply: the most any stage's candidate draws from it (the
+        rows ``build_mixture`` allocates), times ``sampling.margin``."""
+        import math
+
+        from rbridge.data.mixture import allocate_rows  # numpy only
+
+        need = {name: 0 for name in self.sources}
+        for st in self.resolved_stages():
+            seq = st.training.seq_len
+            n_rows = -(-st.training.tokens // seq)
+            for cand in self.candidates:
+                total = sum(cand.mix.values())
+                for src, rows in allocate_rows({k: v / total for k, v in cand.mix.items()}, n_rows).items():
+                    need[src] = max(need[src], rows * seq)
+        return {name: math.ceil(n * self.sampling.margin) for name, n in need.items()}
 
     # Filled by load_spec, not by the user.
     path: Path | None = Field(None, exclude=True)

@@ -154,3 +154,57 @@ def test_a_glob_mixing_formats_and_field_on_text_are_refused(tmp_path):
     (tmp_path / "t.txt").write_text("a\n\nb\n")
     with pytest.raises(InputError, match="'field' applies only"):
         SourceConfig("t", path=tmp_path / "t.txt", field="body").files()
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _shards(d: Path, n: int = 200) -> SourceConfig:
+    """``n`` Parquet shards of 3 documents each (the fixture's documents, cycled and numbered)."""
+    d.mkdir()
+    for i in range(n):
+        docs = [f"shard {i} doc {j}: {DOCS[(3 * i + j) % len(DOCS)][:300]}" for j in range(3)]
+        pq.write_table(pa.table({"text": docs}), d / f"part-{i:05d}.parquet")
+    return SourceConfig("web", glob=str(d / "*.parquet"), sampled=True)
+
+
+def test_a_sample_reads_only_the_shards_it_needs_from_across_the_corpus_and_extends(tmp_path, monkeypatch):
+    from rbridge.data import formats, sample
+
+    src = _shards(tmp_path / "web")
+    tok = train_tokenizer({"ref": SourceConfig("ref", path=FIXTURE)}, 400, tmp_path / "cache")
+    opened: list[str] = []
+    real = formats.read_chunk
+
+    def counting(chunk, *a):
+        opened.append(chunk.file.name)
+        return real(chunk, *a)
+
+    monkeypatch.setattr(sample, "read_chunk", counting)
+    first, read = sample.sample_shards(src, tok, 3000, tmp_path / "cache", heldout_fraction=0.05, workers=1)
+    assert first.n_train_tokens >= 3000 and first.n_heldout_docs >= 1
+    assert read.chunks == len(opened) == read.tokenized_now and read.chunks_total == 200
+    assert read.chunks < 60                                       # a small plan reads few shards ...
+    shard_ids = sorted(int(name[5:10]) for name in opened)
+    assert shard_ids[0] < 50 and shard_ids[-1] > 150              # ... from across the corpus
+    assert len({i // 50 for i in shard_ids}) == 4
+
+    opened.clear()  # a plan needing more extends the cached sample: only the new shards are read
+    more, read2 = sample.sample_shards(src, tok, 9000, tmp_path / "cache", heldout_fraction=0.05, workers=1)
+    assert read2.tokenized_now == len(opened) == read2.chunks - read.chunks > 0
+    assert np.array_equal(more.train[: first.n_train_tokens], first.train)
+    opened.clear()  # and the small plan still gets exactly its first streams, from the cache
+    again, read3 = sample.sample_shards(src, tok, 3000, tmp_path / "cache", heldout_fraction=0.05, workers=1)
+    assert opened == [] and read3.tokenized_now == 0 and again.key == first.key
+    assert np.array_equal(again.train, first.train) and np.array_equal(again.heldout, first.heldout)
+
+
+def test_worker_processes_give_the_same_sample_as_one(tmp_path):
+    from rbridge.data import sample
+
+    src = _shards(tmp_path / "web", 40)
+    tok = train_tokenizer({"ref": SourceConfig("ref", path=FIXTURE)}, 400, tmp_path / "cache")
+    one, _ = sample.sample_shards(src, tok, 4000, tmp_path / "c1", heldout_fraction=0.05, workers=1)
+    two, read = sample.sample_shards(src, tok, 4000, tmp_path / "c2", heldout_fraction=0.05, workers=2)
+    assert read.tokenized_now >= read.chunks  # the chunks in flight when the need was met are kept too
+    assert one.key == two.key and np.array_equal(one.train, two.train) and np.array_equal(one.heldout, two.heldout)

@@ -54,6 +54,9 @@ class SourceConfig:
     glob: str | None = None
     base_dir: Path | None = None
     format: str | None = None
+    # Read as a sample (rbridge.data.sample), not in full: its fingerprint then covers each file's size,
+    # head and tail instead of every byte, and the tokenizer trains on its seeded sample order.
+    sampled: bool = False
 
     @property
     def kind(self) -> str:
@@ -221,23 +224,42 @@ def _file_digest(path: Path) -> str:
     return _file_digests[memo]
 
 
+_EDGE = 1 << 20
+
+
+def _file_digest_fast(path: Path) -> str:
+    """sha256 of a file's size, first and last MiB (a Parquet footer, a zstd tail): for sampled sources,
+    whose bytes are far too many to hash on every plan."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(_EDGE))
+        if size > _EDGE:
+            fh.seek(max(_EDGE, size - _EDGE))
+            h.update(fh.read(_EDGE))
+    return h.hexdigest()
+
+
 def source_fingerprint(src: SourceConfig) -> str:
     """sha256 over how the source is read and the bytes of its files.
 
     The source's name and location are not part of it: renaming a source or
     moving its files keeps its caches; changing one byte invalidates them.
     For a glob, the files' paths relative to the base directory are included
-    (they fix the document order).
+    (they fix the document order). A sampled source hashes each file's size,
+    first and last MiB instead of every byte.
     """
     files = src.files()
     h = hashlib.sha256()
     kind = src.kind
     field = (src.field or "text") if src.fmt in ("jsonl", "parquet", "arrow") else None
-    h.update(json.dumps({"kind": kind, "field": field}, sort_keys=True).encode())
+    h.update(json.dumps({"kind": kind, "field": field, **({"sampled": True} if src.sampled else {})},
+                        sort_keys=True).encode())
     base = Path(src.base_dir) if src.base_dir is not None else Path.cwd()
     for f in files:
         rel = os.path.relpath(f, base) if src.glob is not None or src.fmt == "arrow" else ""
-        h.update(f"\0{Path(rel).as_posix()}\0{_file_digest(f)}".encode())
+        digest = _file_digest_fast(f) if src.sampled else _file_digest(f)
+        h.update(f"\0{Path(rel).as_posix()}\0{digest}".encode())
     return h.hexdigest()
 
 

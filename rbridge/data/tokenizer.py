@@ -42,7 +42,13 @@ def _training_text(sources: list[SourceConfig], max_chars: int,
     for src in sources:
         left = max_chars
         batch: list[str] = []
-        for doc in iter_split(src, "train", heldout_fraction=heldout_fraction):
+        if src.sampled:  # a bounded seeded sample, never a pass over the whole corpus
+            from rbridge.data.sample import iter_sample_documents
+
+            docs = iter_sample_documents(src, heldout_fraction, max_chars)
+        else:
+            docs = iter_split(src, "train", heldout_fraction=heldout_fraction)
+        for doc in docs:
             batch.append(doc[:left])
             left -= len(batch[-1])
             if len(batch) >= 1000:

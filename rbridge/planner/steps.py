@@ -34,9 +34,21 @@ class PlanData:
 
 
 def prepare_data(spec: Spec, report: Reporter = SILENT) -> PlanData:
-    """Tokenizer and token shards of every source, from the cache when the inputs are unchanged."""
+    """Tokenizer and token shards of every source, from the cache when the inputs are unchanged.
+
+    A source larger than ``sampling.above`` bytes is sampled (rbridge.data.sample): read and
+    tokenized, on every core, only as far as the plan needs.
+    """
+    import dataclasses
+
     cache = spec.cache or default_cache_dir()
-    sources = {name: s.config(name) for name, s in spec.sources.items()}
+    sources = {}
+    for name, s in spec.sources.items():
+        src = s.config(name)
+        if sum(f.stat().st_size for f in src.files()) > spec.sampling.above:
+            src = dataclasses.replace(src, sampled=True)
+        sources[name] = src
+    needs = spec.source_needs()
     t0 = time.perf_counter()
     if spec.tokenizer.path is not None:
         tok = load_tokenizer(spec.tokenizer.path)
@@ -49,9 +61,19 @@ def prepare_data(spec: Spec, report: Reporter = SILENT) -> PlanData:
     shards = {}
     for name, src in sources.items():
         t1 = time.perf_counter()
-        sh = tokenize_source(src, tok, cache, heldout_fraction=spec.heldout_fraction)
+        if src.sampled:
+            from rbridge.data.sample import sample_shards
+
+            sh, read = sample_shards(src, tok, needs[name], Path(cache), heldout_fraction=spec.heldout_fraction,
+                                     workers=spec.sampling.workers, report=report)
+            how = (f"sampled {read.chunks} of {read.chunks_total} chunks, {read.bytes / 1e6:,.1f} of "
+                   f"{read.bytes_total / 1e6:,.1f} MB; "
+                   + ("reused cached shards" if sh.cached else f"{time.perf_counter() - t1:.1f} s"))
+        else:
+            sh = tokenize_source(src, tok, cache, heldout_fraction=spec.heldout_fraction)
+            how = "read whole; " + ("reused cached shards" if sh.cached
+                                    else f"tokenized in {time.perf_counter() - t1:.1f} s")
         shards[name] = sh
-        how = "reused cached shards" if sh.cached else f"tokenized in {time.perf_counter() - t1:.1f} s"
         report.say(f"  source {name}: {sh.n_train_tokens:,} train + {sh.n_heldout_tokens:,} held-out tokens ({how})")
     return PlanData(tok, shards, Path(cache))
 
