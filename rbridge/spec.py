@@ -58,13 +58,16 @@ class SourceSpec(BaseModel):
     path: Path | None = None
     glob: str | None = None
     field: str | None = None
-    format: Literal["text", "jsonl", "parquet", "arrow", "files"] | None = None
+    format: Literal["text", "jsonl", "parquet", "arrow", "files", "tokens"] | None = None
+    tokenizer: Path | None = None  # token files: the tokenizer they were made with (the plan must load it)
+    dtype: Literal["uint16", "uint32", "int32", "int64"] | None = None  # token files without a header
 
     def config(self, name: str):
         """The source as rbridge.data reads it (paths already resolved against the spec's folder)."""
         from rbridge.data.sources import SourceConfig
 
-        return SourceConfig(name, path=self.path, field=self.field, glob=self.glob, format=self.format)
+        return SourceConfig(name, path=self.path, field=self.field, glob=self.glob, format=self.format,
+                            tokenizer=self.tokenizer, dtype=self.dtype)
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -301,6 +304,7 @@ def _resolve_paths(spec: Spec, base: Path) -> None:
         spec.tokenizer.path = rel(spec.tokenizer.path)
     for src in spec.sources.values():
         src.path = rel(src.path)
+        src.tokenizer = rel(src.tokenizer)
         if src.glob is not None and not Path(src.glob).is_absolute():
             src.glob = str(base / src.glob)
     for bench in spec.benchmarks:
@@ -320,6 +324,8 @@ def _check_files(spec: Spec, path: Path, root: yaml.Node | None) -> None:
     for name, src in spec.sources.items():
         if src.path is not None and not (src.path.is_file() or src.path.is_dir()):
             missing(("sources", name, "path"), src.path)
+        if src.tokenizer is not None and not src.tokenizer.is_dir():
+            missing(("sources", name, "tokenizer"), src.tokenizer)
         if src.glob is not None:
             import glob as _glob
             if not _glob.glob(src.glob, recursive=True):

@@ -165,7 +165,7 @@ def _shards(d: Path, n: int = 200) -> SourceConfig:
     for i in range(n):
         docs = [f"shard {i} doc {j}: {DOCS[(3 * i + j) % len(DOCS)][:300]}" for j in range(3)]
         pq.write_table(pa.table({"text": docs}), d / f"part-{i:05d}.parquet")
-    return SourceConfig("web", glob=str(d / "*.parquet"), sampled=True)
+    return SourceConfig("web", glob="*.parquet", base_dir=d, sampled=True)
 
 
 def test_a_sample_reads_only_the_shards_it_needs_from_across_the_corpus_and_extends(tmp_path, monkeypatch):
@@ -184,10 +184,11 @@ def test_a_sample_reads_only_the_shards_it_needs_from_across_the_corpus_and_exte
     first, read = sample.sample_shards(src, tok, 3000, tmp_path / "cache", heldout_fraction=0.05, workers=1)
     assert first.n_train_tokens >= 3000 and first.n_heldout_docs >= 1
     assert read.chunks == len(opened) == read.tokenized_now and read.chunks_total == 200
-    assert read.chunks < 60                                       # a small plan reads few shards ...
+    assert 10 <= read.chunks < 60                                 # a small plan reads few shards ...
+    order = sample.chunk_order(sample.source_fingerprint(src), 200)
+    assert opened == [f"part-{i:05d}.parquet" for i in order[:read.chunks]]  # ... in the seeded order,
     shard_ids = sorted(int(name[5:10]) for name in opened)
-    assert shard_ids[0] < 50 and shard_ids[-1] > 150              # ... from across the corpus
-    assert len({i // 50 for i in shard_ids}) == 4
+    assert shard_ids[0] < 100 <= shard_ids[-1]                    # ... from across the corpus
 
     opened.clear()  # a plan needing more extends the cached sample: only the new shards are read
     more, read2 = sample.sample_shards(src, tok, 9000, tmp_path / "cache", heldout_fraction=0.05, workers=1)
@@ -208,3 +209,128 @@ def test_worker_processes_give_the_same_sample_as_one(tmp_path):
     two, read = sample.sample_shards(src, tok, 4000, tmp_path / "c2", heldout_fraction=0.05, workers=2)
     assert read.tokenized_now >= read.chunks  # the chunks in flight when the need was met are kept too
     assert one.key == two.key and np.array_equal(one.train, two.train) and np.array_equal(one.heldout, two.heldout)
+
+
+# ---------------------------------------------------------------------------- token files
+
+
+def _tokenizer_dir(tmp_path: Path, vocab: int = 400) -> tuple[Path, object]:
+    tok = train_tokenizer({"ref": SourceConfig("ref", path=FIXTURE)}, vocab, tmp_path / f"tc{vocab}")
+    out = tmp_path / f"tok{vocab}"
+    shutil.copytree(next((tmp_path / f"tc{vocab}" / "tokenizers").iterdir()), out)
+    return out, tok
+
+
+def _token_ids(tok, docs) -> list[np.ndarray]:
+    eos = tok.eos_token_id
+    return [np.array([eos] + tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
+
+
+def _write_llmc(path: Path, ids: np.ndarray, version: int = 1) -> None:
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (20240520, version, ids.size)
+    with open(path, "wb") as fh:
+        fh.write(header.tobytes())
+        fh.write(ids.astype(np.uint16 if version == 1 else np.uint32).tobytes())
+
+
+def _docs_of(stream: np.ndarray, eos: int) -> list[tuple]:
+    cuts = list(np.flatnonzero(stream == eos)) + [stream.size]
+    return [tuple(stream[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def test_token_files_give_the_same_documents_as_the_text(tmp_path):
+    from rbridge.data.sample import sample_shards
+
+    tokdir, tok = _tokenizer_dir(tmp_path)
+    ids = np.concatenate(_token_ids(tok, DOCS))
+    _write_llmc(tmp_path / "llmc.bin", ids)
+    np.save(tmp_path / "docs.npy", ids.astype(np.uint32))
+    ids.astype(np.uint16).tofile(tmp_path / "nanogpt.bin")
+    want = sorted(tuple(x) for x in _token_ids(tok, DOCS))
+    for src in (SourceConfig("a", path=tmp_path / "llmc.bin", tokenizer=tokdir, sampled=True),
+                SourceConfig("b", path=tmp_path / "docs.npy", tokenizer=tokdir, sampled=True),
+                SourceConfig("c", path=tmp_path / "nanogpt.bin", tokenizer=tokdir, dtype="uint16", sampled=True)):
+        assert src.fmt == "tokens"
+        sh, read = sample_shards(src, tok, 10**9, tmp_path / "cache", heldout_fraction=0.2, workers=1)
+        got = _docs_of(np.asarray(sh.train), tok.eos_token_id) + _docs_of(np.asarray(sh.heldout), tok.eos_token_id)
+        assert sorted(got) == want and sh.n_heldout_docs >= 1 and read.chunks == read.chunks_total == 1
+
+
+def test_token_files_of_another_tokenizer_or_without_a_dtype_are_refused(tmp_path):
+    from rbridge.data.sample import sample_shards
+    from rbridge.data.tokens import check_tokenizer
+
+    tokdir, tok = _tokenizer_dir(tmp_path)
+    otherdir, other = _tokenizer_dir(tmp_path, 600)
+    ids = np.concatenate(_token_ids(other, DOCS))  # made with the 600-token vocabulary
+    _write_llmc(tmp_path / "other.bin", ids)
+    with pytest.raises(InputError, match="vocabulary 600 vs the plan's 400") as e:
+        check_tokenizer("x", otherdir, tok, tokdir)
+    assert e.value.field == "sources.x.tokenizer"
+    with pytest.raises(InputError, match="plan trains its own tokenizer"):
+        check_tokenizer("x", otherdir, None, None)
+    # Declared with the plan's tokenizer, but its ids say otherwise: refused at the first foreign id.
+    src = SourceConfig("x", path=tmp_path / "other.bin", tokenizer=tokdir, sampled=True)
+    with pytest.raises(InputError, match=r"token id \d+ at position \d+ is outside the plan tokenizer's "
+                                         r"vocabulary of 400") as e:
+        sample_shards(src, tok, 10**9, tmp_path / "cache", heldout_fraction=0.05, workers=1)
+    assert "other.bin" in str(e.value)
+    ids.astype(np.uint16).tofile(tmp_path / "raw.bin")
+    with pytest.raises(InputError, match="needs dtype"):
+        SourceConfig("r", path=tmp_path / "raw.bin", tokenizer=tokdir).chunks()
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "other.bin").read_bytes()[:-10])
+    with pytest.raises(InputError, match="truncated"):
+        SourceConfig("t", path=tmp_path / "cut.bin", tokenizer=tokdir).chunks()
+
+
+PLAN = """\
+name: corpora
+tokenizer: {path: tok400}
+sampling: {above: 0, workers: 2}
+sources:
+  web: {glob: "web/*.parquet"}
+  sotu: {path: sotu.bin, tokenizer: TOKENS_TOKENIZER}
+candidates:
+  - {name: web, mix: {web: 1.0}}
+  - {name: sotu, mix: {sotu: 1.0}}
+  - {name: both, mix: {web: 0.5, sotu: 0.5}}
+benchmarks:
+  - {name: gsm8k, traces: traces.jsonl}
+stages:
+  - name: s
+    proxy: {hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2}
+    tokens: 1024
+    seq_len: 64
+    batch_size: 4
+    evals: 1
+"""
+
+
+def test_a_plan_on_parquet_shards_and_a_token_file(tmp_path):
+    """The whole path through the CLI: a glob of 200 Parquet shards read as a sample on two worker processes,
+    an llm.c token file made with the plan's tokenizer; and the same spec with a token file of another
+    tokenizer refused (exit 2, naming the field) before anything is written."""
+    _shards(tmp_path / "web")
+    tokdir, tok = _tokenizer_dir(tmp_path)
+    shutil.move(str(tokdir), tmp_path / "tok400")
+    otherdir, other = _tokenizer_dir(tmp_path, 600)
+    _write_llmc(tmp_path / "sotu.bin", np.concatenate(_token_ids(tok, [f"{d} ({i})" for i in range(4)
+                                                                         for d in DOCS])))
+    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:3]
+    (tmp_path / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, RBRIDGE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    (tmp_path / "bad.yaml").write_text(PLAN.replace("TOKENS_TOKENIZER", otherdir.name))
+    bad = subprocess.run([sys.executable, "-m", "rbridge.cli", "plan", "bad.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "sources.sotu.tokenizer" in bad.stderr and "vocabulary 600 vs the plan's 400" in bad.stderr
+    assert not (tmp_path / "stores" / "corpora.db").exists()  # (the empty lock file beside it stays)
+    (tmp_path / "ok.yaml").write_text(PLAN.replace("TOKENS_TOKENIZER", "tok400"))
+    res = subprocess.run([sys.executable, "-m", "rbridge.cli", "plan", "ok.yaml"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    web = next(line for line in res.stdout.splitlines() if "source web:" in line and "sampled" in line)
+    k = int(web.split("sampled ")[1].split(" of 200 chunks")[0])
+    assert 0 < k < 60, web
+    assert "source sotu:" in res.stdout and "done in" in res.stdout

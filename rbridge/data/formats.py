@@ -36,7 +36,7 @@ from typing import IO, Iterator
 
 from rbridge.errors import InputError
 
-FORMATS = ("text", "jsonl", "parquet", "arrow", "files")
+FORMATS = ("text", "jsonl", "parquet", "arrow", "files", "tokens")
 # An uncompressed JSON-lines file larger than this is read in byte ranges of this size.
 RANGE_BYTES = 64 << 20
 # Consecutive Arrow record batches are grouped into chunks of about this many bytes.
@@ -79,6 +79,8 @@ def detect_format(path: Path) -> str:
         return "parquet"
     if name.endswith(".arrow"):
         return "arrow"
+    if name.endswith((".npy", ".bin")):
+        return "tokens"
     return "text"
 
 
@@ -271,6 +273,9 @@ def read_chunk(chunk: Chunk, fmt: str, field: str | None, name: str) -> Iterator
         yield from _parquet_docs(chunk.file, chunk.part, field, name)
     elif fmt == "arrow":
         yield from _arrow_docs(chunk.file, *chunk.part, field, name)
+    elif fmt == "tokens":
+        raise InputError(f"source {name!r} holds token ids, not text", file=chunk.file,
+                         field=f"sources.{name}.format")
     else:  # pragma: no cover - the spec refuses other formats
         raise InputError(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})", field=f"sources.{name}.format")
 

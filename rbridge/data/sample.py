@@ -134,6 +134,17 @@ def _tokenize_chunk(chunk: Chunk, fmt: str, field: str | None, name: str, thresh
     return counts
 
 
+def _split_tokens(chunk: Chunk, tf, eos: int, vocab: int, threshold: int, name: str, out: str) -> dict:
+    """A token file's chunk (rbridge.data.tokens) into ``out.train`` / ``out.heldout``."""
+    from rbridge.data.tokens import split_chunk
+
+    dtype = _worker.get("dtype") or np.dtype(np.uint32)
+    train, held, n_train, n_held = split_chunk(tf, chunk, eos, vocab, threshold, name)
+    train.astype(dtype).tofile(f"{out}.train")
+    held.astype(dtype).tofile(f"{out}.heldout")
+    return {"train": int(train.size), "heldout": int(held.size), "train_docs": n_train, "heldout_docs": n_held}
+
+
 # ---------------------------------------------------------------------------- the cache entry
 
 
@@ -250,7 +261,14 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
     todo = [int(i) for i in order[len(done):]]
     n_workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     tok_json = tokenizer.backend_tokenizer.to_str()
-    args = lambda i: (chunks[i], src.fmt, src.field, src.name, threshold, str(entry / f"part-{i}"))  # noqa: E731
+    if src.fmt == "tokens":
+        files = {tf.path: tf for tf in src.token_files()}
+        work = _split_tokens
+        args = lambda i: (chunks[i], files[chunks[i].file], sep, len(tokenizer), threshold, src.name,  # noqa: E731
+                          str(entry / f"part-{i}"))
+    else:
+        work = _tokenize_chunk
+        args = lambda i: (chunks[i], src.fmt, src.field, src.name, threshold, str(entry / f"part-{i}"))  # noqa: E731
     have = sum(c["train"] for c in done)
     t0, n = time.perf_counter(), 0
     read_bytes = 0
@@ -270,7 +288,7 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
         if n_workers == 1:
             _init_worker(tok_json, sep, dtype.name)
             for i in todo:
-                take(i, _tokenize_chunk(*args(i)))
+                take(i, work(*args(i)))
                 if _prefix(done, need) is not None:
                     break
         else:
@@ -280,7 +298,7 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
                 queue = iter(todo)
                 running: deque = deque()
                 for i in queue:  # at most two chunks per worker in flight: memory stays bounded
-                    running.append((i, pool.submit(_tokenize_chunk, *args(i))))
+                    running.append((i, pool.submit(work, *args(i))))
                     if len(running) >= 2 * n_workers:
                         break
                 while running:
@@ -292,7 +310,7 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
                         break
                     nxt = next(queue, None)
                     if nxt is not None:
-                        running.append((nxt, pool.submit(_tokenize_chunk, *args(nxt))))
+                        running.append((nxt, pool.submit(work, *args(nxt))))
     el = time.perf_counter() - t0
     report.say(f"  source {src.name}: tokenized {n} more chunk(s), {read_bytes / 1e6:,.1f} MB in {el:.1f} s "
                f"with {n_workers} process(es)")

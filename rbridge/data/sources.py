@@ -57,6 +57,8 @@ class SourceConfig:
     # Read as a sample (rbridge.data.sample), not in full: its fingerprint then covers each file's size,
     # head and tail instead of every byte, and the tokenizer trains on its seeded sample order.
     sampled: bool = False
+    tokenizer: Path | None = None  # token files: the tokenizer they were made with (rbridge.data.tokens)
+    dtype: str | None = None       # token files without a header: their id type
 
     @property
     def kind(self) -> str:
@@ -76,7 +78,7 @@ class SourceConfig:
             return self.format
         if self.glob is not None:
             found = {detect_format(f) for f in self._matches()}
-            return found.pop() if len(found) == 1 and found <= {"jsonl", "parquet", "arrow"} else "files"
+            return found.pop() if len(found) == 1 and found <= {"jsonl", "parquet", "arrow", "tokens"} else "files"
         p = self.resolved_path()
         if p.is_dir():
             return "arrow"
@@ -110,7 +112,7 @@ class SourceConfig:
             base = Path(self.base_dir) if self.base_dir is not None else Path.cwd()
             raise InputError(f"source {self.name!r}: glob {self.glob!r} matches no files under {base}",
                              field=f"sources.{self.name}.glob")
-        if self.fmt in ("parquet", "arrow", "jsonl"):
+        if self.fmt in ("parquet", "arrow", "jsonl", "tokens"):
             odd = [f for f in found if detect_format(f) != self.fmt]
             if odd:
                 raise InputError(f"source {self.name!r}: a glob of {self.fmt} shards matches a file of "
@@ -127,9 +129,22 @@ class SourceConfig:
         if self.field is not None and self.fmt not in ("jsonl", "parquet", "arrow"):
             raise InputError("'field' applies only to JSON-lines, Parquet and Arrow sources",
                              field=f"{where}.field")
+        if self.fmt != "tokens" and (self.tokenizer is not None or self.dtype is not None):
+            raise InputError("'tokenizer' and 'dtype' apply only to token files (.npy, .bin)",
+                             field=f"{where}.{'tokenizer' if self.tokenizer is not None else 'dtype'}")
+
+    def token_files(self):
+        """A token source's files as rbridge.data.tokens.TokenFile (header and dtype checked)."""
+        from rbridge.data.tokens import token_file
+
+        return [token_file(f, self.dtype, self.name) for f in self.files()]
 
     def chunks(self):
         """The source's chunks in natural order (rbridge.data.formats.Chunk)."""
+        if self.fmt == "tokens":
+            from rbridge.data.tokens import token_chunks
+
+            return token_chunks(self.token_files())
         return list_chunks(self.files(), self.fmt, self.name)
 
 
@@ -147,6 +162,8 @@ def check_source(src: SourceConfig, full_bytes: int = 64 << 20) -> SourceSummary
     of every file (Parquet footers, Arrow batches), every document of its first chunks up to
     ``full_bytes``, and the first document of every other file. Raises InputError."""
     chunks = src.chunks()
+    if src.fmt == "tokens":  # headers and dtypes (chunks() read them); ids are checked against the plan
+        return SourceSummary(src.name, src.fmt, len(src.files()), len(chunks), sum(c.nbytes for c in chunks))
     seen: set[Path] = set()
     budget = full_bytes
     for chunk in chunks:
@@ -253,8 +270,10 @@ def source_fingerprint(src: SourceConfig) -> str:
     h = hashlib.sha256()
     kind = src.kind
     field = (src.field or "text") if src.fmt in ("jsonl", "parquet", "arrow") else None
-    h.update(json.dumps({"kind": kind, "field": field, **({"sampled": True} if src.sampled else {})},
-                        sort_keys=True).encode())
+    extra = {"sampled": True} if src.sampled else {}
+    if src.fmt == "tokens":
+        extra["dtype"] = src.dtype
+    h.update(json.dumps({"kind": kind, "field": field, **extra}, sort_keys=True).encode())
     base = Path(src.base_dir) if src.base_dir is not None else Path.cwd()
     for f in files:
         rel = os.path.relpath(f, base) if src.glob is not None or src.fmt == "arrow" else ""

@@ -17,6 +17,7 @@ import torch
 
 from rbridge._failpoints import failpoint, raise_point
 from rbridge.data import build_mixture, default_cache_dir, load_tokenizer, tokenize_source, train_tokenizer
+from rbridge.data.tokens import check_dtype, check_tokenizer
 from rbridge.errors import InputError
 from rbridge.planner import stop
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
@@ -45,19 +46,28 @@ def prepare_data(spec: Spec, report: Reporter = SILENT) -> PlanData:
     sources = {}
     for name, s in spec.sources.items():
         src = s.config(name)
-        if sum(f.stat().st_size for f in src.files()) > spec.sampling.above:
+        # Token files are always read as samples (no tokenizing: a chunk is split and copied).
+        if src.fmt == "tokens" or sum(f.stat().st_size for f in src.files()) > spec.sampling.above:
             src = dataclasses.replace(src, sampled=True)
         sources[name] = src
     needs = spec.source_needs()
+    tokens = {name: src for name, src in sources.items() if src.fmt == "tokens"}
     t0 = time.perf_counter()
     if spec.tokenizer.path is not None:
         tok = load_tokenizer(spec.tokenizer.path)
         report.say(f"tokenizer: loaded {spec.tokenizer.path} (vocab {len(tok):,})")
+    elif tokens:  # refused before any tokenizer is trained
+        name = sorted(tokens)[0]
+        check_tokenizer(name, tokens[name].tokenizer, None, None, spec.path)
     else:
         tok = train_tokenizer(sources, spec.tokenizer.train.vocab_size, cache,
                               heldout_fraction=spec.heldout_fraction)
         how = "reused from cache" if getattr(tok, "rbridge_cached", False) else "trained"
         report.say(f"tokenizer: byte-level BPE, vocab {len(tok):,}, {how} ({time.perf_counter() - t0:.1f} s)")
+    for name, src in tokens.items():  # every token source checked before any is read
+        check_tokenizer(name, src.tokenizer, tok, spec.tokenizer.path, spec.path)
+        for tf in src.token_files():
+            check_dtype(tf, len(tok), name)
     shards = {}
     for name, src in sources.items():
         t1 = time.perf_counter()
