@@ -185,7 +185,7 @@ def test_a_sample_reads_only_the_shards_it_needs_from_across_the_corpus_and_exte
     assert first.n_train_tokens >= 3000 and first.n_heldout_docs >= 1
     assert read.chunks == len(opened) == read.tokenized_now and read.chunks_total == 200
     assert 10 <= read.chunks < 60                                 # a small plan reads few shards ...
-    order = sample.chunk_order(sample.source_fingerprint(src), 200)
+    order = sample.chunk_order(sample.source_fingerprint(src), 200)  # (re-exported from sources)
     assert opened == [f"part-{i:05d}.parquet" for i in order[:read.chunks]]  # ... in the seeded order,
     shard_ids = sorted(int(name[5:10]) for name in opened)
     assert shard_ids[0] < 100 <= shard_ids[-1]                    # ... from across the corpus
@@ -259,7 +259,7 @@ def test_token_files_give_the_same_documents_as_the_text(tmp_path):
 
 def test_token_files_of_another_tokenizer_or_without_a_dtype_are_refused(tmp_path):
     from rbridge.data.sample import sample_shards
-    from rbridge.data.tokens import check_tokenizer
+    from rbridge.data.tokenizer import check_tokenizer
 
     tokdir, tok = _tokenizer_dir(tmp_path)
     otherdir, other = _tokenizer_dir(tmp_path, 600)

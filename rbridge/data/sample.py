@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import fcntl
-import hashlib
 import json
 import multiprocessing
 import os
@@ -35,13 +34,13 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from rbridge.data._cache import DATA_FORMAT_VERSION, content_key
 from rbridge.data.formats import Chunk, read_chunk
-from rbridge.data.sources import _HASH_SPACE, SourceConfig, _check_fraction, _doc_hash, source_fingerprint
+from rbridge.data.sources import (_HASH_SPACE, SourceConfig, _check_fraction, _doc_hash, chunk_order,
+                                  source_fingerprint)
 from rbridge.errors import InputError
 from rbridge.reporting import SILENT, Reporter
 
@@ -59,29 +58,6 @@ class SampleRead:
     bytes: int
     bytes_total: int
     tokenized_now: int  # chunks tokenized by this call (0: all from the cache)
-
-
-def chunk_order(fingerprint: str, n: int) -> np.ndarray:
-    """The seeded order chunks are read in: a permutation of range(n) fixed by the source's content."""
-    seed = int.from_bytes(hashlib.sha256(f"rbridge-sample\0{fingerprint}".encode()).digest()[:8], "big")
-    return np.random.default_rng(seed).permutation(n)
-
-
-def iter_sample_documents(src: SourceConfig, heldout_fraction: float, max_chars: int) -> Iterator[str]:
-    """Training documents of a sampled source in its sample order, up to ``max_chars`` characters
-    (the tokenizer's bounded seeded sample): held-out documents are skipped."""
-    _check_fraction(heldout_fraction)
-    threshold = _HASH_SPACE - int(heldout_fraction * _HASH_SPACE)
-    chunks = src.chunks()
-    left = max_chars
-    for i in chunk_order(source_fingerprint(src), len(chunks)):
-        for doc, _where in read_chunk(chunks[i], src.fmt, src.field, src.name):
-            if _doc_hash(doc) >= threshold:
-                continue
-            yield doc[:left]
-            left -= min(len(doc), left)
-            if left <= 0:
-                return
 
 
 # ---------------------------------------------------------------------------- one chunk (in a worker)

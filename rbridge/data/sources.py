@@ -357,3 +357,32 @@ def iter_labelled(src: SourceConfig, *,
     sp = _split_for(src, heldout_fraction)
     for doc in iter_documents(src):
         yield doc, sp.is_heldout(doc)
+
+
+# -- sample order (large sources: rbridge.data.sample) -----------------------
+
+
+def chunk_order(fingerprint: str, n: int):
+    """The seeded order a sampled source's chunks are read in: a permutation of range(n) fixed by the
+    source's content, so every plan reading the same corpus reads it in the same order."""
+    import numpy as np
+
+    seed = int.from_bytes(hashlib.sha256(f"rbridge-sample\0{fingerprint}".encode()).digest()[:8], "big")
+    return np.random.default_rng(seed).permutation(n)
+
+
+def iter_sample_documents(src: SourceConfig, heldout_fraction: float, max_chars: int) -> Iterator[str]:
+    """Training documents of a sampled source in its sample order, up to ``max_chars`` characters
+    (the tokenizer's bounded seeded sample): held-out documents are skipped."""
+    _check_fraction(heldout_fraction)
+    threshold = _HASH_SPACE - int(heldout_fraction * _HASH_SPACE)
+    chunks = src.chunks()
+    left = max_chars
+    for i in chunk_order(source_fingerprint(src), len(chunks)):
+        for doc, _where in read_chunk(chunks[i], src.fmt, src.field, src.name):
+            if _doc_hash(doc) >= threshold:
+                continue
+            yield doc[:left]
+            left -= min(len(doc), left)
+            if left <= 0:
+                return

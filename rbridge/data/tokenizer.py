@@ -20,7 +20,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from rbridge.data._cache import (DATA_FORMAT_VERSION, content_key, default_cache_dir, discard_entry,
                                  new_entry_dir, publish_entry, read_manifest)
-from rbridge.data.sources import DEFAULT_HELDOUT_FRACTION, SourceConfig, iter_split, source_fingerprint
+from rbridge.data.sources import (DEFAULT_HELDOUT_FRACTION, SourceConfig, iter_sample_documents, iter_split,
+                                  source_fingerprint)
 from rbridge.errors import InputError
 
 SPECIAL_TOKEN = "<|endoftext|>"
@@ -43,8 +44,6 @@ def _training_text(sources: list[SourceConfig], max_chars: int,
         left = max_chars
         batch: list[str] = []
         if src.sampled:  # a bounded seeded sample, never a pass over the whole corpus
-            from rbridge.data.sample import iter_sample_documents
-
             docs = iter_sample_documents(src, heldout_fraction, max_chars)
         else:
             docs = iter_split(src, "train", heldout_fraction=heldout_fraction)
@@ -168,3 +167,27 @@ def tokenizer_fingerprint(tok) -> str:
         h.update(json.dumps(sorted(tok.get_vocab().items())).encode("utf-8"))
     h.update(json.dumps({"bos": tok.bos_token_id, "eos": tok.eos_token_id, "n": len(tok)}).encode())
     return h.hexdigest()
+
+
+def check_tokenizer(name: str, src_tokenizer: Path | None, plan_tok, plan_tokenizer_path: Path | None,
+                    spec_path: Path | None = None) -> None:
+    """A token source's tokenizer must be the plan's: same pipeline, vocabulary and end-of-text id."""
+    field = f"sources.{name}.tokenizer"
+    if src_tokenizer is None:
+        raise InputError(f"source {name!r} is a token file: name the tokenizer it was made with "
+                         "(tokenizer: DIR), which the plan must load too", file=spec_path, field=field)
+    if plan_tokenizer_path is None:
+        raise InputError(f"source {name!r} holds tokens made with {src_tokenizer}; the plan trains its own "
+                         f"tokenizer instead: set tokenizer: {{path: {src_tokenizer}}}", file=spec_path,
+                         field="tokenizer")
+    theirs = load_tokenizer(src_tokenizer)
+    problems = []
+    if len(theirs) != len(plan_tok):
+        problems.append(f"vocabulary {len(theirs)} vs the plan's {len(plan_tok)}")
+    if separator_id(theirs) != separator_id(plan_tok):
+        problems.append(f"end-of-text id {separator_id(theirs)} vs the plan's {separator_id(plan_tok)}")
+    if not problems and tokenizer_fingerprint(theirs) != tokenizer_fingerprint(plan_tok):
+        problems.append("another vocabulary or pipeline")
+    if problems:
+        raise InputError(f"source {name!r} was tokenized with {src_tokenizer}, not the plan's tokenizer "
+                         f"{plan_tokenizer_path}: {'; '.join(problems)}", file=spec_path, field=field)

@@ -152,32 +152,6 @@ def split_chunk(tf: TokenFile, chunk: Chunk, eos: int, vocab: int, threshold: in
     return join(parts[False]), join(parts[True]), docs[False], docs[True]
 
 
-def check_tokenizer(name: str, src_tokenizer: Path | None, plan_tok, plan_tokenizer_path: Path | None,
-                    spec_path: Path | None = None) -> None:
-    """A token source's tokenizer must be the plan's: same pipeline, vocabulary and end-of-text id."""
-    from rbridge.data.tokenizer import load_tokenizer, separator_id, tokenizer_fingerprint
-
-    field = f"sources.{name}.tokenizer"
-    if src_tokenizer is None:
-        raise InputError(f"source {name!r} is a token file: name the tokenizer it was made with "
-                         "(tokenizer: DIR), which the plan must load too", file=spec_path, field=field)
-    if plan_tokenizer_path is None:
-        raise InputError(f"source {name!r} holds tokens made with {src_tokenizer}; the plan trains its own "
-                         f"tokenizer instead: set tokenizer: {{path: {src_tokenizer}}}", file=spec_path,
-                         field="tokenizer")
-    theirs = load_tokenizer(src_tokenizer)
-    problems = []
-    if len(theirs) != len(plan_tok):
-        problems.append(f"vocabulary {len(theirs)} vs the plan's {len(plan_tok)}")
-    if separator_id(theirs) != separator_id(plan_tok):
-        problems.append(f"end-of-text id {separator_id(theirs)} vs the plan's {separator_id(plan_tok)}")
-    if not problems and tokenizer_fingerprint(theirs) != tokenizer_fingerprint(plan_tok):
-        problems.append("another vocabulary or pipeline")
-    if problems:
-        raise InputError(f"source {name!r} was tokenized with {src_tokenizer}, not the plan's tokenizer "
-                         f"{plan_tokenizer_path}: {'; '.join(problems)}", file=spec_path, field=field)
-
-
 def check_dtype(tf: TokenFile, vocab: int, name: str) -> None:
     limit = np.iinfo(tf.dtype).max
     if vocab - 1 > limit:

@@ -17,7 +17,8 @@ import torch
 
 from rbridge._failpoints import failpoint, raise_point
 from rbridge.data import build_mixture, default_cache_dir, load_tokenizer, tokenize_source, train_tokenizer
-from rbridge.data.tokens import check_dtype, check_tokenizer
+from rbridge.data.tokenizer import check_tokenizer
+from rbridge.data.tokens import check_dtype
 from rbridge.errors import InputError
 from rbridge.planner import stop
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
