@@ -16,8 +16,8 @@ from typing import Iterator
 class Progress:
     """A running unit of work; ``update`` may be called as often as the work likes."""
 
-    def update(self, completed: int, total: int | None = None) -> None:
-        pass
+    def update(self, completed: int, total: int | None = None, note: str | None = None) -> None:
+        """``completed`` of ``total`` units; ``note``: a short text shown beside the bar (bytes read)."""
 
 
 class Reporter:

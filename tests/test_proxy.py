@@ -73,6 +73,9 @@ def test_preset_counts_match_model_and_name(name):
     assert total == non_emb + 8192 * cfg.hidden_size        # tied embeddings
     nominal = float(name[:-1]) * {"M": 1e6, "B": 1e9}[name[-1]]
     assert 0.75 < non_emb / nominal < 1.25
+    # status and compute count from the spec's values alone (no transformers): the same numbers
+    from rbridge.proxy.config import ProxyShape, count_params
+    assert count_params(ProxyShape({"preset": name}).llama_values(256), 8192) == (total, non_emb)
 
 
 def test_flops():

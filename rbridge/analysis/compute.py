@@ -13,9 +13,9 @@ from typing import Any
 
 def non_embedding_params(stage) -> int:
     """Non-embedding parameters of a stage's proxy (independent of the vocabulary)."""
-    from rbridge.proxy import param_counts, proxy_config
+    from rbridge.proxy.config import count_params  # a leaf: no torch, no transformers (status stays quick)
 
-    return param_counts(proxy_config(stage.proxy, vocab_size=256, seq_len=stage.training.seq_len))[1]
+    return count_params(stage.proxy.llama_values(stage.training.seq_len), vocab_size=256)[1]
 
 
 def plan_compute(stages: list[dict[str, Any]], n_candidates: int, last_stage: tuple[int, int] | None,

@@ -80,13 +80,16 @@ class RichReporter(Reporter):
         from rich.progress import Progress as Bars
 
         with Bars(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
-                  transient=True) as bars:
-            task = bars.add_task(description, total=total, completed=completed)
+                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=self.console, transient=True) as bars:
+            task = bars.add_task(description, total=total, completed=completed, note="")
 
             class _Bar(Progress):
-                def update(self, done: int, total: int | None = None) -> None:
-                    bars.update(task, completed=done, **({"total": total} if total is not None else {}))
+                def update(self, done: int, total: int | None = None, note: str | None = None) -> None:
+                    extra = {"total": total} if total is not None else {}
+                    if note is not None:
+                        extra["note"] = note
+                    bars.update(task, completed=done, **extra)
 
             yield _Bar()
 

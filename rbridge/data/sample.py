@@ -248,7 +248,8 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
     have = sum(c["train"] for c in done)
     t0, n = time.perf_counter(), 0
     read_bytes = 0
-    with report.progress(f"  sample {src.name}", total=need, completed=min(have, need)) as bar:
+    with report.progress(f"  sample {src.name} ({n_workers} processes)", total=need,
+                         completed=min(have, need)) as bar:
         def take(i: int, counts: dict) -> None:
             nonlocal have, n, read_bytes
             for side in ("train", "heldout"):
@@ -259,7 +260,7 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
             have += counts["train"]
             n += 1
             read_bytes += chunks[i].nbytes
-            bar.update(min(have, need))
+            bar.update(min(have, need), note=f"tokens, {read_bytes / 1e6:,.0f} MB read")
 
         if n_workers == 1:
             _init_worker(tok_json, sep, dtype.name)

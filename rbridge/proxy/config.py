@@ -85,6 +85,33 @@ def llama_fields() -> frozenset[str] | None:
     return frozenset(names) or None
 
 
+def count_params(values: dict[str, Any], vocab_size: int) -> tuple[int, int]:
+    """(total, non_embedding) parameters of LlamaForCausalLM with these LlamaConfig values, analytically.
+
+    ``total`` counts tied input/output embeddings once, like ``model.parameters()``;
+    ``non_embedding`` leaves out the token embedding and the output projection (the
+    Kaplan et al. convention) and does not depend on the vocabulary. Missing values
+    take LlamaConfig's defaults. Needs no transformers (status and compute use it).
+    """
+    h, n_layers = values["hidden_size"], values["num_hidden_layers"]
+    heads = values.get("num_attention_heads") or max(1, h // 64)
+    kv = values.get("num_key_value_heads") or heads
+    inter = values.get("intermediate_size") or default_intermediate(h)
+    head_dim = values.get("head_dim") or h // heads
+    q, k = heads * head_dim, kv * head_dim
+    attn = h * q + 2 * h * k + q * h                      # q, k, v, o projections
+    if values.get("attention_bias"):
+        attn += q + 2 * k + h
+    mlp = 3 * h * inter                                   # gate, up, down
+    if values.get("mlp_bias"):
+        mlp += 2 * inter + h
+    norms = 2 * h                                         # input and post-attention RMSNorm
+    non_embedding = n_layers * (attn + mlp + norms) + h   # + final norm
+    embedding = vocab_size * h
+    lm_head = 0 if values.get("tie_word_embeddings", True) else vocab_size * h
+    return non_embedding + embedding + lm_head, non_embedding
+
+
 def default_intermediate(hidden: int) -> int:
     """Llama's SwiGLU width: 8/3 of hidden, rounded up to a multiple of 64."""
     return 64 * math.ceil(8 * hidden / 3 / 64)

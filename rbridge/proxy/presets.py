@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from transformers import LlamaConfig
 
 from rbridge.errors import FieldError, InputError
-from rbridge.proxy.config import PRESETS, ProxyShape
+from rbridge.proxy.config import PRESETS, ProxyShape, count_params
 
 __all__ = ["PRESETS", "proxy_config", "param_counts", "train_flops", "proxy_train_flops", "preset_table"]
 
@@ -76,28 +76,10 @@ def proxy_config(spec: dict | ProxyShape, vocab_size: int, seq_len: int, *, bos_
 
 
 def param_counts(config: LlamaConfig) -> tuple[int, int]:
-    """(total, non_embedding) parameter counts of LlamaForCausalLM(config), computed analytically.
-
-    ``total`` counts tied input/output embeddings once, like ``model.parameters()``.
-    ``non_embedding`` leaves out the token embedding and the output projection
-    (lm_head), the Kaplan et al. convention; it does not depend on the vocabulary.
-    """
-    h, n_layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = config.num_key_value_heads or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    q, k = heads * head_dim, kv * head_dim
-    attn = h * q + 2 * h * k + q * h                      # q, k, v, o projections
-    if config.attention_bias:
-        attn += q + 2 * k + h
-    mlp = 3 * h * inter                                   # gate, up, down
-    if config.mlp_bias:
-        mlp += 2 * inter + h
-    norms = 2 * h                                         # input and post-attention RMSNorm
-    non_embedding = n_layers * (attn + mlp + norms) + h   # + final norm
-    embedding = config.vocab_size * h
-    lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    return non_embedding + embedding + lm_head, non_embedding
+    """(total, non_embedding) parameter counts of LlamaForCausalLM(config), computed analytically
+    (rbridge.proxy.config.count_params: tied embeddings counted once; non-embedding leaves out the
+    token embedding and lm_head, the Kaplan et al. convention)."""
+    return count_params(config.to_dict(), config.vocab_size)
 
 
 def train_flops(n_params: int, tokens: int) -> float:
