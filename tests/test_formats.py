@@ -334,3 +334,15 @@ def test_a_plan_on_parquet_shards_and_a_token_file(tmp_path):
     k = int(web.split("sampled ")[1].split(" of 200 chunks")[0])
     assert 0 < k < 60, web
     assert "source sotu:" in res.stdout and "done in" in res.stdout
+
+
+def test_a_large_parquet_row_group_is_read_in_row_ranges_with_the_same_documents(tmp_path, monkeypatch):
+    from rbridge.data import formats
+
+    pq.write_table(pa.table({"text": DOCS}), tmp_path / "one.parquet", row_group_size=len(DOCS))
+    monkeypatch.setattr(formats, "PARQUET_CHUNK_BYTES", 4096)
+    src = SourceConfig("p", path=tmp_path / "one.parquet")
+    chunks = src.chunks()
+    assert len(chunks) > 5 and all(len(c.part) == 3 and c.part[0] == 0 for c in chunks)
+    assert sum(c.n_rows for c in chunks) == len(DOCS)
+    assert list(iter_documents(src)) == DOCS

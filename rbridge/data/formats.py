@@ -41,12 +41,16 @@ FORMATS = ("text", "jsonl", "parquet", "arrow", "files", "tokens")
 RANGE_BYTES = 64 << 20
 # Consecutive Arrow record batches are grouped into chunks of about this many bytes.
 ARROW_CHUNK_BYTES = 64 << 20
+# A Parquet row group larger than this is read as several row ranges of about this size:
+# a finer sample and more chunks to tokenize in parallel, for a cheap re-decode of the group.
+PARQUET_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One unit of reading: ``part`` is a row group (parquet), a [start, stop) batch range (arrow), a
-    [start, stop) byte range (large jsonl), or None (the whole file)."""
+    """One unit of reading: ``part`` is a row group (parquet; or (group, first row, end row) of a large
+    one), a [start, stop) batch range (arrow), a [start, stop) byte or token range (large jsonl, token
+    files), or None (the whole file)."""
 
     file: Path
     part: tuple[int, int] | int | None
@@ -57,6 +61,8 @@ class Chunk:
     def where(self) -> str:
         if isinstance(self.part, int):
             return f"{self.file} row group {self.part}"
+        if self.part is not None and len(self.part) == 3:
+            return f"{self.file} row group {self.part[0]} rows {self.part[1]}:{self.part[2]}"
         if self.part is not None:
             return f"{self.file} [{self.part[0]}:{self.part[1]}]"
         return str(self.file)
@@ -187,9 +193,13 @@ def _column_docs(table, field: str, path: Path, name: str, first_row: int, what:
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         raise InputError(f"column {field!r} is {col.type}, not a string", file=path,
                          field=f"sources.{name}.field")
-    for i, text in enumerate(col.to_pylist()):
-        if text:
-            yield text, f"row {first_row + i}"
+    row = first_row
+    for part in col.chunks:  # converted to Python strings a slice at a time: memory stays at the Arrow buffer
+        for start in range(0, len(part), 1024):
+            for text in part.slice(start, 1024).to_pylist():
+                if text:
+                    yield text, f"row {row}"
+                row += 1
 
 
 def _parquet_file(path: Path, name: str):
@@ -201,7 +211,8 @@ def _parquet_file(path: Path, name: str):
         raise InputError(f"source {name!r}: not a readable Parquet file: {exc}", file=path) from None
 
 
-def _parquet_docs(path: Path, group: int, field: str, name: str) -> Iterator[tuple[str, str]]:
+def _parquet_docs(path: Path, part, field: str, name: str) -> Iterator[tuple[str, str]]:
+    group, lo, hi = (part, None, None) if isinstance(part, int) else part
     pf = _parquet_file(path, name)
     md = pf.metadata
     first = sum(md.row_group(i).num_rows for i in range(group))
@@ -213,6 +224,8 @@ def _parquet_docs(path: Path, group: int, field: str, name: str) -> Iterator[tup
     except Exception as exc:
         raise InputError(f"source {name!r}: damaged Parquet row group {group} (rows {first}..): {exc}",
                          file=path) from None
+    if lo is not None:
+        table, first = table.slice(lo, hi - lo), first + lo
     yield from _column_docs(table, field, path, name, first, "Parquet file")
 
 
@@ -311,7 +324,14 @@ def list_chunks(files: list[Path], fmt: str, name: str) -> list[Chunk]:
             md = _parquet_file(path, name).metadata
             for g in range(md.num_row_groups):
                 rg = md.row_group(g)
-                out.append(Chunk(path, g, rg.total_byte_size, rg.num_rows))
+                pieces = -(-rg.total_byte_size // PARQUET_CHUNK_BYTES)
+                if pieces <= 1 or rg.num_rows < 2:
+                    out.append(Chunk(path, g, rg.total_byte_size, rg.num_rows))
+                    continue
+                step = -(-rg.num_rows // pieces)
+                for lo in range(0, rg.num_rows, step):
+                    hi = min(rg.num_rows, lo + step)
+                    out.append(Chunk(path, (g, lo, hi), rg.total_byte_size * (hi - lo) // rg.num_rows, hi - lo))
         elif fmt == "arrow":
             start, nbytes, rows = 0, 0, 0
             n = 0

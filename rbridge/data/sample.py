@@ -272,22 +272,33 @@ def _extend(src, tokenizer, chunks, order, done, need, entry, meta, threshold, s
             ctx = multiprocessing.get_context("spawn")
             with cf.ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
                                         initargs=(tok_json, sep, dtype.name)) as pool:
-                queue = iter(todo)
+                queue = deque(todo)
                 running: deque = deque()
-                for i in queue:  # at most two chunks per worker in flight: memory stays bounded
-                    running.append((i, pool.submit(work, *args(i))))
-                    if len(running) >= 2 * n_workers:
-                        break
+
+                def expected(i: int) -> float:
+                    """Tokens a chunk should give: its bytes at the rate measured so far (first guess: one
+                    token per 4 bytes, byte-level BPE on prose and code; token files: their size)."""
+                    seen = sum(chunks[c["chunk"]].nbytes for c in done)
+                    rate = sum(c["train"] for c in done) / seen if seen else 0.25
+                    return chunks[i].nbytes * (1.0 / dtype.itemsize if src.fmt == "tokens" else rate)
+
+                def fill() -> None:
+                    # At most two chunks per worker in flight (memory stays bounded), and no more than the
+                    # need calls for: a small plan on a huge corpus tokenizes only what it uses.
+                    while queue and len(running) < 2 * n_workers and (
+                            not running or have + sum(expected(j) for j, _ in running) < need):
+                        i = queue.popleft()
+                        running.append((i, pool.submit(work, *args(i))))
+
+                fill()
                 while running:
                     i, fut = running.popleft()
                     take(i, fut.result())  # in order; an InputError of the chunk is raised here
                     if _prefix(done, need) is not None:
-                        for j, f in running:  # the chunks already tokenizing are appended (later plans use them)
+                        for j, f in running:  # chunks already tokenizing are appended (later plans use them)
                             take(j, f.result())
                         break
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        running.append((nxt, pool.submit(work, *args(nxt))))
+                    fill()
     el = time.perf_counter() - t0
     report.say(f"  source {src.name}: tokenized {n} more chunk(s), {read_bytes / 1e6:,.1f} MB in {el:.1f} s "
                f"with {n_workers} process(es)")
