@@ -13,8 +13,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import datasets
-
 from rbridge.data.sources import SourceConfig, iter_documents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +29,8 @@ def fixture_docs() -> list[str]:
 
 
 if __name__ == "__main__":
+    import datasets  # only to write the fixture: not a dependency of rbridge or its tests
+
     out = ROOT / "tests/fixtures/hf_sotu"
     shutil.rmtree(out, ignore_errors=True)
     docs = fixture_docs()
