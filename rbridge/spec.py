@@ -174,6 +174,7 @@ class Spec(BaseModel):
     target_model: TargetModel | None = None
     checkpoint_minutes: float | None = Field(10.0, gt=0)
     max_attempts: int = Field(2, ge=1, le=100)  # tries of a run whose training or scoring raises, then failed
+    runs_per_gpu: int = Field(1, ge=1, le=64)  # local processes per GPU: small proxies leave most of a GPU idle
 
     def source_needs(self) -> dict[str, int]:
         """Training tokens each source must supply: the most any stage's candidate draws from it (the

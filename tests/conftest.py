@@ -25,6 +25,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rbridge.store.db import POSTGRES_HINT
 
+# One local process per plan unless a test asks for more (tests/test_local_workers.py): the suite
+# already runs plans side by side (pytest -n), and crash tests kill "the plan" as one process.
+os.environ.setdefault("RBRIDGE_WORKERS", "1")
+
 try:
     import psycopg
 except ImportError:  # the server tests skip; tests that need no server still run

@@ -45,15 +45,19 @@ def validate(spec_path: Path) -> None:
                    "else torch's default).")
 @click.option("--no-local", "no_local", is_flag=True,
               help="Only coordinate: record the plan and wait while `rbridge worker` processes do the runs.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_WORKERS",
+              help="Local processes training runs at once, this one included (default: the whole machine: "
+                   "cores / threads per run, or GPUs x runs_per_gpu).")
 @guard
-def plan(spec_path: Path, store: str | None, force: bool, threads: int | None, no_local: bool) -> None:
+def plan(spec_path: Path, store: str | None, force: bool, threads: int | None, no_local: bool,
+         workers: int | None) -> None:
     """Run the plan declared in SPEC; continues it if the store already holds it.
 
     Any `rbridge worker --store` processes on the same store share the work.
     """
     from rbridge.spec import load_spec
 
-    _run(load_spec(spec_path), store, force, threads, local=not no_local)
+    _run(load_spec(spec_path), store, force, threads, local=not no_local, workers=workers)
 
 
 @main.command()
@@ -62,8 +66,10 @@ def plan(spec_path: Path, store: str | None, force: bool, threads: int | None, n
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
               help="CPU threads for torch (see rbridge plan --help).")
 @click.option("--no-local", "no_local", is_flag=True, help="Only coordinate (see rbridge plan --help).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_WORKERS",
+              help="Local processes training runs at once (see rbridge plan --help).")
 @guard
-def resume(store: str | None, force: bool, threads: int | None, no_local: bool) -> None:
+def resume(store: str | None, force: bool, threads: int | None, no_local: bool, workers: int | None) -> None:
     """Continue the unfinished plan in the store."""
     from rbridge.spec import parse_spec
     from rbridge.store import Plan, open_store
@@ -79,10 +85,11 @@ def resume(store: str | None, force: bool, threads: int | None, no_local: bool) 
     # The stored spec text is the plan; paths in it resolve against where it was written.
     spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
     st.close()
-    _run(spec, store, force, threads, local=not no_local)
+    _run(spec, store, force, threads, local=not no_local, workers=workers)
 
 
-def _run(spec, store: str | None, force: bool, threads: int | None = None, local: bool = True) -> None:
+def _run(spec, store: str | None, force: bool, threads: int | None = None, local: bool = True,
+         workers: int | None = None) -> None:
     from rbridge.planner.plan import run_plan
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -98,7 +105,7 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
     try:
         with stop.polite_signals():
             result = run_plan(spec, store, report=RichReporter(console), force=force, threads=threads, local=local,
-                              poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout())
+                              poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout(), workers=workers)
     except stop.Stopped as exc:
         _stopped(exc, "rbridge resume")
     from rbridge.store.db import safe_url

@@ -106,8 +106,9 @@ class Planner:
 
     def __init__(self, spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
                  threads: int | None = None, local: bool = True, poll_s: float = 2.0,
-                 heartbeat_timeout: float | None = None):
+                 heartbeat_timeout: float | None = None, workers: int | None = None):
         self.spec = spec
+        self.workers = workers
         self.store_arg = store or default_store_path(spec)
         self.store: Store | None = None
         self.threads = threads
@@ -202,9 +203,18 @@ class Planner:
         self.reused_runs = plan_ops.evaluated_rungs(self.store, plan.id)
         state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=traces)
         if self.local:
+            from rbridge.analysis.compute import non_embedding_params
+            from rbridge.planner.local import LocalWorkers, layout
+            from rbridge.planner.steps import threads_for
+
+            plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
+                                                for st in self.stages], self.spec.runs_per_gpu)
             worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
-            serve_plan(worker, self.poll_s)
-            self.trained_runs = worker.trained
+            with LocalWorkers(self.store.url, plan.name, plan_layout, self.heartbeat_timeout, self.threads,
+                              self.report):
+                serve_plan(worker, self.poll_s)
+            # every local process's work: the rung steps evaluated now that were not before
+            self.trained_runs = plan_ops.evaluated_rungs(self.store, plan.id) - self.reused_runs
         else:
             self.report.say(f"coordinating only (--no-local): start workers with "
                             f"`rbridge worker --store {safe_url(self.store.url)}`")
@@ -216,11 +226,13 @@ class Planner:
 
 def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
              threads: int | None = None, local: bool = True, poll_s: float = 2.0,
-             heartbeat_timeout: float | None = None) -> PlanResult:
+             heartbeat_timeout: float | None = None, workers: int | None = None) -> PlanResult:
     """Run (or continue) the plan a spec declares; returns the final ranking.
 
     ``report``: where news and progress go (silent by default; the CLI prints with rich).
     ``threads``: CPU threads for torch; None picks per stage (see ``steps.cpu_threads``).
     ``local=False`` (``--no-local``): only coordinate; ``rbridge worker`` processes do the runs.
+    ``workers``: local processes serving the plan, this one included (rbridge.planner.local); None: the
+    whole machine (cores / threads per run, or GPUs x ``runs_per_gpu``).
     """
-    return Planner(spec, store, report, force, threads, local, poll_s, heartbeat_timeout).run()
+    return Planner(spec, store, report, force, threads, local, poll_s, heartbeat_timeout, workers).run()

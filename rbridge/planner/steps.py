@@ -129,19 +129,21 @@ _DEFAULT_THREADS = torch.get_num_threads()
 SMALL_PROXY_PARAMS = 10_000_000
 
 
-def cpu_threads(non_embedding_params: int, requested: int | None = None) -> int:
-    """Set and return torch's CPU thread count for a stage's proxies.
-
-    ``requested`` (the CLI's --threads) wins; otherwise one thread for small
-    proxies on a CPU-only machine, else torch's default. Fixed per stage, so a
-    resumed stage computes with the same thread count.
-    """
+def threads_for(non_embedding_params: int, requested: int | None = None) -> int:
+    """CPU threads one run of a stage's proxies uses: ``requested`` (the CLI's --threads) wins;
+    otherwise one thread for small proxies on a CPU-only machine (the other cores run other runs:
+    rbridge.planner.local), else torch's default. Fixed per stage, so a resumed stage computes
+    with the same thread count."""
     if requested:
-        n = requested
-    elif not torch.cuda.is_available() and non_embedding_params < SMALL_PROXY_PARAMS:
-        n = 1
-    else:
-        n = _DEFAULT_THREADS
+        return requested
+    if not torch.cuda.is_available() and non_embedding_params < SMALL_PROXY_PARAMS:
+        return 1
+    return _DEFAULT_THREADS
+
+
+def cpu_threads(non_embedding_params: int, requested: int | None = None) -> int:
+    """Set and return torch's CPU thread count for a stage's proxies (``threads_for``)."""
+    n = threads_for(non_embedding_params, requested)
     torch.set_num_threads(n)
     return n
 

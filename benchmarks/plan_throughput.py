@@ -1,0 +1,129 @@
+"""Training tokens per wall second: a whole `rbridge plan` against a plain PyTorch loop, in one run.
+
+    python benchmarks/plan_throughput.py [--preset 0.5M] [--tokens 98304] [--candidates 4] [--repeats 1]
+
+The plan: one stage of ``--candidates`` candidates (mixtures of the repository's
+sources), ``--preset`` proxies, ``--tokens`` training tokens each, one rung, run as
+``rbridge plan`` in a new process with its defaults (every core: local worker
+processes), data already cached. Its wall time covers everything a user waits for:
+start-up, loading, training, checkpoints, scoring, the store.
+
+The baseline: a plain PyTorch loop (LlamaForCausalLM, AdamW, the same rows the plan
+trains on, the same batch size and sequence length) training the same models one
+after another in this process, at 1 thread and at every core; the faster is the
+baseline. Its time counts training steps only.
+
+The ratio is (plan training tokens / plan wall seconds) / (baseline tokens /
+baseline seconds); the median of ``--repeats`` runs of both is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MIXES = ["{austen: 1.0}", "{kjv: 1.0}", "{austen: 0.8, cot: 0.2}", "{pydocs: 0.5, cot: 0.5}", "{sotu: 1.0}",
+         "{spam: 1.0}", "{code: 1.0}", "{shakespeare: 1.0}"]
+
+
+def spec_text(preset: str, tokens: int, n: int) -> str:
+    sources = "".join(f"  {s}: {{path: {REPO}/specs/data/{f}}}\n" for s, f in [
+        ("austen", "austen.txt.gz"), ("kjv", "kjv.txt.gz"), ("sotu", "sotu.jsonl.gz"), ("pydocs", "pydocs.jsonl.gz"),
+        ("spam", "spam.jsonl.gz"), ("code", "code.jsonl.gz"), ("shakespeare", "shakespeare.jsonl.gz"),
+        ("cot", "cot.jsonl.gz")])
+    cands = "".join(f"  - {{name: c{i}, mix: {MIXES[i % len(MIXES)]}}}\n" for i in range(n))
+    return (f"name: bench\ntokenizer: {{train: {{vocab_size: 4096}}}}\nsources:\n{sources}candidates:\n{cands}"
+            f"benchmarks:\n  - {{name: gsm8k, traces: {REPO}/specs/traces/gsm8k.jsonl}}\n"
+            f"stages:\n  - {{name: s, proxy: {{preset: {preset}}}, tokens: {tokens}, seq_len: 256, batch_size: 8, "
+            f"evals: 1, keep: {n}}}\n")
+
+
+def plain_loop(spec_path: Path, threads: int) -> tuple[float, int]:
+    """Train every candidate's proxy one after another with a plain loop; (training seconds, tokens)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rbridge.planner.steps import _config, prepare_data
+    from rbridge.spec import load_spec
+    from rbridge.data import build_mixture
+
+    torch.set_num_threads(threads)
+    spec = load_spec(spec_path)
+    data = prepare_data(spec)
+    stage = spec.resolved_stages()[0]
+    tr = stage.training
+    seconds, tokens = 0.0, 0
+    for cand in spec.candidates:
+        rows, _ = build_mixture(cand.mix, data.shards, n_tokens=tr.tokens, seq_len=tr.seq_len, seed=0,
+                                cache_dir=data.cache_dir)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(_config(stage, data))
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=0.1, betas=(0.9, 0.95))
+        batches = torch.from_numpy(rows.astype("int64"))
+        t0 = time.perf_counter()
+        for start in range(0, len(batches) - tr.batch_size + 1, tr.batch_size):
+            x = batches[start:start + tr.batch_size]
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += x.numel()
+        seconds += time.perf_counter() - t0
+        assert loss.item() == loss.item()  # finite: the loop really trained
+    return seconds, tokens
+
+
+def run_plan(spec_path: Path, cwd: Path, cache: Path) -> float:
+    store = cwd / f"stores/run-{time.time_ns()}.db"
+    env = dict(os.environ, RBRIDGE_CACHE=str(cache))
+    env.pop("RBRIDGE_WORKERS", None)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "rbridge.cli", "plan", str(spec_path), "--store", str(store)], cwd=cwd,
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="0.5M")
+    ap.add_argument("--tokens", type=int, default=98_304)
+    ap.add_argument("--candidates", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        spec = root / "bench.yaml"
+        spec.write_text(spec_text(args.preset, args.tokens, args.candidates))
+        cache = root / "cache"
+        os.environ["RBRIDGE_CACHE"] = str(cache)
+        from rbridge.planner.steps import prepare_data
+        from rbridge.spec import load_spec
+
+        prepare_data(load_spec(spec))  # the data is cached for both sides
+        cores = os.cpu_count() or 1
+        print(f"{args.candidates} candidates x {args.tokens:,} tokens, preset {args.preset}, {cores} cores; "
+              f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        ratios = []
+        for rep in range(args.repeats):
+            plan_s = run_plan(spec, root, cache)
+            plain = {t: plain_loop(spec, t) for t in sorted({1, cores})}
+            best_t, (plain_s, plain_tokens) = min(plain.items(), key=lambda kv: kv[1][0])
+            plan_tps = args.candidates * args.tokens / plan_s
+            plain_tps = plain_tokens / plain_s
+            ratios.append(plan_tps / plain_tps)
+            print(f"repeat {rep + 1}: rbridge plan {plan_s:6.1f} s wall = {plan_tps:9,.0f} tokens/s; plain loop "
+                  + ", ".join(f"{t} thread(s) {s:6.1f} s" for t, (s, _) in plain.items())
+                  + f" -> best {best_t} = {plain_tps:9,.0f} tokens/s; ratio {ratios[-1]:.2f}x", flush=True)
+        print(f"median ratio rbridge plan / plain loop: {statistics.median(ratios):.2f}x (of {len(ratios)})")
+
+
+if __name__ == "__main__":
+    main()

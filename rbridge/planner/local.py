@@ -1,0 +1,130 @@
+"""Local worker processes: `rbridge plan` uses the whole machine.
+
+The runs of a rung that are ready train at the same time in ``rbridge worker``
+processes on this machine, beside the plan's own worker: the same claim protocol
+as workers on other machines (rbridge.planner.worker), so a run's numbers, and
+the decisions made from them, do not depend on how many processes share the
+plan. How many: on a CPU, the cores divided by the threads one run uses (one
+thread for small proxies: rbridge.planner.steps.cpu_threads); on GPUs, the GPUs
+times ``runs_per_gpu``, each process seeing its one GPU.
+
+Each process's lines are relayed through the plan's reporter, prefixed with
+``w<i>|``. A polite stop of the plan (SIGTERM, Ctrl-C) is passed on to them;
+when the plan ends they exit by themselves (``--until-idle``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from rbridge.reporting import SILENT, Reporter
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many local processes serve a plan (the plan's own worker included) and what each sees."""
+
+    processes: int
+    gpus: int
+    runs_per_gpu: int
+    threads: int | None  # CPU threads per run when fixed for every stage; None: per stage (steps.cpu_threads)
+
+    def child_env(self, index: int) -> dict[str, str]:
+        """Environment of local process ``index`` (1-based; 0 is the plan's own worker)."""
+        env = dict(os.environ, RBRIDGE_LOCAL_WORKER=str(index))
+        if self.gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(self.gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[index % self.gpus]
+        return env
+
+
+def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 1) -> Layout:
+    """The local processes for a plan: ``requested`` (``--workers``) wins; else every core or GPU is used.
+
+    ``stage_threads``: the CPU threads one run of each stage uses; the most of them
+    decides how many runs fit on the cores at once.
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested is not None:
+        n = requested
+    elif gpus:
+        n = gpus * max(1, runs_per_gpu)
+    else:
+        n = max(1, (os.cpu_count() or 1) // max(stage_threads or [1]))
+    return Layout(processes=max(1, n), gpus=gpus, runs_per_gpu=runs_per_gpu,
+                  threads=stage_threads[0] if len(set(stage_threads)) == 1 else None)
+
+
+class LocalWorkers:
+    """``rbridge worker --until-idle`` processes serving one plan, for the life of a ``with`` block."""
+
+    def __init__(self, store_url: str, plan: str, plan_layout: Layout, heartbeat_timeout: float,
+                 threads: int | None = None, report: Reporter = SILENT):
+        self.store_url = store_url
+        self.plan = plan
+        self.layout = plan_layout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.threads = threads
+        self.report = report
+        self.procs: list[subprocess.Popen] = []
+        self._pumps: list[threading.Thread] = []
+
+    def __enter__(self) -> "LocalWorkers":
+        for i in range(1, self.layout.processes):
+            cmd = [sys.executable, "-m", "rbridge.cli", "worker", "--store", self.store_url, "--plan", self.plan,
+                   "--until-idle", "--heartbeat-timeout", str(self.heartbeat_timeout)]
+            if self.threads:
+                cmd += ["--threads", str(self.threads)]
+            proc = subprocess.Popen(cmd, env=self.layout.child_env(i), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    start_new_session=True)  # a terminal's Ctrl-C reaches them through us
+            self.procs.append(proc)
+            pump = threading.Thread(target=self._pump, args=(i, proc), daemon=True)
+            pump.start()
+            self._pumps.append(pump)
+        if self.procs:
+            self.report.say(f"local workers: {len(self.procs)} more process(es) beside this one"
+                            + (f", {self.layout.gpus} GPU(s) x {self.layout.runs_per_gpu} run(s)"
+                               if self.layout.gpus else ""))
+        return self
+
+    def _pump(self, index: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:  # the reporter reads rich markup: the relayed text's brackets are escaped
+                self.report.say(f"w{index}| " + line.replace("[", "\\["))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Pass a polite stop on: each checkpoints its running proxy and exits."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=timeout))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        return codes
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # stopped or failed: the others checkpoint and stop too
+            self.stop()
+        # At the plan's end they see it done within one poll; a stopped one checkpoints first.
+        self.wait(timeout=300)

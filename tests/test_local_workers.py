@@ -1,0 +1,43 @@
+"""`rbridge plan` uses the whole machine (issue 14): runs of a rung train at once in local worker processes.
+
+The same plan with 1 and with 2 local processes gives the same decisions and the same scores, and a
+2-process plan killed mid-way and resumed with 2 processes ends the same again: the processes share
+runs through the store's claims, and a run's numbers depend only on its inputs.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from test_resume import _decisions, _ranking, _rbridge, _same, _setup
+
+
+def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_plan(tmp_path):
+    cache = tmp_path / "cache"
+    runs = {}
+    for n in ("1", "2"):
+        d = tmp_path / f"w{n}"
+        d.mkdir()
+        # Slow steps (a sleep, no compute) so the second process, a few seconds to start, finds work left.
+        env = dict(_setup(d, cache), RBRIDGE_WORKERS=n, RBRIDGE_POLL_S="0.2", RBRIDGE_SLOW_STEP_S="0.4")
+        res = _rbridge(["plan", "crash.yaml"], d, env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs[n] = (d / "stores/crash.db", res.stdout)
+    assert "local workers" not in runs["1"][1]
+    out2 = runs["2"][1]
+    assert "local workers: 1 more process(es) beside this one" in out2
+    assert "w1| " in out2 and " rung 1: rbridge gsm8k" in out2.split("w1| ", 1)[1]  # the other process trained
+    trained = [out.split("rungs trained and scored this time: ")[1].split(";")[0] for _, out in runs.values()]
+    assert trained[0] == trained[1] and int(trained[0]) > 4  # every rung step, counted across processes
+    _same(_ranking(runs["2"][0]), _ranking(runs["1"][0]))
+    assert _decisions(runs["2"][0]) == _decisions(runs["1"][0])
+
+    d = tmp_path / "killed"
+    d.mkdir()
+    env = dict(_setup(d, cache), RBRIDGE_WORKERS="2", RBRIDGE_POLL_S="0.2")
+    killed = _rbridge(["plan", "crash.yaml"], d, env, failpoint="after-score:3")  # every process dies there
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    resumed = _rbridge(["resume", "--store", "stores/crash.db"], d, env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    _same(_ranking(d / "stores/crash.db"), _ranking(runs["1"][0]))
+    assert _decisions(d / "stores/crash.db") == _decisions(runs["1"][0])
