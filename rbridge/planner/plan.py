@@ -31,6 +31,7 @@ from rbridge.reporting import SILENT, Reporter
 from rbridge.spec import Spec, parse_spec
 from rbridge.store import Store, open_store, store_url
 from rbridge.store import plans as plan_ops
+from rbridge.store.models import utcnow
 from rbridge.store.db import check_sqlite_file, safe_url
 
 
@@ -210,11 +211,12 @@ class Planner:
             plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
                                                 for st in self.stages], self.spec.runs_per_gpu)
             worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
+            started = utcnow()
             with LocalWorkers(self.store.url, plan.name, plan_layout, self.heartbeat_timeout, self.threads,
                               self.report):
                 serve_plan(worker, self.poll_s)
-            # every local process's work: the rung steps evaluated now that were not before
-            self.trained_runs = plan_ops.evaluated_rungs(self.store, plan.id) - self.reused_runs
+            # every local process's work (a revived superseded run brings its evaluations, not new ones)
+            self.trained_runs = plan_ops.evaluated_rungs(self.store, plan.id, since=started)
         else:
             self.report.say(f"coordinating only (--no-local): start workers with "
                             f"`rbridge worker --store {safe_url(self.store.url)}`")

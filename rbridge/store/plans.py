@@ -98,12 +98,15 @@ def candidates(store: Store, plan_id: int) -> dict[str, Candidate]:
                                                                   Candidate.superseded_by == 0)).all()}
 
 
-def evaluated_rungs(store: Store, plan_id: int) -> int:
-    """How many (run, rung) steps of the plan have evaluations."""
+def evaluated_rungs(store: Store, plan_id: int, since=None) -> int:
+    """How many (run, rung) steps of the plan have evaluations (recorded at or after ``since``, a UTC
+    datetime, when given: the steps trained and scored by every process since then)."""
     with store.session() as s:
-        return len(s.exec(select(Evaluation.run_id, Evaluation.rung).distinct()
-                          .join(Run, Run.id == Evaluation.run_id)
-                          .where(Run.plan_id == plan_id, Run.superseded_by == 0)).all())
+        q = (select(Evaluation.run_id, Evaluation.rung).distinct().join(Run, Run.id == Evaluation.run_id)
+             .where(Run.plan_id == plan_id, Run.superseded_by == 0))
+        if since is not None:
+            q = q.where(Evaluation.created_at >= since)
+        return len(s.exec(q).all())
 
 
 def ranking(store: Store, plan_name: str) -> list[dict]:
