@@ -56,3 +56,24 @@ def test_a_failing_run_is_failed_after_max_attempts_and_no_worker_exits(tmp_path
     status = subprocess.run(_cmd("status", "--store", "stores/tiny.db"), cwd=d, env=env, capture_output=True,
                             text=True, timeout=120)
     assert status.returncode == 0 and "failed" in status.stdout, status.stdout + status.stderr
+
+
+def test_failing_a_trial_another_decider_finished_meanwhile_changes_nothing(tmp_path):
+    """The race the test above once hit under load: Optuna checks that a trial is unfinished, another
+    decider finishes it, then the write is refused. The mirror's fail and fail_orphans take that as done."""
+    from unittest import mock
+
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    from rbridge.planner import mirror
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    n = mirror.ask(url, "p", "s", "c")
+
+    def finished_meanwhile(self, trial_id, state, values=None):
+        raise UpdateFinishedTrialError(f"Trial#{n} has already finished and can not be updated.")
+
+    with mock.patch("optuna.storages.RDBStorage.set_trial_state_values", finished_meanwhile):
+        mirror.fail(url, "p", "s", n)
+        mirror.fail_orphans(url, "p", "s", set())
+    assert mirror.study(url, "p", "s").trials[0].state.name == "RUNNING"  # untouched: the other decider's call

@@ -11,6 +11,7 @@ after telling, changes nothing.
 from __future__ import annotations
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 
@@ -35,8 +36,11 @@ def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0
 
 
 def fail(store_url: str, plan: str, stage: str, number: int, revision: int = 0) -> None:
-    """Mark a trial failed (asked by a worker whose run took another trial)."""
-    study(store_url, plan, stage, revision).tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    """Mark a trial failed (asked by a worker whose run took another trial, or a failed run's)."""
+    try:
+        study(store_url, plan, stage, revision).tell(number, state=TrialState.FAIL, skip_if_finished=True)
+    except (UpdateFinishedTrialError, ValueError):  # another decider finished it between check and write
+        pass
 
 
 def tell_rung(store_url: str, plan: str, stage: str, results: list[tuple[int | None, float, bool]],
@@ -70,4 +74,7 @@ def fail_orphans(store_url: str, plan: str, stage: str, run_trials: set[int | No
     st = study(store_url, plan, stage, revision)
     for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.number not in run_trials:
-            st.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            try:
+                st.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            except (UpdateFinishedTrialError, ValueError):  # failed by another decider meanwhile
+                pass
