@@ -39,8 +39,8 @@ import numpy as np
 
 from rbridge.data._cache import DATA_FORMAT_VERSION, content_key
 from rbridge.data.formats import Chunk, read_chunk
-from rbridge.data.sources import (_HASH_SPACE, SourceConfig, _check_fraction, _doc_hash, chunk_order,
-                                  source_fingerprint)
+from rbridge.data.shards import SourceShards, pack, token_dtype
+from rbridge.data.sources import SourceConfig, _doc_hash, chunk_order, heldout_threshold, source_fingerprint
 from rbridge.errors import InputError
 from rbridge.reporting import SILENT, Reporter
 
@@ -84,12 +84,7 @@ def _tokenize_chunk(chunk: Chunk, fmt: str, field: str | None, name: str, thresh
         if not batches[side]:
             return
         encoded = [e.ids for e in tok.encode_batch_fast(batches[side], add_special_tokens=False)]
-        arr = np.empty(sum(len(ids) for ids in encoded) + len(encoded), dtype=dtype)
-        pos = 0
-        for ids in encoded:
-            arr[pos] = sep
-            arr[pos + 1:pos + 1 + len(ids)] = ids
-            pos += 1 + len(ids)
+        arr = pack(encoded, sep, dtype)
         arr.tofile(files[side])
         counts[side] += len(arr)
         counts[f"{side}_docs"] += len(encoded)
@@ -180,10 +175,9 @@ def sample_shards(src: SourceConfig, tokenizer, need: int, cache_dir: Path, *, h
                   workers: int | None = None, report: Reporter = SILENT):
     """The token streams of a sampled source: at least ``need`` training tokens (when the source has
     them), read in the sample order and cached; returns (SourceShards, SampleRead)."""
-    from rbridge.data.shards import SourceShards, token_dtype
     from rbridge.data.tokenizer import separator_id, tokenizer_fingerprint
 
-    _check_fraction(heldout_fraction)
+    threshold = heldout_threshold(heldout_fraction)
     chunks = src.chunks()
     fp = source_fingerprint(src)
     order = chunk_order(fp, len(chunks))
@@ -195,7 +189,6 @@ def sample_shards(src: SourceConfig, tokenizer, need: int, cache_dir: Path, *, h
     entry = Path(cache_dir) / "samples" / base
     entry.mkdir(parents=True, exist_ok=True)
     meta = {"key": base, "source": src.name, "dtype": dtype.name, "eos_id": sep, "n_chunks": len(chunks)}
-    threshold = _HASH_SPACE - int(heldout_fraction * _HASH_SPACE)
     tokenized = 0
     with _locked(entry / ".lock"):
         done = _read_state(entry)

@@ -93,6 +93,17 @@ def _load(src: SourceConfig, key: str, entry: Path, manifest: dict, cached: bool
         return None
 
 
+def pack(encoded: list[list[int]], sep: int, dtype: np.dtype) -> np.ndarray:
+    """Documents' token ids as one stream, ``sep`` before each: the shard layout (whole and sampled)."""
+    out = np.empty(sum(len(ids) for ids in encoded) + len(encoded), dtype=dtype)
+    pos = 0
+    for ids in encoded:
+        out[pos] = sep
+        out[pos + 1:pos + 1 + len(ids)] = ids
+        pos += 1 + len(ids)
+    return out
+
+
 class _StreamWriter:
     def __init__(self, path: Path, dtype: np.dtype):
         self.fh = open(path, "wb")
@@ -101,15 +112,9 @@ class _StreamWriter:
         self.n_docs = 0
 
     def write(self, encoded: list[list[int]], sep: int) -> None:
-        total = sum(len(ids) for ids in encoded) + len(encoded)
-        out = np.empty(total, dtype=self.dtype)
-        pos = 0
-        for ids in encoded:
-            out[pos] = sep
-            out[pos + 1:pos + 1 + len(ids)] = ids
-            pos += 1 + len(ids)
+        out = pack(encoded, sep, self.dtype)
         out.tofile(self.fh)
-        self.n_tokens += total
+        self.n_tokens += len(out)
         self.n_docs += len(encoded)
 
     def close(self) -> None:

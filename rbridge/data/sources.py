@@ -19,6 +19,7 @@ land on the same side of the split.
 
 from __future__ import annotations
 
+import functools
 import glob as _glob
 import gzip
 import hashlib
@@ -71,7 +72,7 @@ class SourceConfig:
             return f"glob-{fmt}"
         return fmt
 
-    @property
+    @functools.cached_property  # a glob's format means scanning its folder: once per config
     def fmt(self) -> str:
         """The format documents are read in (rbridge.data.formats.FORMATS)."""
         if self.format is not None:
@@ -293,6 +294,13 @@ def _doc_hash(doc: str) -> int:
     return int.from_bytes(hashlib.sha1(_SPLIT_SALT + doc.encode("utf-8", "surrogatepass")).digest(), "big")
 
 
+def heldout_threshold(heldout_fraction: float) -> int:
+    """Documents whose salted hash is at least this are held out (the last ``heldout_fraction`` of
+    hash space): the one rule of whole, sampled and tokenized sources."""
+    _check_fraction(heldout_fraction)
+    return _HASH_SPACE - int(heldout_fraction * _HASH_SPACE)
+
+
 def _check_fraction(heldout_fraction: float) -> None:
     if not 0.0 < heldout_fraction < 1.0:
         raise InputError(f"held-out fraction must be in (0, 1), got {heldout_fraction}",
@@ -315,11 +323,10 @@ _splits: dict[tuple[str, float], _Split] = {}
 
 
 def _split_for(src: SourceConfig, heldout_fraction: float) -> _Split:
-    _check_fraction(heldout_fraction)
+    threshold = heldout_threshold(heldout_fraction)
     memo = (source_fingerprint(src), heldout_fraction)
     if memo in _splits:
         return _splits[memo]
-    threshold = _HASH_SPACE - int(heldout_fraction * _HASH_SPACE)
     n = n_held = 0
     largest = -1
     for doc in iter_documents(src):
@@ -374,8 +381,7 @@ def chunk_order(fingerprint: str, n: int):
 def iter_sample_documents(src: SourceConfig, heldout_fraction: float, max_chars: int) -> Iterator[str]:
     """Training documents of a sampled source in its sample order, up to ``max_chars`` characters
     (the tokenizer's bounded seeded sample): held-out documents are skipped."""
-    _check_fraction(heldout_fraction)
-    threshold = _HASH_SPACE - int(heldout_fraction * _HASH_SPACE)
+    threshold = heldout_threshold(heldout_fraction)
     chunks = src.chunks()
     left = max_chars
     for i in chunk_order(source_fingerprint(src), len(chunks)):
