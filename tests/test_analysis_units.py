@@ -21,6 +21,7 @@ from rbridge.analysis.results_io import default_higher_is_better, import_results
 from rbridge.cli import main
 from rbridge.errors import InputError
 from rbridge.store import Candidate, Evaluation, Plan, Run, open_store
+from sqlmodel import select
 
 
 def _invoke(*args: str):
@@ -301,3 +302,144 @@ def test_import_into_named_plan_and_store_with_two_plans(tmp_path):
         st.close()
     assert plan == [{"name": "one", "spec_text": "", "spec_hash": "", "status": "imported"},
                     {"name": "two", "spec_text": "", "spec_hash": "", "status": "imported"}]
+
+
+# ---------------------------------------------------------------------------- fast pair counting (issue 14)
+def _brute_pair_stats(proxy, target, proxy_hib, target_hib, tokens=None) -> dict:
+    """METHOD.md section 5 pair by pair, in plain Python: the reference the O(n log n) counts must equal."""
+    n = len(proxy)
+    sign = lambda a, b: (a > b) - (a < b)  # noqa: E731
+    px = [v if proxy_hib else -v for v in proxy]
+    ty = [v if target_hib else -v for v in target]
+    tk = [0 if t is None else t for t in tokens] if tokens is not None else [0] * n
+    c = d = tx = tyy = txo = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            sx = sign(tk[i], tk[j]) or sign(px[i], px[j])
+            sy = sign(ty[i], ty[j])
+            c += sx * sy > 0
+            d += sx * sy < 0
+            tx += sx == 0
+            tyy += sy == 0
+            txo += sx == 0 and sy != 0
+    n_all = n * (n - 1) // 2
+    n_pairs = n_all - tyy
+    return {"n_candidates": n, "n_pairs": n_pairs,
+            "decision_accuracy": (c + 0.5 * txo) / n_pairs if n_pairs > 0 else None,
+            "kendall_tau": ((c - d) / (float(n_all - tx) * float(n_all - tyy)) ** 0.5
+                            if n_all - tx > 0 and n_all - tyy > 0 else None),
+            "concordant": c, "discordant": d, "proxy_ties_counted_half": txo, "target_ties": tyy}
+
+
+def test_inversion_count_against_brute_force():
+    from rbridge.analysis.decision import _inversions
+
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 3, 5, 8, 17, 64, 100, 257):
+        for span in (1, 2, 5, 1000):
+            a = rng.integers(0, span, size=n)
+            want = sum(int(a[i] > a[j]) for i in range(n) for j in range(i + 1, n))
+            assert _inversions(a) == want, (n, span)
+
+
+def test_pair_stats_equals_the_pairwise_count_on_random_data_with_ties():
+    """Every count, the accuracy and tau, exactly (not approximately): small value ranges force ties on
+    the proxy, on the target, on both, and on the tokens; both directions; with and without tokens."""
+    rng = np.random.default_rng(14)
+    for trial in range(120):
+        n = int(rng.integers(0, 60))
+        levels = int(rng.integers(1, 8))
+        proxy = (rng.integers(0, levels, size=n) / 4).tolist()
+        target = (rng.integers(0, int(rng.integers(1, 8)), size=n) * 0.1).tolist()
+        tokens = None
+        if trial % 3:
+            tokens = [None if rng.random() < 0.1 else int(v) * 1000 for v in rng.integers(1, 4, size=n)]
+        hib = (bool(trial % 2), bool(trial % 5))
+        got = pair_stats(proxy, target, proxy_higher_is_better=hib[0], target_higher_is_better=hib[1],
+                         proxy_tokens=tokens)
+        assert got == _brute_pair_stats(proxy, target, *hib, tokens), trial
+    # Distinct values, and scipy's tau-b as a third opinion.
+    x, y = rng.normal(size=300), rng.normal(size=300)
+    got = pair_stats(x, y, proxy_higher_is_better=True)
+    assert got == _brute_pair_stats(x.tolist(), y.tolist(), True, True)
+    assert got["kendall_tau"] == pytest.approx(kendalltau(x, y).statistic, abs=1e-12)
+
+
+def _mixed_store(db: Path) -> None:
+    """A planner stage (ties on proxy and target, a candidate dropped early, two benchmarks and metrics),
+    imported targets (one higher-, one lower-is-better) and an imported proxy stage."""
+    rng = np.random.default_rng(5)
+    st = open_store(db)
+    with st.session() as s:
+        plan = Plan(name="mixed", spec_text="name: mixed\n", spec_hash="h", status="done")
+        s.add(plan)
+        s.flush()
+        for i in range(40):
+            cand = Candidate(plan_id=plan.id, name=f"k{i:02d}", mix="{}", position=i)
+            s.add(cand)
+            s.flush()
+            rungs = 1 + int(rng.integers(0, 3))
+            run = Run(plan_id=plan.id, stage="filter", stage_index=0, candidate_id=cand.id, config="{}",
+                      non_embedding_params=100, tokens_target=3000, tokens_seen=1000 * rungs,
+                      status="done" if rungs == 3 else "pruned")
+            s.add(run)
+            s.flush()
+            for rung in range(1, rungs + 1):
+                for bench in ("gsm8k", "math"):
+                    s.add(Evaluation(run_id=run.id, rung=rung, tokens_seen=1000 * rung, benchmark=bench,
+                                     metric="rbridge", value=float(rng.integers(0, 6)) / 2))
+                    s.add(Evaluation(run_id=run.id, rung=rung, tokens_seen=1000 * rung, benchmark=bench,
+                                     metric="acc", value=float(rng.integers(0, 4)) / 4, higher_is_better=True))
+    st.close()
+    rows = []
+    for i in range(40):
+        rows += [f"k{i:02d},gsm8k,accuracy,{int(rng.integers(0, 5)) / 10}",
+                 f"k{i:02d},math,loss,{int(rng.integers(0, 5)) / 10}"]
+    t = _csv(db.parent / "t.csv", "candidate,benchmark,metric,value", rows)
+    assert _invoke("targets", "import", str(t), "--store", str(db)).exit_code == 0
+    p = _csv(db.parent / "p.csv", "candidate,benchmark,metric,value,tokens",
+             [f"k{i:02d},gsm8k,loss,{int(rng.integers(0, 4))},{1000 * int(rng.integers(1, 3))}"
+              for i in range(0, 40, 2)])
+    assert _invoke("results", "import", str(p), "--store", str(db), "--stage", "other").exit_code == 0
+
+
+def test_commands_give_the_views_numbers(tmp_path):
+    """`rbridge accuracy` and `status --json` compute decision accuracy in Python now; their rows must be
+    the `decision_accuracy` view's, exactly, on a store with ties, both directions and dropped candidates."""
+    db = tmp_path / "m.db"
+    _mixed_store(db)
+    view = _rows(db, "select * from decision_accuracy order by plan, stage, benchmark, proxy_metric, "
+                     "target_metric")
+    assert len(view) == 5 and any(r["proxy_ties_counted_half"] for r in view) and any(r["target_ties"] for r in view)
+    r = _invoke("accuracy", "--store", str(db), "--no-curve", "--json")
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)
+    assert "accuracy_vs_compute" not in got
+    assert got["decision_accuracy"] == view
+    st = open_store(db, create=False, read_only=True)
+    try:
+        assert decision_accuracy(st) == view
+        assert analysis_summary(st, "mixed")["decision_accuracy"] == view
+    finally:
+        st.close()
+
+
+def test_a_candidate_with_two_proxy_rows_is_never_paired_with_itself(tmp_path):
+    """The view joins distinct candidates only; a planner run and an imported result under the same stage
+    name (the import refuses this; an older store may hold it) give the candidate two rows."""
+    from rbridge.store.results import Result
+
+    db = tmp_path / "m.db"
+    _mixed_store(db)
+    st = open_store(db)
+    try:
+        with st.session() as s:
+            plan_id = s.exec(select(Plan.id)).first()
+            for i, v in ((0, 0.5), (1, 1.0), (2, 1.0)):
+                s.add(Result(plan_id=plan_id, kind="proxy", stage="filter", candidate=f"k{i:02d}", benchmark="gsm8k",
+                             metric="rbridge", value=v, higher_is_better=False, tokens=3000))
+        view = _rows(db, "select * from decision_accuracy order by plan, stage, benchmark, proxy_metric, "
+                         "target_metric")
+        assert decision_accuracy(st) == view
+    finally:
+        st.close()

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from scipy.optimize import OptimizeWarning, curve_fit
 from sqlmodel import select
 
 from rbridge.errors import InputError
@@ -90,6 +89,10 @@ def fit_family(family: str, x: np.ndarray, y: np.ndarray) -> dict[str, float] | 
                 best = (sse, float(a), float(b), float(c))
         _, a, b, c = best
         f: Callable = lambda xx, a_, b_, c_: a_ * np.exp(b_ * (xx - x0)) + c_  # noqa: E731
+        # Imported here, not with the module: scipy.optimize takes about a second to import, and
+        # `rbridge accuracy` and `status --json` read stored fits through this module without fitting.
+        from scipy.optimize import OptimizeWarning, curve_fit
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", OptimizeWarning)

@@ -211,11 +211,9 @@ def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: boo
     st = open_store(store, create=False, read_only=True)
     try:
         _require_plan(st, plan_name)
-        info = analysis_summary(st, plan_name)
+        info = analysis_summary(st, plan_name, curve=curve)  # --no-curve: not computed at all
     finally:
         st.close()
-    if not curve:
-        info.pop("accuracy_vs_compute", None)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
