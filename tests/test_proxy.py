@@ -141,6 +141,39 @@ def test_bf16_autocast_trains(random_data):
     assert next(t.model.parameters()).dtype == torch.float32          # master weights stay fp32
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_fused_loss_equals_transformers_loss_and_gradients(chunk):
+    """The chunked loss (proxy/model.py) against LlamaForCausalLM's own, with ignored targets and chunks
+    that do not divide the rows: same loss, same gradients for every parameter, to fp32 rounding."""
+    from rbridge.proxy import ProxyLlamaForCausalLM, linear_cross_entropy
+
+    torch.manual_seed(0)
+    plain = LlamaForCausalLM(tiny_config())
+    fused = ProxyLlamaForCausalLM(tiny_config())
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randint(0, VOCAB, (3, SEQ))
+    labels = x.clone()
+    labels[0, 5:9] = -100
+    labels[2, :] = -100
+    ref = plain(input_ids=x, labels=labels).loss
+    ref.backward()
+    h = fused.model(input_ids=x).last_hidden_state
+    got = linear_cross_entropy(h[:, :-1], fused.lm_head.weight, labels[:, 1:], chunk_rows=chunk)
+    (2.0 * got).backward()  # the upstream gradient scales both stored gradients
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
+        assert torch.allclose(2.0 * p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    # The trainer's path: a training forward with labels takes the fused loss and returns no logits;
+    # eval or no labels is LlamaForCausalLM's forward, logits and all.
+    fused.train()
+    out = fused(input_ids=x, labels=labels)
+    assert out.logits is None and out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    fused.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=x).logits, plain.eval()(input_ids=x).logits)
+        assert fused(input_ids=x, labels=labels).loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
 def test_global_batch_is_the_same_for_any_world_size_and_micro_batch():
     data = np.arange(10 * 4).reshape(10, 4)
 

@@ -89,3 +89,57 @@ def test_misuse_is_an_error(model, pairs):
         loglikelihood(model, [Request([], pairs[0][1])])
     with pytest.raises(ValueError, match="precision"):
         loglikelihood(model, [r], precision="fp16")
+
+
+def test_nll_and_greedy_equal_log_softmax_and_argmax_with_ties():
+    """The scorer's reduction against the textbook one, across chunk boundaries, with tied maxima
+    (``argmax`` takes the first: a target tied with an earlier class is not greedy)."""
+    from rbridge.scoring.requests import _nll_and_greedy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 11, generator=g).round()  # rounded: many ties
+    targets = torch.randint(0, 11, (37,), generator=g)
+    targets[:10] = logits[:10].argmax(-1)
+    nll, hit = _nll_and_greedy(logits, targets, chunk=8)
+    lp = torch.log_softmax(logits, -1)
+    assert np.allclose(nll, -lp.gather(-1, targets[:, None])[:, 0].double().numpy(), atol=1e-6)
+    assert (hit == (lp.argmax(-1) == targets).numpy()).all() and hit[:10].all() and not hit.all()
+
+
+class _ScaledLogits(torch.nn.Module):
+    """A causal LM whose logits are not its output layer's (a soft-capping or scaling head)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config = model, model.config
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids):
+        out = self.inner(input_ids=input_ids)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_only_scored_positions_reach_the_output_layer_and_only_where_that_is_exact(model, pairs, monkeypatch):
+    """The gathered-rows pass equals the full pass; a model whose logits differ from
+    head(decoder(x)) is detected on the first batch and scored by the full pass."""
+    import rbridge.scoring.requests as rq
+
+    gathered = [r.nll for r in loglikelihood(model, make(pairs), batch_size=2, precision="fp32")]
+    calls = []
+    monkeypatch.setattr(rq, "_decoder_and_head", lambda m: calls.append(m) or None)
+    full = [r.nll for r in loglikelihood(model, make(pairs), batch_size=2, precision="fp32")]
+    assert calls and all(np.allclose(a, b, atol=1e-5) for a, b in zip(gathered, full))
+    monkeypatch.undo()
+    scaled = _ScaledLogits(model)
+    got = loglikelihood(scaled, make(pairs), batch_size=2, precision="fp32")
+    for req, (ctx, cont) in zip(got, pairs):
+        with torch.no_grad():
+            lg = model(input_ids=torch.tensor([ctx + cont])).logits[0].double() * 0.5
+        want = -torch.log_softmax(lg[len(ctx) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
+        assert np.allclose(req.nll, want.numpy(), atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -140,9 +141,12 @@ def _heartbeat_timeout(given: float | None = None) -> float:
                    "(default 60, or $RBRIDGE_HEARTBEAT_TIMEOUT).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
               help="CPU threads for torch (see rbridge plan --help).")
+@click.option("--ready-on-stdin", is_flag=True, hidden=True,
+              help="(rbridge plan's local workers) Load the training code, then wait for a line on stdin before "
+                   "opening the store; exit quietly at end of input.")
 @guard
 def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idle: bool,
-           heartbeat_timeout: float | None, threads: int | None) -> None:
+           heartbeat_timeout: float | None, threads: int | None, ready_on_stdin: bool) -> None:
     """Take runs of the store's plans and do them, alongside any other workers.
 
     Start any number, on any number of machines, before or after `rbridge plan`.
@@ -153,6 +157,14 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
 
     from rbridge.planner import stop
 
+    if ready_on_stdin:
+        import importlib
+
+        for module in ("rbridge.planner.steps", "rbridge.proxy.train", "rbridge.scoring.scorer"):
+            importlib.import_module(module)  # torch, transformers, Accelerate: seconds, spent while waiting
+
+        if not sys.stdin.readline():
+            return  # the plan stopped before its store was ready
     w = Worker(store, RichReporter(console), plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
                heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None)
     try:

@@ -5,8 +5,14 @@ processes on this machine, beside the plan's own worker: the same claim protocol
 as workers on other machines (rbridge.planner.worker), so a run's numbers, and
 the decisions made from them, do not depend on how many processes share the
 plan. How many: on a CPU, the cores divided by the threads one run uses (one
-thread for small proxies: rbridge.planner.steps.cpu_threads); on GPUs, the GPUs
+thread for small proxies: ``threads_for``); on GPUs, the GPUs
 times ``runs_per_gpu``, each process seeing its one GPU.
+
+The processes start before the plan prepares its data, and wait: each imports
+torch, transformers and Accelerate (seconds) while the plan process reads and
+checks its inputs, then blocks on its stdin until ``release()`` writes that the
+store and the plan row exist, so the first rung's runs start together. Closing
+stdin without a word (a plan that failed its checks) makes them exit quietly.
 
 Each process's lines are relayed through the plan's reporter, prefixed with
 ``w<i>|``. A polite stop of the plan (SIGTERM, Ctrl-C) is passed on to them;
@@ -22,7 +28,28 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import torch
+
 from rbridge.reporting import SILENT, Reporter
+
+_DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it
+# Below this many non-embedding parameters a CPU proxy trains fastest on one thread:
+# its matmuls are too small to amortise the threads' synchronisation. Measured on a
+# 2-core machine (benchmarks/proxy_throughput.py): 0.5M preset 5.9k tok/s on 1 thread
+# vs 3.4k on 2; 2M preset 2.9k vs 0.7k.
+SMALL_PROXY_PARAMS = 10_000_000
+
+
+def threads_for(non_embedding_params: int, requested: int | None = None) -> int:
+    """CPU threads one run of a stage's proxies uses: ``requested`` (the CLI's --threads) wins;
+    otherwise one thread for small proxies on a CPU-only machine (the other cores run other runs
+    in other local processes), else torch's default. Fixed per stage, so a resumed stage computes
+    with the same thread count."""
+    if requested:
+        return requested
+    if not torch.cuda.is_available() and non_embedding_params < SMALL_PROXY_PARAMS:
+        return 1
+    return _DEFAULT_THREADS
 
 
 @dataclass(frozen=True)
@@ -32,7 +59,7 @@ class Layout:
     processes: int
     gpus: int
     runs_per_gpu: int
-    threads: int | None  # CPU threads per run when fixed for every stage; None: per stage (steps.cpu_threads)
+    threads: int | None  # CPU threads per run when fixed for every stage; None: per stage (threads_for)
 
     def child_env(self, index: int) -> dict[str, str]:
         """Environment of local process ``index`` (1-based; 0 is the plan's own worker)."""
@@ -50,8 +77,6 @@ def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 
     ``stage_threads``: the CPU threads one run of each stage uses; the most of them
     decides how many runs fit on the cores at once.
     """
-    import torch
-
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested is not None:
         n = requested
@@ -76,14 +101,15 @@ class LocalWorkers:
         self.report = report
         self.procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
+        self._released = False
 
     def __enter__(self) -> "LocalWorkers":
         for i in range(1, self.layout.processes):
             cmd = [sys.executable, "-m", "rbridge.cli", "worker", "--store", self.store_url, "--plan", self.plan,
-                   "--until-idle", "--heartbeat-timeout", str(self.heartbeat_timeout)]
+                   "--until-idle", "--heartbeat-timeout", str(self.heartbeat_timeout), "--ready-on-stdin"]
             if self.threads:
                 cmd += ["--threads", str(self.threads)]
-            proc = subprocess.Popen(cmd, env=self.layout.child_env(i), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(cmd, env=self.layout.child_env(i), stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                     start_new_session=True)  # a terminal's Ctrl-C reaches them through us
             self.procs.append(proc)
@@ -95,6 +121,22 @@ class LocalWorkers:
                             + (f", {self.layout.gpus} GPU(s) x {self.layout.runs_per_gpu} run(s)"
                                if self.layout.gpus else ""))
         return self
+
+    def release(self) -> None:
+        """Tell the waiting processes that the store and the plan row exist: they open it and take runs."""
+        self._hand_over("go\n")
+
+    def _hand_over(self, word: str) -> None:
+        if self._released:
+            return
+        self._released = True
+        for proc in self.procs:
+            try:
+                if word:
+                    proc.stdin.write(word)
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):  # it died already; wait() collects its code
+                pass
 
     def _pump(self, index: int, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -124,6 +166,7 @@ class LocalWorkers:
         return codes
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._hand_over("")  # never released (the plan failed before its store was ready): they exit quietly
         if exc_type is not None:  # stopped or failed: the others checkpoint and stop too
             self.stop()
         # At the plan's end they see it done within one poll; a stopped one checkpoints first.

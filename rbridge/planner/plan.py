@@ -180,20 +180,37 @@ class Planner:
             check_sqlite_file(Path(url[len("sqlite:///"):]), create=True)
         with plan_lock(self.store_arg, self.spec.name):
             self._check_store()
-            from rbridge.planner.steps import prepare_data  # torch: after the lock (a refusal stays quick)
-            data = prepare_data(self.spec, self.report)
-            # Check everything, then change anything: every stage's model is built (on the meta device)
-            # before the store is created or a recorded row is touched.
-            from rbridge.planner.steps import check_proxies
-            check_proxies(self.stages, data, self.spec.path)
-            failpoint("data-prepared")
-            self.store = open_store(self.store_arg)
-            try:
-                return self._run_locked(data, traces, t0)
-            finally:
-                self.store.close()
+            # Local worker processes load the training code while this one prepares the data;
+            # they wait until the store and the plan row exist (LocalWorkers.release).
+            with self._local_workers() as local:
+                from rbridge.planner.steps import prepare_data  # torch: after the lock (a refusal stays quick)
+                data = prepare_data(self.spec, self.report)
+                # Check everything, then change anything: every stage's model is built (on the meta device)
+                # before the store is created or a recorded row is touched.
+                from rbridge.planner.steps import check_proxies
+                check_proxies(self.stages, data, self.spec.path)
+                failpoint("data-prepared")
+                self.store = open_store(self.store_arg)
+                try:
+                    return self._run_locked(data, traces, t0, local)
+                finally:
+                    self.store.close()
 
-    def _run_locked(self, data, traces, t0: float) -> PlanResult:
+    def _local_workers(self):
+        """The plan's local worker processes (rbridge.planner.local), started now, or nothing."""
+        import contextlib
+
+        if not self.local:
+            return contextlib.nullcontext()
+        from rbridge.analysis.compute import non_embedding_params
+        from rbridge.planner.local import LocalWorkers, layout, threads_for
+
+        plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
+                                            for st in self.stages], self.spec.runs_per_gpu)
+        return LocalWorkers(store_url(self.store_arg), self.spec.name, plan_layout, self.heartbeat_timeout,
+                            self.threads, self.report)
+
+    def _run_locked(self, data, traces, t0: float, local) -> PlanResult:
         from rbridge.planner.worker import PlanWorker, serve_plan, wait_for_plan
 
         # Every stage's study (and Optuna's tables) exists before a worker can see the
@@ -204,17 +221,10 @@ class Planner:
         self.reused_runs = plan_ops.evaluated_rungs(self.store, plan.id)
         state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=traces)
         if self.local:
-            from rbridge.analysis.compute import non_embedding_params
-            from rbridge.planner.local import LocalWorkers, layout
-            from rbridge.planner.steps import threads_for
-
-            plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
-                                                for st in self.stages], self.spec.runs_per_gpu)
             worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
             started = utcnow()
-            with LocalWorkers(self.store.url, plan.name, plan_layout, self.heartbeat_timeout, self.threads,
-                              self.report):
-                serve_plan(worker, self.poll_s)
+            local.release()
+            serve_plan(worker, self.poll_s)
             # every local process's work (a revived superseded run brings its evaluations, not new ones)
             self.trained_runs = plan_ops.evaluated_rungs(self.store, plan.id, since=started)
         else:
@@ -232,7 +242,7 @@ def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, fo
     """Run (or continue) the plan a spec declares; returns the final ranking.
 
     ``report``: where news and progress go (silent by default; the CLI prints with rich).
-    ``threads``: CPU threads for torch; None picks per stage (see ``steps.cpu_threads``).
+    ``threads``: CPU threads for torch; None picks per stage (``local.threads_for``; a stage keeps the count its first run recorded).
     ``local=False`` (``--no-local``): only coordinate; ``rbridge worker`` processes do the runs.
     ``workers``: local processes serving the plan, this one included (rbridge.planner.local); None: the
     whole machine (cores / threads per run, or GPUs x ``runs_per_gpu``).

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+
 from rbridge.errors import InputError
-from rbridge.planner.steps import RunContext, cpu_threads, prepare_data, train_run
+from rbridge.planner.steps import RunContext, prepare_data, train_run
 from rbridge.spec import parse_spec
 
 
@@ -70,13 +72,13 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def run_message(ctx: RunContext, spec_hash: str, tokens: int, non_embedding_params: int) -> dict:
+def run_message(ctx: RunContext, spec_hash: str, tokens: int, threads: int) -> dict:
     """What rank 0 sends the other ranks so that they train the same run with it."""
     spec = ctx.spec
     return {"spec_hash": spec_hash, "spec_text": spec.text,
             "spec_path": str(spec.path.resolve()) if spec.path else "",
             "stage_index": ctx.stage.index, "candidate": ctx.candidate, "mix": ctx.mix,
-            "non_embedding_params": non_embedding_params, "tokens": tokens,
+            "threads": threads, "tokens": tokens,
             "checkpoint": str(ctx.checkpoint_dir.resolve()), "seed": ctx.seed, "model_seed": ctx.model_seed,
             "run_key": ctx.run_key}
 
@@ -97,7 +99,7 @@ def follow(ranks: Ranks, threads: int | None = None) -> int:
             plans[key] = (spec, prepare_data(spec))
         spec, data = plans[key]
         stage = spec.resolved_stages()[message["stage_index"]]
-        cpu_threads(message["non_embedding_params"], threads)
+        torch.set_num_threads(message["threads"])  # rank 0's count for this run
         ctx = RunContext(spec, stage, message["candidate"], message["mix"], data, {}, Path(message["checkpoint"]),
                          seed=message["seed"], model_seed=message["model_seed"], run_key=message["run_key"])
         train_run(ctx, message["tokens"])

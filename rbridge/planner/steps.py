@@ -22,6 +22,7 @@ from rbridge.data.tokens import check_dtype
 from rbridge.errors import InputError
 from rbridge.planner import stop
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
+from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 from rbridge.reporting import SILENT, Reporter
 from rbridge.scoring.config import METRICS
 from rbridge.scoring.scorer import score_traces
@@ -121,33 +122,6 @@ def describe_proxy(stage: Stage, data: PlanData) -> dict[str, Any]:
             "non_embedding_params": non_emb}
 
 
-_DEFAULT_THREADS = torch.get_num_threads()
-# Below this many non-embedding parameters a CPU proxy trains fastest on one thread:
-# its matmuls are too small to amortise the threads' synchronisation. Measured on a
-# 2-core machine (benchmarks/proxy_throughput.py): 0.5M preset 5.9k tok/s on 1 thread
-# vs 3.4k on 2; 2M preset 2.9k vs 0.7k.
-SMALL_PROXY_PARAMS = 10_000_000
-
-
-def threads_for(non_embedding_params: int, requested: int | None = None) -> int:
-    """CPU threads one run of a stage's proxies uses: ``requested`` (the CLI's --threads) wins;
-    otherwise one thread for small proxies on a CPU-only machine (the other cores run other runs:
-    rbridge.planner.local), else torch's default. Fixed per stage, so a resumed stage computes
-    with the same thread count."""
-    if requested:
-        return requested
-    if not torch.cuda.is_available() and non_embedding_params < SMALL_PROXY_PARAMS:
-        return 1
-    return _DEFAULT_THREADS
-
-
-def cpu_threads(non_embedding_params: int, requested: int | None = None) -> int:
-    """Set and return torch's CPU thread count for a stage's proxies (``threads_for``)."""
-    n = threads_for(non_embedding_params, requested)
-    torch.set_num_threads(n)
-    return n
-
-
 @dataclass
 class RunContext:
     spec: Spec
@@ -169,6 +143,8 @@ class Trained:
     wall_s: float
     tokens_per_s: float
     train_flops: float
+    mfu: float = 0.0      # model FLOPs per second of training over the device's peak (rbridge.proxy.peak)
+    device: str = ""
 
 
 _SLOW_STEP_S = float(os.environ.get("RBRIDGE_SLOW_STEP_S") or 0)
@@ -218,7 +194,11 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     flops = proxy_train_flops(cfg, trainer.tokens_seen)["non_embedding"]
     model = trainer.model
     model.eval()
-    return Trained(model, trainer.tokens_seen, trainer.wall_time_s, trainer.tokens_per_s, flops)
+    device = trainer.accelerator.device
+    peak, _how = peak_flops(device, trainer.precision, torch.get_num_threads())
+    mfu = model_flops_per_token(cfg, train.seq_len) * trainer.tokens_per_s / peak if peak > 0 else 0.0
+    return Trained(model, trainer.tokens_seen, trainer.wall_time_s, trainer.tokens_per_s, flops, mfu,
+                   device_name(device))
 
 
 def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT

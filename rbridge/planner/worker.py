@@ -29,6 +29,8 @@ import json
 import time
 from typing import Any
 
+import torch
+
 from rbridge._failpoints import failpoint
 from rbridge.planner import mirror, stop
 from rbridge.planner.claims import (DEFAULT_HEARTBEAT_TIMEOUT_S, Claim, ClaimLost, StaleWatch, beat_interval,
@@ -36,7 +38,8 @@ from rbridge.planner.claims import (DEFAULT_HEARTBEAT_TIMEOUT_S, Claim, ClaimLos
 from rbridge.planner.ranks import Ranks, follow, run_message
 from rbridge.planner.state import PlanState, SyncResult, Task
 from rbridge.planner.checkpoints import checkpoint_dir
-from rbridge.planner.steps import RunContext, cpu_threads, score_run, train_run
+from rbridge.planner.local import threads_for
+from rbridge.planner.steps import RunContext, score_run, train_run
 from rbridge.reporting import SILENT, Reporter
 from rbridge.store import open_store
 from rbridge.store import plans as plan_ops
@@ -67,6 +70,7 @@ class PlanWorker:
         self.me = worker_id()
         self.trained = 0  # (run, rung) steps this process trained and recorded
         self._announced: set[tuple[str, int]] = set()
+        self._told_threads: set[str] = set()
 
     @property
     def missing_stages(self) -> list[str]:
@@ -109,7 +113,7 @@ class PlanWorker:
         stage = task.stage
         if (stage.name, 0) not in self._announced:
             self._announced.add((stage.name, 0))
-            threads = cpu_threads(task.run.non_embedding_params, self.threads)
+            threads = self.threads_of(task)
             self.report.say(f"[bold]stage {stage.name}[/]: {task.n_entrants} candidates, proxy "
                             f"{_fmt_params(task.run.params)} params ({_fmt_params(task.run.non_embedding_params)}"
                             f" non-embedding), {stage.training.tokens:,} tokens each, {stage.pruning.evals} rungs, "
@@ -120,6 +124,17 @@ class PlanWorker:
                 self.report.say(f"  rung {task.rung}: {sync.n_done} of {sync.n_done + len(sync.tasks)} runs "
                                 "already trained and scored")
 
+    def threads_of(self, task: Task) -> int:
+        """CPU threads for a run: what its stage's first run recorded (so a resumed stage, or one a
+        process with another --threads joins, computes identically), else the rule of
+        rbridge.planner.local.threads_for."""
+        fixed = task.run.threads or run_ops.stage_threads(self.store, self.state.plan_id, task.stage.name)
+        if fixed and self.threads and fixed != self.threads and task.stage.name not in self._told_threads:
+            self._told_threads.add(task.stage.name)
+            self.report.say(f"  stage {task.stage.name} trains with {fixed} CPU thread(s), as its first runs did "
+                            f"(--threads {self.threads} applies to stages not yet started)")
+        return fixed or threads_for(task.run.non_embedding_params, self.threads)
+
     def advance(self, task: Task, claim: Claim) -> bool:
         """Train the claimed run to the rung, checkpoint, score, record; False if the claim was lost."""
         state, stage, name = self.state, task.stage, task.candidate.name
@@ -128,10 +143,13 @@ class PlanWorker:
                          seed=derive_seed(state.spec.seed, stage.name, name),
                          model_seed=derive_seed(state.spec.seed, stage.name), run_key=task.run.fingerprint)
         n_params = task.run.non_embedding_params
+        threads = self.threads_of(task)
+        torch.set_num_threads(threads)
+        run_ops.set_threads(self.store, task.run.id, claim.lease, self.me, threads)
         try:
             distributed = self.ranks is not None and self.ranks.distributed
             if distributed:  # every rank trains this run with us
-                self.ranks.send(run_message(ctx, state.spec_hash, task.tokens, n_params))
+                self.ranks.send(run_message(ctx, state.spec_hash, task.tokens, threads))
             # A lost claim stops training at once in one process; with several ranks it is
             # noticed when recording (stopping one rank alone would hang the others).
             trained = train_run(ctx, task.tokens, self.report, check=None if distributed else claim.check)
@@ -143,7 +161,7 @@ class PlanWorker:
                                   done=trained.tokens_seen >= task.run.tokens_target,
                                   tokens_seen=trained.tokens_seen, wall_s=trained.wall_s,
                                   tokens_per_s=trained.tokens_per_s, train_flops=trained.train_flops,
-                                  score_flops=score_flops, scores=scores):
+                                  score_flops=score_flops, scores=scores, mfu=trained.mfu, device=trained.device):
                 raise ClaimLost(f"run {task.run.id} was taken over by another worker")
         except ClaimLost as exc:
             claim.stop()
@@ -163,7 +181,7 @@ class PlanWorker:
         metric = stage.pruning.metric
         short = ", ".join(f"{b} {v[metric]:.4f}" for b, v in scores.items())
         self.report.say(f"  {stage.name}/{name} rung {task.rung}: {metric} {short} "
-                        f"({trained.tokens_seen:,} tokens, {trained.tokens_per_s:,.0f} tok/s)")
+                        f"({trained.tokens_seen:,} tokens, {trained.tokens_per_s:,.0f} tok/s, MFU {trained.mfu:.1%})")
         return True
 
     def _failed(self, task: Task, claim: Claim, exc: Exception) -> None:

@@ -10,6 +10,7 @@ _NAMES = {
     "PRESETS": "config", "ProxyShape": "config", "TrainingConfig": "config",
     "param_counts": "presets", "preset_table": "presets", "proxy_config": "presets",
     "proxy_train_flops": "presets", "train_flops": "presets",
+    "ProxyLlamaForCausalLM": "model", "linear_cross_entropy": "model",
     "ProxyTrainer": "train", "latest_checkpoint": "train", "lr_factor": "train", "resolve_precision": "train",
 }
 

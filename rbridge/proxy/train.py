@@ -71,6 +71,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rbridge._failpoints import failpoint
 from rbridge.errors import InputError
+from rbridge.proxy.model import ProxyLlamaForCausalLM
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -252,7 +253,7 @@ class ProxyTrainer:
 
         # Same seed on every rank: identical initial weights, identical data order.
         set_seed(seed)
-        model = LlamaForCausalLM(model_config)
+        model = ProxyLlamaForCausalLM(model_config)  # LlamaForCausalLM with a fused loss (proxy/model.py)
         # nanoGPT's rule: decay matrices and embeddings, not norm gains or biases.
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -22,6 +22,17 @@ attention takes the fused causal kernel (as lm-evaluation-harness does). One
 forward pass per batch under ``torch.inference_mode`` on the model's own
 device; log-softmax in float32 whatever the model's dtype.
 
+Only scored positions reach the output layer. lm-evaluation-harness computes the
+logits of every position of a batch (context and padding included) and keeps
+those of the continuation; for a small model with a large vocabulary that output
+layer is most of the pass. Where a model's logits are its output embedding
+applied to its decoder's last hidden state (every Llama-family model), rbridge
+runs the decoder, gathers the hidden states of the continuation positions of the
+whole batch and applies the output layer and one log-softmax to those rows
+only. Whether a model is such a model is checked, not assumed: the first batch
+runs both ways, and any difference beyond float rounding (a model that scales or
+soft-caps its logits) keeps the full pass for the whole call.
+
 Long requests: when context + continuation exceed the model's maximum positions
 (``config.max_position_embeddings`` or ``n_positions``, or ``max_length=``),
 the request is split into strided windows, never silently truncated. Windows
@@ -165,8 +176,12 @@ def loglikelihood(model, requests: Sequence[Request], *, batch_size: int = 16, p
     model.eval()
     try:
         with torch.inference_mode(), _precision_context(model, precision, device):
+            head = _decoder_and_head(model)
             for b in range(0, len(order), batch_size):
-                _forward(model, order[b:b + batch_size], pad_id, device)
+                batch = order[b:b + batch_size]
+                if b == 0 and head is not None and not _same_as_full_pass(model, head, batch, pad_id, device):
+                    head = None
+                _forward(model, batch, pad_id, device, head)
                 if on_progress is not None:
                     on_progress(min(b + batch_size, len(order)), len(order))
     finally:
@@ -179,24 +194,75 @@ def loglikelihood(model, requests: Sequence[Request], *, batch_size: int = 16, p
     return requests
 
 
-def _forward(model, batch: list[_Row], pad_id: int, device: torch.device) -> None:
-    """One right-padded forward pass over ``batch``; fills each row's ``nll`` and ``greedy``."""
+def _decoder_and_head(model):
+    """(decoder, output layer) of a model whose logits may be ``head(decoder(ids).last_hidden_state)``,
+    else None. Only a candidate: ``_same_as_full_pass`` checks it on the first batch."""
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or decoder is model or not isinstance(head, torch.nn.Linear):
+        return None
+    return decoder, head
+
+
+def _same_as_full_pass(model, head, batch: list[_Row], pad_id: int, device: torch.device) -> bool:
+    """Whether the gathered-rows pass gives the full pass's NLLs and greedy flags on ``batch``."""
+    _forward(model, batch, pad_id, device, None)
+    full = [(row.nll, row.greedy) for row in batch]
+    try:
+        _forward(model, batch, pad_id, device, head)
+    except Exception:  # noqa: BLE001 - a decoder that wants other arguments: use the full pass
+        return False
+    return all(g == row.greedy and np.allclose(n, row.nll, rtol=1e-5, atol=1e-5)
+               for (n, g), row in zip(full, batch))
+
+
+def _forward(model, batch: list[_Row], pad_id: int, device: torch.device, head=None) -> None:
+    """One right-padded forward pass over ``batch``; fills each row's ``nll`` and ``greedy``.
+
+    With ``head`` (decoder, output layer) only the scored positions go through the output layer."""
     width = len(batch[0].ids)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     for j, row in enumerate(batch):
         ids[j, :len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
-    logits = model(input_ids=ids.to(device)).logits
-    greedy = []
-    for j, row in enumerate(batch):
-        n = len(row.ids)
-        lg = logits[j, row.first - 1:n - 1].float()
-        tgt = ids[j, row.first:n].to(device)
-        logp = torch.log_softmax(lg, dim=-1)
-        row.nll = (-logp.gather(-1, tgt[:, None])[:, 0]).double().cpu().numpy()
-        greedy.append((logp.argmax(-1) == tgt).all())
-    for row, g in zip(batch, torch.stack(greedy).tolist()):   # one device sync per batch
-        row.greedy = bool(g)
-    del logits
+    ids = ids.to(device)
+    # position t's logits predict token t+1: a row scores positions first-1 .. n-2
+    spans = [(j, row.first - 1, len(row.ids) - 1) for j, row in enumerate(batch)]
+    if head is not None:
+        decoder, out = head
+        hidden = decoder(input_ids=ids).last_hidden_state
+        logits = out(torch.cat([hidden[j, a:b] for j, a, b in spans]))
+    else:
+        full = model(input_ids=ids).logits
+        logits = torch.cat([full[j, a:b] for j, a, b in spans])
+        del full
+    targets = torch.cat([ids[j, a + 1:b + 1] for j, a, b in spans])
+    nll, hit = _nll_and_greedy(logits, targets)
+    at = 0
+    for (_, a, b), row in zip(spans, batch):
+        row.nll, row.greedy = nll[at:at + b - a], bool(hit[at:at + b - a].all())
+        at += b - a
+
+
+def _nll_and_greedy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """-log_softmax(logits)[target] (float64) and whether the target is the argmax, per row.
+
+    The same numbers as ``log_softmax``, ``gather`` and ``argmax == target``, but ``argmax``
+    (unvectorised on CPUs: 5x the time of ``amax``) runs only on rows whose target logit
+    equals the row's maximum, to find whether an earlier class ties it (``argmax`` returns
+    the first maximum). Rows go in chunks, so the float32 copy of bf16 logits stays small."""
+    nll, hit = [], []
+    for start in range(0, logits.shape[0], chunk):
+        lg = logits[start:start + chunk].float()
+        t = targets[start:start + chunk, None]
+        nll.append(-torch.log_softmax(lg, -1).gather(-1, t)[:, 0])
+        best = lg.gather(-1, t)[:, 0] == lg.amax(-1)
+        rows = best.nonzero()[:, 0]
+        if len(rows):
+            best[rows] = lg[rows].argmax(-1) == t[rows, 0]
+        hit.append(best)
+    return torch.cat(nll).double().cpu().numpy(), torch.cat(hit).cpu().numpy()  # one device sync per batch
 
 
 def request_nlls(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *,

@@ -19,7 +19,9 @@ from sqlmodel import Field, SQLModel
 #    accepted edits; runs, candidates and decisions carry superseded_by (0: live, else the
 #    revision that superseded the row); the unique indexes cover live rows only;
 #    plans.studies names each stage's Optuna study revision.
-SCHEMA_VERSION = 4
+# 5: runs.threads (CPU threads the run trains with: the first run of a stage fixes them for the
+#    stage, so a resumed stage computes identically), runs.device and runs.mfu.
+SCHEMA_VERSION = 5
 
 # The unique indexes below hold among live rows only (superseded_by = 0): a superseded
 # run and the live run that replaced it share (plan, stage, candidate).
@@ -92,6 +94,9 @@ class Run(SQLModel, table=True):
     score_flops: float = 0.0
     wall_s: float = 0.0
     tokens_per_s: float = 0.0
+    threads: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # torch CPU threads; 0: not started
+    device: str = Field(default="", sa_column_kwargs={"server_default": ""})   # "cpu", "cuda: NVIDIA H100 ..."
+    mfu: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})  # model FLOPs utilisation
     status: str = "pending"  # pending | running | pruned | done | failed
     checkpoint: str = ""
     trial_number: Optional[int] = None

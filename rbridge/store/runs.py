@@ -11,7 +11,7 @@ tests/test_store_ops.py runs one contract suite on both.
 
 from __future__ import annotations
 
-from sqlalchemy import case, update
+from sqlalchemy import case, func, update
 from sqlmodel import select
 
 from rbridge._failpoints import failpoint
@@ -86,9 +86,22 @@ def rung_recorded(store: Store, run_id: int, rung: int) -> bool:
             is not None
 
 
+def stage_threads(store: Store, plan_id: int, stage: str) -> int:
+    """The CPU threads a stage's runs train with, fixed by the first of its live runs to start; 0: none has."""
+    with store.session() as s:
+        return int(s.exec(select(func.max(Run.threads)).where(Run.plan_id == plan_id, Run.stage == stage,
+                                                             Run.superseded_by == 0)).first() or 0)
+
+
+def set_threads(store: Store, run_id: int, lease: int, worker: str, threads: int) -> None:
+    """Record the CPU threads of a held run that has none yet (a run keeps its first count)."""
+    with store.session() as s:
+        s.execute(update(Run).where(_held(run_id, lease, worker) & (Run.threads == 0)).values(threads=threads))
+
+
 def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,
            wall_s: float, tokens_per_s: float, train_flops: float, score_flops: float,
-           scores: dict[str, dict[str, float]]) -> bool:
+           scores: dict[str, dict[str, float]], mfu: float = 0.0, device: str = "") -> bool:
     """Record a rung of a held run in one transaction: the run's progress, then every score.
 
     ``scores`` is {benchmark: {metric: value}}. False (and nothing written) when the
@@ -99,7 +112,7 @@ def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, don
             update(Run).where(_held(run_id, lease, worker))
             .values(status="done" if done else "pending", worker="", tokens_seen=tokens_seen, wall_s=wall_s,
                     tokens_per_s=tokens_per_s, train_flops=train_flops, score_flops=Run.score_flops + score_flops,
-                    finished_at=utcnow() if done else None))
+                    mfu=mfu, device=device, finished_at=utcnow() if done else None))
         if res.rowcount != 1:
             return False
         for bench, values in scores.items():
