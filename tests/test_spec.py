@@ -100,6 +100,24 @@ def test_bad_keep_and_yaml_syntax(tmp_path):
     assert "not valid YAML" in str(err) and err.line is not None
 
 
+
+def test_fast_yaml_reader_reads_and_refuses_as_pyyaml(tmp_path):
+    """Specs load through libyaml (specs of thousands of candidates); the data, and each refusal with its
+    message and line, are what the pure-Python loader gives."""
+    import yaml
+
+    from rbridge.spec import _load_yaml
+
+    assert _load_yaml(GOOD) == yaml.safe_load(GOOD)
+    bad = GOOD.replace("  - name: s2", "  - name: s2\n - broken: [x")
+    with pytest.raises(yaml.YAMLError) as fast:
+        _load_yaml(bad)
+    with pytest.raises(yaml.YAMLError) as slow:
+        yaml.safe_load(bad)
+    assert str(fast.value) == str(slow.value)
+    err = _error(tmp_path, GOOD.replace("benchmarks:", "  - {name: ab, mix: {a: 1.0}}\nbenchmarks:"))
+    assert "candidate names must be unique: ab" in str(err)
+
 def test_cli_validate_exit_codes(tmp_path):
     good = _write(tmp_path, GOOD)
     ok = subprocess.run([sys.executable, "-m", "rbridge.cli", "validate", str(good)], capture_output=True, text=True)
