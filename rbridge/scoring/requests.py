@@ -31,7 +31,8 @@ runs the decoder, gathers the hidden states of the continuation positions of the
 whole batch and applies the output layer and one log-softmax to those rows
 only. Whether a model is such a model is checked, not assumed: the first batch
 runs both ways, and any difference beyond float rounding (a model that scales or
-soft-caps its logits) keeps the full pass for the whole call.
+soft-caps its logits) keeps the full pass for the whole call. The check runs on
+one row, the shortest of the first batch, so it costs a fraction of one batch.
 
 Long requests: when context + continuation exceed the model's maximum positions
 (``config.max_position_embeddings`` or ``n_positions``, or ``max_length=``),
@@ -179,7 +180,7 @@ def loglikelihood(model, requests: Sequence[Request], *, batch_size: int = 16, p
             head = _decoder_and_head(model)
             for b in range(0, len(order), batch_size):
                 batch = order[b:b + batch_size]
-                if b == 0 and head is not None and not _same_as_full_pass(model, head, batch, pad_id, device):
+                if b == 0 and head is not None and not _same_as_full_pass(model, head, batch[-1:], pad_id, device):
                     head = None
                 _forward(model, batch, pad_id, device, head)
                 if on_progress is not None:
