@@ -24,7 +24,7 @@ from rbridge.proxy.config import TRAINING_DEFAULTS, ProxyShape, TrainingConfig
 from rbridge.scoring.config import ScoreOptions
 
 __all__ = ["Spec", "Stage", "StageSpec", "BenchmarkSpec", "CandidateSpec", "SourceSpec", "TokenizerSpec",
-           "TargetModel", "Keep", "KeepWithin", "keep_count", "load_spec", "parse_spec"]
+           "TargetModel", "Keep", "KeepWithin", "keep_count", "load_spec", "parse_spec", "stored_stages"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=False)
 
@@ -399,6 +399,45 @@ def parse_spec(text: str, path: Path, check_files: bool = True) -> Spec:
     if check_files:
         _check_files(spec, path, text)
     return spec
+
+
+def _without_top_level(text: str, key: str) -> str | None:
+    """``text`` without the block of top-level ``key`` (its line and the indented, blank, comment and
+    ``- `` lines after it); None unless exactly one line starts with ``key:``."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith(key) and line[len(key):].lstrip(" ")[:1] == ":"]
+    if len(starts) != 1:
+        return None
+    i = j = starts[0]
+    j += 1
+    while j < len(lines) and (lines[j][:1] in (" ", "\t", "#", "-") or not lines[j].strip()):
+        j += 1
+    return "".join(lines[:i] + lines[j:])
+
+
+def stored_stages(text: str, path: Path) -> tuple[list[Stage], TargetModel | None]:
+    """The resolved stages and the target model of a plan's stored spec, without reading its candidates.
+
+    ``rbridge status`` needs only these (the candidates are rows of the store), and the
+    candidates are nearly all of a large spec: 5,000 of them take most of a second to
+    parse. A stored spec was validated when its plan began, so its top-level keys sit
+    at column 0 and the ``candidates:`` block can be cut out of the text; the rest is
+    validated as a spec with one stand-in candidate. Anything unexpected (a flow-style
+    block that does not cut cleanly, say) parses the whole spec instead, with the same
+    answer and the same errors as :func:`parse_spec`.
+    """
+    rest = _without_top_level(text, "candidates")
+    try:
+        data = _load_yaml(rest) if rest is not None else None
+        if isinstance(data, dict) and "candidates" not in data and isinstance(data.get("sources"), dict) \
+                and data["sources"]:
+            stand_in = {"name": "stand-in", "mix": {next(iter(data["sources"])): 1.0}}
+            spec = Spec.model_validate({**data, "candidates": [stand_in]})
+            return spec.resolved_stages(), spec.target_model
+    except (yaml.YAMLError, ValidationError, FieldError, InputError, ValueError, TypeError):
+        pass
+    spec = parse_spec(text, path, check_files=False)
+    return spec.resolved_stages(), spec.target_model
 
 
 def load_spec(path: str | Path, check_files: bool = True) -> Spec:

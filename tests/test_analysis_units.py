@@ -358,6 +358,12 @@ def test_pair_stats_equals_the_pairwise_count_on_random_data_with_ties():
         got = pair_stats(proxy, target, proxy_higher_is_better=hib[0], target_higher_is_better=hib[1],
                          proxy_tokens=tokens)
         assert got == _brute_pair_stats(proxy, target, *hib, tokens), trial
+    # Infinities order like any value; a NaN (SQL's NULL: tied with everything) is no order, and is
+    # counted pair by pair, as the view does.
+    inf = float("inf")
+    for proxy in ([inf, -inf, 1.0, 1.0, inf], [float("nan"), 1.0, 2.0, 1.0, 0.5]):
+        target = [1, 2, 3, 3, 5]
+        assert pair_stats(proxy, target, proxy_higher_is_better=True) == _brute_pair_stats(proxy, target, True, True)
     # Distinct values, and scipy's tau-b as a third opinion.
     x, y = rng.normal(size=300), rng.normal(size=300)
     got = pair_stats(x, y, proxy_higher_is_better=True)

@@ -18,101 +18,105 @@ decision accuracy reached, per metric (METHOD.md section 7's cost-accuracy curve
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from typing import Any, Sequence
+from bisect import bisect_right
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-
-from rbridge.store import Store
-
-
-def _sign(d: np.ndarray) -> np.ndarray:
-    return np.sign(d).astype(np.int64)
+if TYPE_CHECKING:
+    from rbridge.store.db import Store
 
 
-def _pair_stats_pairwise(px: np.ndarray, ty: np.ndarray, tk: np.ndarray | None) -> tuple[int, ...]:
-    """(n_all, concordant, discordant, ties_x, ties_y, ties_x_only) by looking at every pair: O(n^2).
+def _sign(a: Any, b: Any) -> int:
+    """-1, 0 or 1 as SQL's CASE WHEN a > b THEN 1 WHEN a < b THEN -1 ELSE 0 (NaN, like NULL, ties)."""
+    return 1 if a > b else -1 if a < b else 0
 
-    Only for values that are not all finite (never stored by rbridge): there the signs of
-    differences are not an order, so :func:`_pair_counts` does not apply; this is the
-    computation pair_stats always made, kept for them.
+
+def _pair_counts_pairwise(x: Sequence, y: Sequence) -> list[int]:
+    """[n_all, concordant, discordant, ties_x, ties_y, ties_x_only] by looking at every pair: O(n^2).
+
+    Only where a value is NaN (a store cannot hold one: SQLite stores NULL, and the
+    value columns are NOT NULL): NaN compares as tied with everything, which is no
+    order, so :func:`_pair_counts` does not apply. Also the test suite's reference.
     """
-    iu, ju = np.triu_indices(len(px), k=1)
-    sx = _sign(px[iu] - px[ju])
-    if tk is not None:
-        st = _sign(tk[iu] - tk[ju])
-        sx = np.where(st != 0, st, sx)
-    sy = _sign(ty[iu] - ty[ju])
-    prod = sx * sy
-    return (len(prod), int((prod > 0).sum()), int((prod < 0).sum()), int((sx == 0).sum()), int((sy == 0).sum()),
-            int(((sx == 0) & (sy != 0)).sum()))
+    counts = [0] * 6
+    n = len(y)
+    for i in range(n):
+        for j in range(i + 1, n):
+            sx, sy = _sign(x[i], x[j]), _sign(y[i], y[j])
+            counts[0] += 1
+            counts[1] += sx * sy > 0
+            counts[2] += sx * sy < 0
+            counts[3] += sx == 0
+            counts[4] += sy == 0
+            counts[5] += sx == 0 and sy != 0
+    return counts
 
 
-def _dense_ranks(*keys: np.ndarray) -> np.ndarray:
-    """0-based ranks of the rows ordered by ``keys`` (first key first); equal rows share a rank."""
-    n = len(keys[0])
-    order = np.lexsort(keys[::-1])  # lexsort's primary key is its last
-    new = np.zeros(n, dtype=bool)
-    for k in keys:
-        ks = k[order]
-        new[1:] |= ks[1:] != ks[:-1]
-    ranks = np.empty(n, dtype=np.int64)
-    ranks[order] = np.cumsum(new)
+def _dense_ranks(keys: Sequence) -> list[int]:
+    """0-based ranks of ``keys`` in sorted order; equal keys share a rank."""
+    ranks = [0] * len(keys)
+    rank, prev = -1, None
+    for i in sorted(range(len(keys)), key=keys.__getitem__):
+        if rank < 0 or keys[i] != prev:
+            rank, prev = rank + 1, keys[i]
+        ranks[i] = rank
     return ranks
 
 
-def _tied_pairs(ranks: np.ndarray) -> int:
+def _tied_pairs(ranks: Sequence[int]) -> int:
     """Unordered pairs that share a rank."""
-    counts = np.bincount(ranks)
-    return int((counts * (counts - 1) // 2).sum())
+    return sum(c * (c - 1) // 2 for c in Counter(ranks).values())
 
 
-def _inversions(a: np.ndarray) -> int:
-    """Pairs i < j with a[i] > a[j] (strictly), for non-negative integers ``a``: O(n log^2 n) numpy work.
+def _inversions(a: Sequence[int]) -> int:
+    """Pairs i < j with a[i] > a[j] (strictly): O(n log^2 n), in C where it counts.
 
     A bottom-up merge sort: at each level every element of a block's right half counts
-    the elements of the block's left half above it, for all blocks in one
-    ``np.searchsorted`` (each value is shifted by its block number times the value
-    span, so the left halves, each sorted by the level before, form one sorted array);
-    then every block is sorted for the next level.
+    the elements of the (sorted) left half above it with a bisection, and the block is
+    sorted for the next level (two sorted runs: one linear merge inside ``list.sort``).
     """
-    a = np.asarray(a, dtype=np.int64)
-    n = len(a)
-    if n < 2:
-        return 0
-    span = int(a.max()) + 1
-    pos = np.arange(n, dtype=np.int64)
-    total, width = 0, 1
+    a = list(a)
+    n, total, width = len(a), 0, 1
     while width < n:
-        block = pos // (2 * width)
-        right = (pos % (2 * width)) >= width
-        keyed = block * span + a
-        left = keyed[~right]
-        end_of_left = np.searchsorted(left, (block[right] + 1) * span, side="left")
-        total += int((end_of_left - np.searchsorted(left, keyed[right], side="right")).sum())
-        a = a[np.argsort(keyed, kind="stable")]
-        width *= 2
+        merged: list[int] = []
+        for lo in range(0, n, 2 * width):
+            left, right = a[lo:lo + width], a[lo + width:lo + 2 * width]
+            if right:
+                nl = len(left)
+                total += sum(nl - bisect_right(left, v) for v in right)
+                left += right
+                left.sort()
+            merged += left
+        a, width = merged, width * 2
     return total
 
 
-def _pair_counts(x_keys: Sequence[np.ndarray], y: np.ndarray) -> tuple[int, ...]:
-    """(n_all, concordant, discordant, ties_x, ties_y, ties_x_only) over every unordered pair, in O(n log^2 n).
+def _pair_counts(x: Sequence, y: Sequence) -> list[int]:
+    """[n_all, concordant, discordant, ties_x, ties_y, ties_x_only] over every unordered pair: O(n log^2 n).
 
-    x is ordered by ``x_keys`` (the first that differs decides), y by its value; a
-    pair ties on x only when every key ties. Knight's method: sorted by (x, y),
-    the discordant pairs are exactly the strict inversions of y; ties come from
-    group sizes; the concordant pairs are what remains of the pairs ordered on both.
+    ``x[i]`` and ``y[i]`` are candidate i's keys, ordered as Python orders them (a tuple
+    key: the first item that differs decides); no NaN. Knight's method: sorted by
+    (x, y), the discordant pairs are exactly the strict inversions of y; ties come
+    from group sizes; the concordant pairs are what remains of the pairs ordered on
+    both sides. A stage of 5,000 candidates has 12.5 million pairs: milliseconds here,
+    minutes one by one.
     """
     n = len(y)
     n_all = n * (n - 1) // 2
-    if n < 2:
-        return n_all, 0, 0, 0, 0, 0
-    rx, ry = _dense_ranks(*x_keys), _dense_ranks(y)
+    rx, ry = _dense_ranks(x), _dense_ranks(y)
     ties_x, ties_y = _tied_pairs(rx), _tied_pairs(ry)
-    ties_xy = _tied_pairs(rx * (int(ry.max()) + 1) + ry)
-    discordant = _inversions(ry[np.lexsort((ry, rx))])
+    ties_xy = _tied_pairs(list(zip(rx, ry)))
+    discordant = _inversions([ry[i] for i in sorted(range(n), key=lambda i: (rx[i], ry[i]))])
     concordant = n_all - ties_x - ties_y + ties_xy - discordant
-    return n_all, concordant, discordant, ties_x, ties_y, ties_x - ties_xy
+    return [n_all, concordant, discordant, ties_x, ties_y, ties_x - ties_xy]
+
+
+def _counts(x: Sequence, y: Sequence[float]) -> list[int]:
+    """:func:`_pair_counts`, or the pairwise count where a NaN makes the values no order."""
+    flat = [p for v in x for p in v] if x and isinstance(x[0], tuple) else x
+    if any(map(math.isnan, flat)) or any(map(math.isnan, y)):
+        return _pair_counts_pairwise(x, y)
+    return _pair_counts(x, y)
 
 
 def _stats(n: int, counts: Sequence[int]) -> dict[str, Any]:
@@ -138,75 +142,66 @@ def pair_stats(proxy: Sequence[float], target: Sequence[float], *, proxy_higher_
     count half), kendall_tau (tau-b, None when either side is constant), concordant,
     discordant, proxy_ties_counted_half, target_ties.
 
-    The pairs are counted in O(n log^2 n) (:func:`_pair_counts`), not one by one: a
-    stage of 5,000 candidates has 12.5 million pairs.
+    The pairs are counted in O(n log^2 n) (:func:`_pair_counts`), not one by one, in
+    plain Python: importing numpy would take longer than counting.
     """
-    px = np.asarray(proxy, dtype=float) * (1.0 if proxy_higher_is_better else -1.0)
-    ty = np.asarray(target, dtype=float) * (1.0 if target_higher_is_better else -1.0)
-    n = len(px)
-    if len(ty) != n:
+    px = [float(v) if proxy_higher_is_better else -float(v) for v in proxy]
+    ty = [float(v) if target_higher_is_better else -float(v) for v in target]
+    if len(ty) != len(px):
         raise ValueError("proxy and target differ in length")
-    tk = None if proxy_tokens is None else np.asarray([0 if t is None else t for t in proxy_tokens], dtype=float)
-    if not (np.isfinite(px).all() and np.isfinite(ty).all() and (tk is None or np.isfinite(tk).all())):
-        return _stats(n, _pair_stats_pairwise(px, ty, tk))
-    return _stats(n, _pair_counts([px] if tk is None else [tk, px], ty))
+    x: list = px if proxy_tokens is None else [(0 if t is None else t, v) for t, v in zip(proxy_tokens, px)]
+    return _stats(len(px), _counts(x, ty))
 
 
 def _plan_filter(plan: str | None) -> tuple[str, dict]:
     return ("WHERE plan = :plan", {"plan": plan}) if plan else ("", {})
 
 
-def _sql_sign(a, b) -> int:
-    return 1 if a > b else -1 if a < b else 0
+def _target_rows(store: Store, plan: str | None) -> list[tuple]:
+    """(plan, candidate, benchmark, metric, value, higher_is_better) of every target value."""
+    where, params = _plan_filter(plan)
+    return store.rows("SELECT plan, candidate, benchmark, metric, value, higher_is_better "
+                      f"FROM target_values {where}", **params)
 
 
-def decision_accuracy(store: Store, plan: str | None = None) -> list[dict[str, Any]]:
+def decision_accuracy(store: Store, plan: str | None = None,
+                      targets: list[tuple] | None = None) -> list[dict[str, Any]]:
     """Rows like the ``decision_accuracy`` view, computed in Python from the values; the same numbers.
 
-    Two bulk reads (``proxy_values``, ``target_values``) and the pairs counted in
-    O(n log^2 n) per group, where the view joins every candidate with every other
-    one (O(n^2): minutes on 5,000 candidates). It follows the view to the letter:
-    every row carries its own metric direction, a missing token count is 0, and a
-    candidate with two proxy rows in a stage (a planner run and an imported result
-    under the same stage name) counts each row, but never pairs it with itself.
+    Two bulk reads (``proxy_values``; ``target_values``, unless ``targets`` already holds
+    :func:`_target_rows`) and the pairs counted in O(n log^2 n) per group, where the
+    view joins every candidate with every other one (O(n^2): minutes on 5,000
+    candidates). It follows the view to the letter: every row carries its own metric
+    direction, a missing token count is 0, and a candidate with two proxy rows in a
+    stage (a planner run and an imported result under the same stage name) counts each
+    row, but never pairs it with itself.
     """
     where, params = _plan_filter(plan)
-    proxies = store.query("SELECT plan, stage, candidate, benchmark, metric, value, higher_is_better, tokens_seen "
-                          f"FROM proxy_values {where}", **params)
-    targets = store.query("SELECT plan, candidate, benchmark, metric, value, higher_is_better "
-                          f"FROM target_values {where}", **params)
-    tmap: dict[tuple, list[dict]] = defaultdict(list)
-    for t in targets:
-        tmap[(t["plan"], t["benchmark"], t["candidate"])].append(t)
-    groups: dict[tuple, list[tuple[dict, dict]]] = defaultdict(list)
-    for v in proxies:
-        for t in tmap.get((v["plan"], v["benchmark"], v["candidate"]), ()):
-            groups[(v["plan"], v["stage"], v["benchmark"], v["metric"], t["metric"])].append((v, t))
+    proxies = store.rows("SELECT plan, stage, candidate, benchmark, metric, value, higher_is_better, tokens_seen "
+                         f"FROM proxy_values {where}", **params)
+    tmap: dict[tuple, list[tuple]] = defaultdict(list)  # (plan, benchmark, candidate) -> (metric, oriented value)
+    for pl, cand, bench, metric, value, hib in (_target_rows(store, plan) if targets is None else targets):
+        tmap[(pl, bench, cand)].append((metric, value if hib else -value))
+    # (plan, stage, benchmark, proxy metric, target metric) -> (candidate, (tokens, oriented proxy), target)
+    groups: dict[tuple, list[tuple]] = defaultdict(list)
+    for pl, stage, cand, bench, metric, value, hib, tokens in proxies:
+        x = (tokens or 0, value if hib else -value)
+        for tmetric, y in tmap.get((pl, bench, cand), ()):
+            groups[(pl, stage, bench, metric, tmetric)].append((cand, x, y))
     out = []
     for (pl, stage, bench, pm, tm), rows in sorted(groups.items()):
-        tokens = np.array([float(v["tokens_seen"] or 0) for v, _ in rows])
-        px = np.array([v["value"] if v["higher_is_better"] else -v["value"] for v, _ in rows], dtype=float)
-        ty = np.array([t["value"] if t["higher_is_better"] else -t["value"] for _, t in rows], dtype=float)
-        if np.isfinite(px).all() and np.isfinite(ty).all() and np.isfinite(tokens).all():
-            counts = list(_pair_counts([tokens, px], ty))
-        else:
-            counts = list(_pair_stats_pairwise(px, ty, tokens))
+        x = [r[1] for r in rows]
+        y = [r[2] for r in rows]
+        counts = _counts(x, y)
         by_candidate: dict[str, list[int]] = defaultdict(list)
-        for i, (v, _) in enumerate(rows):
-            by_candidate[v["candidate"]].append(i)
+        for i, r in enumerate(rows):
+            by_candidate[r[0]].append(i)
         for idx in (ix for ix in by_candidate.values() if len(ix) > 1):
-            for a, i in enumerate(idx):  # the view pairs distinct candidates only: take these pairs out
-                for j in idx[a + 1:]:
-                    sx = _sql_sign(tokens[i], tokens[j]) or _sql_sign(px[i], px[j])
-                    sy = _sql_sign(ty[i], ty[j])
-                    counts[0] -= 1
-                    counts[1] -= sx * sy > 0
-                    counts[2] -= sx * sy < 0
-                    counts[3] -= sx == 0
-                    counts[4] -= sy == 0
-                    counts[5] -= sx == 0 and sy != 0
+            # The view pairs distinct candidates only: take a candidate's pairs with itself out.
+            own = _pair_counts_pairwise([x[i] for i in idx], [y[i] for i in idx])
+            counts = [c - o for c, o in zip(counts, own)]
         out.append({"plan": pl, "stage": stage, "benchmark": bench, "proxy_metric": pm, "target_metric": tm,
-                    **_stats(len(rows), [int(c) for c in counts])})
+                    **_stats(len(rows), counts)})
     return out
 
 
@@ -342,20 +337,19 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
     empty. The decision accuracy rows are the ``decision_accuracy`` view's numbers,
     computed by :func:`decision_accuracy` (the view counts pairs in O(n^2)).
     """
-    from sqlalchemy.exc import DBAPIError
-
-    from rbridge.analysis.fit import stored_fits
+    from rbridge.analysis.stored import stored_fits
+    from rbridge.store.sqlite_read import database_errors
 
     try:
-        n_targets = store.query("SELECT COUNT(*) AS n FROM target_values"
-                                + (" WHERE plan = :plan" if plan else ""), **({"plan": plan} if plan else {}))[0]["n"]
-    except DBAPIError:  # a store opened read-only that predates these views
+        targets = _target_rows(store, plan)
+        n_targets = len(targets)
+    except database_errors():  # a store opened read-only that predates these views
         out = {"targets": 0, "decision_accuracy": [], "accuracy_vs_compute": [], "fits": [],
                "note": "this store has no results views yet; any `rbridge ... import` adds them"}
     else:
         out = {
             "targets": n_targets,
-            "decision_accuracy": decision_accuracy(store, plan) if n_targets else [],
+            "decision_accuracy": decision_accuracy(store, plan, targets) if n_targets else [],
             "accuracy_vs_compute": accuracy_vs_compute(store, plan) if n_targets and curve else [],
             "fits": stored_fits(store, plan),
             "note": "pairs whose target values differ; pairs tied on the proxy count half (METHOD.md section 5)",

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 from sqlmodel import select
 
+from rbridge.analysis.stored import stored_fits  # noqa: F401 - read here by predict_store, and by callers
 from rbridge.errors import InputError
 from rbridge.store import Fit, Plan, Store
 
@@ -270,27 +271,6 @@ def fit_store(store: Store, plan: str | None = None, *, benchmark: str | None = 
                          "benchmark" + (" (after the filters)" if any((benchmark, x_metric, stage, target_metric))
                                         else "; import targets with `rbridge targets import`"), file=store.url)
     return rows
-
-
-def stored_fits(store: Store, plan: str | None = None) -> list[dict[str, Any]]:
-    """The fits in the store, JSON-ready (empty for a store without fits)."""
-    from sqlalchemy.exc import DBAPIError
-
-    try:
-        with store.session() as s:
-            q = select(Fit, Plan.name).join(Plan, Plan.id == Fit.plan_id)
-            if plan:
-                q = q.where(Plan.name == plan)
-            rows = s.exec(q.order_by(Fit.benchmark, Fit.stage, Fit.x_metric, Fit.target_metric)).all()
-    except DBAPIError:
-        return []
-    return [{"plan": name, "benchmark": f.benchmark, "stage": f.stage, "x_metric": f.x_metric,
-             "target_metric": f.target_metric, "family": f.family, "formula": f.formula,
-             "params": json.loads(f.params), "n_points": f.n_points, "train_r2": f.train_r2,
-             "cv_train_r2": f.cv_train_r2, "cv_test_mae": f.cv_test_mae, "folds": f.folds, "seed": f.seed,
-             "x_higher_is_better": f.x_higher_is_better, "target_higher_is_better": f.target_higher_is_better,
-             "cv_residuals": json.loads(f.cv_residuals)}
-            for f, name in rows]
 
 
 def predict_store(store: Store, plan: str | None = None, *, benchmark: str | None = None,

@@ -53,7 +53,37 @@ def guard(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """The rbridge group: a command's module is imported when that command runs.
+
+    rbridge.cli names the module of each command (``modules``); `rbridge accuracy`
+    then imports rbridge.commands.analysis alone, not what `rbridge score` and
+    `rbridge plan` need (pydantic, the spec models): a read command answers in a
+    fraction of a second. Listing the commands (``--help``) imports every module, and
+    so does a name no module is known for, so a command is never missed.
+    """
+
+    modules: dict[str, str] = {}  # command name -> module registering it on this group
+    every_module: tuple[str, ...] = ()
+
+    def _load(self, module: str) -> None:
+        import importlib
+
+        importlib.import_module(module)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        for module in self.every_module:
+            self._load(module)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands:
+            for module in ([self.modules[name]] if name in self.modules else self.every_module):
+                self._load(module)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rbridge")
 def main() -> None:
     """rbridge: choose pre-training data for reasoning models with tiny proxies scored by rBridge."""
@@ -104,6 +134,25 @@ def store_or_latest(store: str | None) -> str:
     if found is None:
         raise InputError("no store found under stores/; pass --store", file="stores/")
     return str(found)
+
+
+def open_for_reading(store: str):
+    """The store for a command that only reads (``status``, ``accuracy``).
+
+    A SQLite file of this rbridge's schema is read with sqlite3 alone
+    (rbridge.store.sqlite_read): importing SQLAlchemy and SQLModel would take half a
+    second, longer than the reads. Anything else (PostgreSQL, an older schema to
+    upgrade first) opens as ``open_store(..., read_only=True)``. Both answer
+    ``query``, ``rows``, ``reading`` and ``close``; neither changes the store.
+    """
+    from rbridge.store.sqlite_read import open_reader
+
+    reader = open_reader(store)
+    if reader is not None:
+        return reader
+    from rbridge.store import open_store
+
+    return open_store(store, create=False, read_only=True)
 
 
 def si(n: float) -> str:

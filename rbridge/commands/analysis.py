@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.commands._base import console, guard, main, store_or_latest
+from rbridge.commands._base import console, guard, main, open_for_reading, store_or_latest
 from rbridge.errors import InputError
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -205,10 +205,9 @@ def predict(store: str, plan_name: str | None, benchmark: str | None, x_metric: 
 def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: bool) -> None:
     """Decision accuracy and Kendall tau of every stage's proxy ranking against the imported targets."""
     from rbridge.analysis.decision import analysis_summary
-    from rbridge.store import open_store
 
     store = store_or_latest(store)
-    st = open_store(store, create=False, read_only=True)
+    st = open_for_reading(store)
     try:
         _require_plan(st, plan_name)
         info = analysis_summary(st, plan_name, curve=curve)  # --no-curve: not computed at all
@@ -248,12 +247,11 @@ def _ensure_views(st) -> None:
 
 def _require_plan(st, plan_name: str | None) -> None:
     """--plan NAME must name a plan of the store (exit 2 with the plans it has, as elsewhere)."""
-    from rbridge.store import plans as plan_ops
-    from rbridge.store.db import safe_url
-
     if plan_name is None:
         return
-    names = [p.name for p in plan_ops.all_plans(st)]
+    names = [name for (name,) in st.rows("SELECT name FROM plans ORDER BY id")]
     if plan_name not in names:
+        from rbridge.store.db import safe_url
+
         raise InputError(f"no plan {plan_name!r} in this store (plans: {', '.join(names) or 'none'})",
                          file=safe_url(st.url), field="--plan")

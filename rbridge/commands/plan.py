@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.commands._base import RichReporter, console, err_console, guard, main, si, store_or_latest
+from rbridge.commands._base import (RichReporter, console, err_console, guard, main, open_for_reading, si,
+                                   store_or_latest)
 from rbridge.errors import InputError
 
 
@@ -197,15 +198,21 @@ def _print_ranking(rows: list[dict], stages) -> None:
 @main.command()
 @click.option("--store", "store", default=None, help="Store to read (default: the most recent under stores/).")
 @click.option("--plan", "plan_name", default=None, help="Plan name, when the store holds several.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every candidate of every stage).")
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Candidates listed per stage: the best ranked, then any running or failed ones.")
+@click.option("--all", "show_all", is_flag=True, help="List every candidate of every stage.")
 @guard
-def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
-    """Stages, candidates, decisions, scores, progress, compute spent."""
+def status(store: str | None, plan_name: str | None, as_json: bool, top: int, show_all: bool) -> None:
+    """Stages, candidates, decisions, scores, progress, compute spent.
+
+    A stage lists its --top best candidates (and any running or failed), then counts the
+    rest by status: a table of thousands of rows is slow to print and not read.
+    """
     from rbridge.analysis.status import plan_status
-    from rbridge.store import open_store
 
     store = store_or_latest(store)
-    st = open_store(store, create=False, read_only=True)
+    st = open_for_reading(store)
     info = plan_status(st, plan_name)
     if as_json:
         from rbridge.analysis.decision import analysis_summary
@@ -213,15 +220,18 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
         info["analysis"] = analysis_summary(st, info["plan"])
         click.echo(json.dumps(info, indent=2, default=str))
         return
+    limit = None if show_all else top
     revision = f", spec revision {info['revision']}" if info["revision"] else ""
     console.print(f"[bold]plan {info['plan']}[/] ({info['status']}{revision}) in {info['store']}")
     for stage in info["stages"]:
+        rows = stage["candidates"]
+        shown = _status_rows(rows, limit)
         table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
                             f"{len(stage['survivors'])} survivors")
         for col in ("rank", "candidate", stage["metric"], "tokens", "status", "decision", "params", "FLOPs",
                     "tok/s"):
             table.add_column(col, no_wrap=True)
-        for r in stage["candidates"]:
+        for r in shown:
             d = r["decision"]
             dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} r{d['rung']}"
             table.add_row(str(r["rank"] or "-"), r["candidate"],
@@ -230,6 +240,10 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
                           r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
                           si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}")
         console.print(table)
+        if len(shown) < len(rows):
+            console.print(f"  {len(rows) - len(shown):,} more of {len(rows):,} candidates not listed "
+                          f"({_status_counts(rows, shown)}); --all lists them, --json "
+                          "gives every field")
         eta = "-" if stage["eta_s"] is None else f"{stage['eta_s']:.0f} s"
         console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
                       f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
@@ -243,7 +257,8 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
         console.print(f"[bold]superseded[/] by spec edits (kept; `rbridge plan OLD_SPEC --force` reuses them): "
                       f"{len(info['superseded'])} runs")
         for rev, rows in sorted(by_rev.items()):
-            console.print(f"  revision {rev}: {', '.join(rows)}")
+            more = "" if limit is None or len(rows) <= limit else f", ... {len(rows) - limit:,} more (--all)"
+            console.print(f"  revision {rev}: {', '.join(rows[:limit])}{more}")
     c = info["compute"]
     console.print(f"[bold]compute[/]: spent {c['spent_flops']:.2e} FLOPs "
                   f"(train {c['train_flops']:.2e}, scoring {c['score_flops']:.2e}), {c['wall_s']:.0f} s")
@@ -254,6 +269,24 @@ def status(store: str | None, plan_name: str | None, as_json: bool) -> None:
         console.print(f"  with the target model: total {c['target_total_flops']:.2e} vs naive "
                       f"{c['target_naive_flops']:.2e} FLOPs = {c['target_fraction']:.1%} of the naive cost "
                       f"(reduction {c['target_reduction']:.1f}x, METHOD.md section 7)")
+
+
+def _status_rows(rows: list[dict], limit: int | None) -> list[dict]:
+    """The rows `rbridge status` lists, in ranking order: the first ``limit`` (all when None), then up to
+    ``limit`` more that are running or failed (what someone watching a plan looks for)."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    watch = [i for i, r in enumerate(rows[limit:], start=limit) if r["status"] in ("running", "failed")][:limit]
+    return rows[:limit] + [rows[i] for i in watch]
+
+
+def _status_counts(rows: list[dict], shown: list[dict]) -> str:
+    """'4,980 done, 10 pruned': the rows not shown, counted by status, most common first."""
+    from collections import Counter
+
+    listed = {id(r) for r in shown}
+    counts = Counter(r["status"] for r in rows if id(r) not in listed)
+    return ", ".join(f"{n:,} {status}" for status, n in counts.most_common())
 
 
 def _stopped(exc, how: str) -> None:

@@ -28,7 +28,9 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from rbridge.errors import InputError
+import rbridge.store.results  # noqa: F401 - registers its tables before create_all
 from rbridge.store.models import SCHEMA_VERSION, Meta
+from rbridge.store.sqlite_read import check_sqlite_file, latest_store  # noqa: F401 - part of this API
 
 # Every view reads live runs only: a run superseded by an accepted spec edit keeps its
 # rows (rbridge status lists it) but no longer counts.
@@ -278,68 +280,22 @@ class Store:
             result = conn.execute(text(sql), params)
             return [dict(row._mapping) for row in result]
 
+    @contextmanager
+    def reading(self) -> Iterator:
+        """``rows`` on one connection: several reads in one transaction, one consistent snapshot."""
+        with self.engine.connect() as conn:
+            yield lambda sql, **params: [tuple(row) for row in conn.execute(text(sql), params)]
+
+    def rows(self, sql: str, **params) -> list[tuple]:
+        """Rows of a raw SQL query as tuples (bulk reads; rbridge.store.sqlite_read.SQLiteReader has the same)."""
+        with self.engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), params)]
+
     def close(self) -> None:
         self.engine.dispose()
 
 
 _SCHEMES = ("sqlite", "postgresql", "postgres")
-
-
-def check_sqlite_file(path: Path, *, create: bool) -> int | None:
-    """Look at a SQLite store file before anything opens it for writing; return its schema version.
-
-    None for a new store (no file yet, ``create``). Every other case raises one
-    InputError naming the file and saying what to do: a directory, no file for a
-    read command, an empty or unreadable file, not a SQLite database, a damaged
-    one (``PRAGMA quick_check``), a database of another application. Reads only
-    (``mode=ro``): a file that is refused is left byte for byte as it was.
-    """
-    if path.is_dir():
-        raise InputError("is a directory, not a store; give the path of a .db file", file=path)
-    if not path.exists():
-        if create:
-            return None
-        raise InputError("no store here; run `rbridge plan SPEC.yaml` first or pass --store", file=path)
-    # Only stat and SQLite itself look at the file: a plain open() and close() of a database file would
-    # drop every POSIX lock this process's SQLite connections hold on it (the fcntl rule SQLite works around).
-    if path.stat().st_size == 0:
-        if create:  # SQLite's own rule: an empty file is an empty database (and a store being created
-            return None  # by another process at this moment looks like one)
-        raise InputError("is an empty file, not an rbridge store; remove it or use another --store", file=path)
-    if not os.access(path, os.R_OK):
-        raise InputError("cannot be read (permission denied)", file=path)
-    import sqlite3
-
-    try:
-        # No -wal file: nobody is writing in WAL mode, so read it as immutable, which creates no -wal/-shm
-        # beside a file that may not be ours. With one (a plan running), a plain read-only connection.
-        live = Path(f"{path}-wal").exists()
-        con = sqlite3.connect(f"file:{path}?mode=ro" + ("" if live else "&immutable=1"), uri=True, timeout=30)
-        try:
-            check = [row[0] for row in con.execute("PRAGMA quick_check(5)")]
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            version = None
-            if Meta.__tablename__ in tables:
-                row = con.execute(f"SELECT value FROM {Meta.__tablename__} WHERE key = 'schema_version'").fetchone()
-                version = int(row[0]) if row and str(row[0]).isdigit() else None
-        finally:
-            con.close()
-    except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc):
-            raise InputError("is not a SQLite database, so not an rbridge store; use another --store",
-                             file=path) from None
-        raise InputError(f"is damaged ({exc}); restore it from a copy, or use another --store", file=path) from None
-    if check != ["ok"]:
-        raise InputError(f"is damaged (quick_check: {'; '.join(check)}); restore it from a copy, or use another "
-                         "--store", file=path)
-    if tables and version is None and "plans" not in tables:
-        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-        raise InputError(f"is a database of another application (tables: {shown}), not an rbridge store; "
-                         "rbridge writes nothing into it. Use another --store", file=path)
-    if version is not None and version > SCHEMA_VERSION:
-        raise InputError(f"store schema {version} is newer than this rbridge ({SCHEMA_VERSION}); upgrade rbridge",
-                         file=path)
-    return version if version is not None else (0 if tables else None)
 
 
 def _sqlite_read_only(dbapi_conn, _record) -> None:
@@ -588,13 +544,6 @@ class AdvisoryLock:
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None
-
-
-def latest_store(folder: str | Path = "stores") -> Path | None:
-    """The most recently modified SQLite store under ``folder``."""
-    folder = Path(folder)
-    dbs = sorted(folder.glob("*.db"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return dbs[0] if dbs else None
 
 
 __all__ = ["Store", "open_store", "store_url", "latest_store", "select", "is_postgres", "safe_url",

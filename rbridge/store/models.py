@@ -21,7 +21,8 @@ from sqlmodel import Field, SQLModel
 #    plans.studies names each stage's Optuna study revision.
 # 5: runs.threads (CPU threads the run trains with: the first run of a stage fixes them for the
 #    stage, so a resumed stage computes identically), runs.device and runs.mfu.
-SCHEMA_VERSION = 5
+# The number itself lives in rbridge.store.version (read without SQLAlchemy); bump it there.
+from rbridge.store.version import SCHEMA_VERSION  # noqa: E402
 
 # The unique indexes below hold among live rows only (superseded_by = 0): a superseded
 # run and the live run that replaced it share (plan, stage, candidate).
