@@ -111,7 +111,8 @@ def lmeval_process(model_dir: str, traces_path: str, batch_size: int) -> None:
     """The lm-eval side of --whole-process, run as its own process: prints per-trace summed NLLs."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model_dir, batch_size=batch_size, device="cpu", dtype="float32")
+    lm = HFLM(pretrained=model_dir, batch_size=batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
+              dtype="float32")
     traces = load_traces(traces_path)
     pairs = build_pairs(lm.tokenizer, traces, len(traces))
     print(json.dumps([-x for x in run_lmeval(lm, pairs)]))
@@ -123,7 +124,12 @@ def proxy_folder(preset: str, tokenizer_from: str, out: str) -> None:
     from rbridge.proxy import proxy_config
     from transformers import LlamaForCausalLM
 
-    _, tokenizer, _ = load_model(tokenizer_from, device="cpu", dtype=torch.float32)
+    if (Path(tokenizer_from) / "tokenizer.json").exists() and not (Path(tokenizer_from) / "config.json").exists():
+        from transformers import AutoTokenizer  # a tokenizer folder (rbridge's cache holds them)
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    else:
+        _, tokenizer, _ = load_model(tokenizer_from, device="cpu", dtype=torch.float32)
     eos = tokenizer.eos_token_id
     cfg = proxy_config({"preset": preset}, len(tokenizer), 2048, bos_token_id=tokenizer.bos_token_id or eos,
                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
