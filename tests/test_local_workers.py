@@ -7,7 +7,10 @@ runs through the store's claims, and a run's numbers depend only on its inputs.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import sqlite3
 
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
@@ -31,6 +34,14 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     assert trained[0] == trained[1] and int(trained[0]) > 4  # every rung step, counted across processes
     _same(_ranking(runs["2"][0]), _ranking(runs["1"][0]))
     assert _decisions(runs["2"][0]) == _decisions(runs["1"][0])
+    # Every run records its threads (the stage's rule: one for small proxies), its device and an MFU,
+    # and status reports them per run and per stage.
+    with sqlite3.connect(runs["2"][0]) as con:
+        rows = con.execute("SELECT threads, device, mfu FROM runs WHERE tokens_seen > 0").fetchall()
+    assert rows and all(t == 1 and d == "cpu" and 0 < m < 1 for t, d, m in rows), rows
+    shown = _rbridge(["status", "--store", str(runs["2"][0]), "--json"], tmp_path / "w2", dict(os.environ))
+    status = json.loads(shown.stdout)
+    assert all(st["threads"] == 1 and st["devices"] == ["cpu"] and 0 < st["mfu"] < 1 for st in status["stages"])
 
     d = tmp_path / "killed"
     d.mkdir()

@@ -31,7 +31,7 @@ def _shown_url(url: str) -> str:
 # 10,000 runs and 30,000 evaluations loads in a tenth of the time).
 _RUN_COLUMNS = ("id", "stage", "stage_index", "candidate_id", "status", "worker", "tokens_seen", "tokens_target",
                 "params", "non_embedding_params", "train_flops", "score_flops", "wall_s", "tokens_per_s",
-                "superseded_by", "checkpoint")
+                "superseded_by", "checkpoint", "threads", "device", "mfu")
 _PLAN_COLUMNS = ("id", "name", "status", "revision", "spec_hash", "spec_text", "spec_path")
 
 
@@ -106,6 +106,9 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 "score_flops": run["score_flops"],
                 "wall_s": run["wall_s"],
                 "tokens_per_s": run["tokens_per_s"],
+                "threads": run["threads"],
+                "device": run["device"],
+                "mfu": run["mfu"],
             })
         reached = sorted(rows, key=lambda r: (-r["tokens_seen"], r["score"] if r["score"] is not None else 1e300,
                                               r["candidate"]))
@@ -121,6 +124,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
             "train_flops": sum(r["train_flops"] for r in rows),
             "score_flops": sum(r["score_flops"] for r in rows),
             "wall_s": sum(r["wall_s"] for r in rows),
+            **_hardware(rows),
         })
     target = last = None
     if has_spec:
@@ -132,7 +136,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
             if name not in stage_order:
                 stages.append({"name": name, "metric": st.pruning.metric, "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
-                               "wall_s": 0.0})
+                               "wall_s": 0.0, "threads": 0, "devices": [], "mfu": None})
     _add_progress(stages, stage_specs)
     superseded = []  # runs an accepted spec edit set aside: kept, left out of the stages above
     for run in sorted((r for r in all_runs if r["superseded_by"]),
@@ -157,6 +161,15 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         "stages": stages,
         "compute": plan_compute(stages, len(cands), last, target),
     }
+
+
+def _hardware(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage's threads, devices and MFU (the runs' MFU weighted by their training seconds)."""
+    timed = [r for r in rows if r["mfu"] and r["wall_s"]]
+    wall = sum(r["wall_s"] for r in timed)
+    return {"threads": max((r["threads"] for r in rows), default=0),
+            "devices": sorted({r["device"] for r in rows if r["device"]}),
+            "mfu": sum(r["mfu"] * r["wall_s"] for r in timed) / wall if wall else None}
 
 
 def _add_progress(stages: list[dict[str, Any]], specs: dict) -> None:

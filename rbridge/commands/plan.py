@@ -27,10 +27,16 @@ def validate(spec_path: Path) -> None:
     stages = spec.resolved_stages()
     for warning in spec.warnings():
         err_console.print(f"[yellow]warning:[/] {spec_path}: {warning}")
+    from concurrent.futures import ThreadPoolExecutor
+
     from rbridge.data.sources import check_source
 
-    for name, src in spec.sources.items():  # each file opened far enough to catch a wrong format
-        info = check_source(src.config(name))
+    # Each file opened far enough to catch a wrong format; sources in threads (decompression releases
+    # the GIL), reported, and the first refusal raised, in the spec's order.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(spec.sources), os.cpu_count() or 1))) as pool:
+        checks = [pool.submit(check_source, src.config(name)) for name, src in spec.sources.items()]
+    for (name, _), check in zip(spec.sources.items(), checks):
+        info = check.result()
         console.print(f"  source {name}: {info.format}, {info.files} file(s), {info.chunks} chunk(s), "
                       f"{si(info.bytes)}B")
     console.print(f"{spec_path}: ok - plan '{spec.name}', {len(spec.sources)} sources, "
@@ -229,7 +235,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
                             f"{len(stage['survivors'])} survivors")
         for col in ("rank", "candidate", stage["metric"], "tokens", "status", "decision", "params", "FLOPs",
-                    "tok/s"):
+                    "tok/s", "MFU"):
             table.add_column(col, no_wrap=True)
         for r in shown:
             d = r["decision"]
@@ -238,7 +244,8 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
                           "-" if r["score"] is None else f"{r['score']:.4f}",
                           f"{si(r['tokens_seen'])}/{si(r['tokens_target'])}",
                           r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
-                          si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}")
+                          si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}",
+                          f"{r['mfu']:.0%}" if r["mfu"] else "-")
         console.print(table)
         if len(shown) < len(rows):
             console.print(f"  {len(rows) - len(shown):,} more of {len(rows):,} candidates not listed "
@@ -248,6 +255,12 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
                       f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
                       f"FLOPs, {stage['wall_s']:.0f} s of training")
+        if stage["devices"]:
+            on = ", ".join(stage["devices"])
+            threads = f", {stage['threads']} CPU thread(s) per run" if stage["threads"] else ""
+            mfu = f", MFU {stage['mfu']:.1%}" if stage["mfu"] else ""
+            console.print(f"  trained on {on}{threads}{mfu} (MFU: model FLOPs/s over the device's peak, "
+                          "rbridge.proxy.peak)")
     if info["superseded"]:
         by_rev: dict[int, list[str]] = {}
         for r in info["superseded"]:
