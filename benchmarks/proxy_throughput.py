@@ -9,10 +9,12 @@ one warm-up step (its time is printed: it holds torch.compile's compilation),
 then steps until ``--seconds`` have passed and at least ``--steps`` were taken.
 Variants, each the trainer as rbridge runs it with one thing changed:
 
-- ``rbridge``: the trainer as it is (fused chunked loss, rbridge.proxy.model);
+- ``rbridge``: the trainer as it is (fused chunked loss, rbridge.proxy.model; fused AdamW);
 - ``hf-loss``: LlamaForCausalLM's own loss (full logits, log-softmax);
-- ``foreach-adamw`` / ``fused-adamw``: AdamW's multi-tensor or fused kernels
-  (rbridge uses the fused kernel on GPUs, the default elsewhere);
+- ``foreach-adamw`` / ``fused-adamw``: AdamW's multi-tensor or fused kernel
+  (rbridge uses the fused one where torch has it for the device; so
+  ``fused-adamw`` equals ``rbridge`` there);
+- ``loop-adamw``: AdamW's plain for-loop over tensors (torch's default on CPUs);
 - ``compile``: the model wrapped in ``torch.compile`` (inductor).
 
 Ratios are against the ``rbridge`` variant at the same preset, threads and
@@ -37,7 +39,7 @@ from rbridge.proxy import ProxyTrainer, param_counts, proxy_config
 from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 
 VOCAB, SEQ_LEN = 4096, 256
-VARIANTS = ("rbridge", "hf-loss", "foreach-adamw", "fused-adamw", "compile")
+VARIANTS = ("rbridge", "hf-loss", "loop-adamw", "foreach-adamw", "fused-adamw", "compile")
 
 
 def make_trainer(preset: str, precision: str, batch_size: int, variant: str) -> ProxyTrainer:
@@ -48,10 +50,10 @@ def make_trainer(preset: str, precision: str, batch_size: int, variant: str) -> 
     model = trainer.accelerator.unwrap_model(trainer._model)
     if variant == "hf-loss":
         model.__class__ = LlamaForCausalLM  # same modules and weights; transformers' forward and loss
-    elif variant in ("foreach-adamw", "fused-adamw"):
+    elif variant in ("foreach-adamw", "fused-adamw", "loop-adamw"):
         key = variant.split("-")[0]
         for group in trainer.optimizer.optimizer.param_groups:
-            group["foreach"], group["fused"] = key == "foreach", key == "fused"
+            group["foreach"], group["fused"] = key == "foreach", key == "fused"  # loop: neither
     elif variant == "compile":
         trainer._model = torch.compile(trainer._model)
     return trainer
@@ -82,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["0.5M", "2M", "8M"])
     parser.add_argument("--precisions", nargs="+", default=["fp32"])
-    parser.add_argument("--variants", nargs="+", default=["rbridge", "hf-loss", "foreach-adamw"], choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["rbridge", "hf-loss", "loop-adamw", "foreach-adamw"], choices=VARIANTS)
     parser.add_argument("--threads", nargs="+", type=int, default=sorted({1, torch.get_num_threads()}))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
