@@ -137,3 +137,12 @@ def test_every_command_is_in_the_module_the_cli_names():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_accuracy_without_targets_says_how_to_add_them(tmp_path):
+    db = tmp_path / "s.db"
+    _plan_store(db, n=3)
+    res = CliRunner().invoke(main, ["accuracy", "--store", str(db)])
+    assert res.exit_code == 0, res.output
+    assert "no target results" in res.output and "rbridge targets import" in res.output
+    assert json.loads(CliRunner().invoke(main, ["accuracy", "--store", str(db), "--json"]).output)["targets"] == 0

@@ -216,6 +216,12 @@ def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: boo
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
+    if not info["targets"]:
+        console.print(f"no target results in {store} yet: decision accuracy compares the proxies' ranking with "
+                      "results at the target scale; import them with `rbridge targets import FILE.csv --store "
+                      f"{store}` (columns candidate,benchmark,metric,value; README: \"Decision accuracy, fits and "
+                      "predictions\")")
+        return
     table = Table(title="decision accuracy: pairs whose targets differ; proxy ties count half")
     for col in ("stage", "benchmark", "proxy", "target", "candidates", "pairs", "decision acc.", "Kendall tau",
                 "proxy ties"):
