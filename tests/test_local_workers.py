@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sqlite3
+from pathlib import Path
 
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
@@ -42,6 +43,17 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     shown = _rbridge(["status", "--store", str(runs["2"][0]), "--json"], tmp_path / "w2", dict(os.environ))
     status = json.loads(shown.stdout)
     assert all(st["threads"] == 1 and st["devices"] == ["cpu"] and 0 < st["mfu"] < 1 for st in status["stages"])
+    # Each run's proxy is exported as a Hugging Face folder after every rung: `rbridge score` on the run
+    # folder re-scores it without training and gives the stored score of its last rung.
+    with sqlite3.connect(runs["1"][0]) as con:
+        folder, stored = con.execute(
+            "SELECT r.checkpoint, e.value FROM runs r JOIN evaluations e ON e.run_id = r.id WHERE r.stage = 'rank' "
+            "AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
+    assert (Path(folder) / "model/config.json").is_file() and (Path(folder) / "model/tokenizer.json").is_file()
+    rescored = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
+                         "--no-cache"], tmp_path / "w1", dict(os.environ))
+    assert rescored.returncode == 0, rescored.stderr
+    assert abs(json.loads(rescored.stdout)["benchmarks"]["gsm8k"]["rbridge"] - stored) < 1e-6
 
     d = tmp_path / "killed"
     d.mkdir()

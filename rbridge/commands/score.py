@@ -17,7 +17,8 @@ _PATH = click.Path(path_type=Path)
 
 @main.command()
 @click.option("--model", "model_path", required=True, type=_PATH,
-              help="Hugging Face causal LM directory, or a .gguf file (or a directory holding one).")
+              help="Hugging Face causal LM directory, a .gguf file (or a directory holding one), or a plan's "
+                   "run folder (stores/<plan>.runs/<stage>/<candidate>: its exported proxy).")
 @click.option("--traces", "traces_path", required=True, type=_PATH, help="rbridge traces JSONL.")
 @click.option("--context", type=click.Choice(CONTEXTS), default=ScoreOptions().context,
               show_default=True, help="What the proxy sees before the reasoning (after BOS).")

@@ -147,6 +147,33 @@ class Trained:
     device: str = ""
 
 
+EXPORT_DIR = "model"  # <run folder>/model: the proxy as a Hugging Face folder, after every rung
+
+
+def export_model(model, tokenizer, folder: Path) -> Path:
+    """Write the trained proxy as a Hugging Face folder (config.json with architecture LlamaForCausalLM,
+    model.safetensors, the tokenizer), replacing the previous rung's, so that any tool loads it:
+    ``rbridge score --model <run folder>``, ``AutoModelForCausalLM.from_pretrained``, lm-eval. Written
+    beside and renamed over the old one: a crash leaves the old folder or the new one, never half."""
+    import shutil
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    config = tmp / "config.json"  # the fused-loss subclass is a training detail: plain Llama to the world
+    config.write_text(config.read_text().replace('"ProxyLlamaForCausalLM"', '"LlamaForCausalLM"'))
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
 _SLOW_STEP_S = float(os.environ.get("RBRIDGE_SLOW_STEP_S") or 0)
 
 
@@ -194,6 +221,8 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     flops = proxy_train_flops(cfg, trainer.tokens_seen)["non_embedding"]
     model = trainer.model
     model.eval()
+    if trainer.accelerator.is_main_process:
+        export_model(model, ctx.data.tokenizer, ctx.checkpoint_dir / EXPORT_DIR)
     device = trainer.accelerator.device
     peak, _how = peak_flops(device, trainer.precision, torch.get_num_threads())
     mfu = model_flops_per_token(cfg, train.seq_len) * trainer.tokens_per_s / peak if peak > 0 else 0.0

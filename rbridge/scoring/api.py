@@ -36,7 +36,8 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
     """Load a local causal LM and its tokenizer: an HF directory or a ``.gguf`` file.
 
     A directory without ``config.json`` but with exactly one ``.gguf`` file is
-    loaded from that file. Nothing is downloaded (``local_files_only``).
+    loaded from that file; a plan's run folder (``stores/<plan>.runs/<stage>/<candidate>``)
+    from the proxy exported in its ``model/`` folder. Nothing is downloaded (``local_files_only``).
     Returns ``(model, tokenizer, name)``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -51,11 +52,15 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
         directory, kwargs["gguf_file"], name = path.parent, path.name, path.stem
     else:
         directory, name = path, path.name
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            # a plan's run folder (stores/<plan>.runs/<stage>/<candidate>): its exported proxy
+            directory, name = path / "model", f"{path.parent.name}/{path.name}"
+        elif not (path / "config.json").exists():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) != 1:
-                raise InputError("not a Hugging Face model directory (no config.json) and not "
-                                 f"exactly one .gguf file in it (found {len(ggufs)})", file=path)
+                raise InputError("not a Hugging Face model directory (no config.json), not a plan's run "
+                                 "folder (no model/config.json) and not exactly one .gguf file in it "
+                                 f"(found {len(ggufs)})", file=path)
             kwargs["gguf_file"], name = ggufs[0].name, ggufs[0].stem
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
