@@ -449,3 +449,56 @@ def test_a_candidate_with_two_proxy_rows_is_never_paired_with_itself(tmp_path):
         assert decision_accuracy(st) == view
     finally:
         st.close()
+
+
+def _fit_store(db: Path, xs: dict[str, float | None], pruned: str) -> None:
+    """Stage 'filter' at 2000 tokens: each candidate's rbridge value; ``pruned`` stopped at 1000 tokens."""
+    st = open_store(db)
+    with st.session() as s:
+        plan = Plan(name="fitp", spec_text="name: fitp\n", spec_hash="h", status="done")
+        s.add(plan)
+        s.flush()
+        for i, (name, x) in enumerate(xs.items()):
+            cand = Candidate(plan_id=plan.id, name=name, mix=json.dumps({name: 1.0}), position=i)
+            s.add(cand)
+            s.flush()
+            tokens = 1000 if name == pruned else 2000
+            run = Run(plan_id=plan.id, stage="filter", stage_index=0, candidate_id=cand.id, config="{}",
+                      non_embedding_params=100, tokens_target=2000, tokens_seen=tokens,
+                      status="pruned" if name == pruned else "done")
+            s.add(run)
+            s.flush()
+            s.add(Evaluation(run_id=run.id, rung=1 if name == pruned else 2, tokens_seen=tokens, benchmark="gsm8k",
+                             metric="rbridge", value=x))
+    st.close()
+
+
+def test_fit_warns_when_its_error_exceeds_the_targets_range_and_predict_is_honest(tmp_path):
+    """Issue 15: a fit whose out-of-fold error exceeds the targets' spread is flagged; predict lists a
+    pruned candidate without a target as stopped early (not as having a target), and clips accuracy
+    predictions and intervals to [0, 1]."""
+    db = tmp_path / "f.db"
+    # rbridge (lower is better) against accuracy; 'far' lies far outside the fitted x range.
+    xs = {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0, "e": 100.0, "new": 0.2, "cut": 1.5}
+    _fit_store(db, xs, pruned="cut")
+    t = _csv(tmp_path / "t.csv", "candidate,benchmark,metric,value",
+             ["a,gsm8k,accuracy,0.5", "b,gsm8k,accuracy,0.6", "c,gsm8k,accuracy,0.7", "d,gsm8k,accuracy,0.8",
+              "e,gsm8k,accuracy,0.9"])
+    assert _invoke("targets", "import", str(t), "--store", str(db)).exit_code == 0
+    r = _invoke("fit", "--store", str(db), "--json")
+    assert r.exit_code == 0, r.output
+    (fit,) = json.loads(r.output)["fits"]
+    assert fit["target_range"] == pytest.approx(0.4) and fit["cv_test_mae"] > 0.4
+    assert "exceeds the targets' range" in fit["warning"]
+    said = " ".join(_invoke("fit", "--store", str(db)).output.split())  # rich wraps lines
+    assert "warning:" in said and "no better than a constant" in said
+    r = _invoke("predict", "--store", str(db), "--json")
+    assert r.exit_code == 0, r.output
+    rows = {p["candidate"]: p for p in json.loads(r.output)["predictions"][0]["predictions"]}
+    assert set(rows) == {"new", "cut"}
+    assert rows["cut"]["predicted"] is None and rows["cut"]["rank"] is None
+    assert "stopped at 1,000 tokens" in rows["cut"]["why"]
+    new = rows["new"]
+    assert new["rank"] == 1 and 0.0 <= new["low"] <= new["predicted"] <= new["high"] <= 1.0
+    said = " ".join(_invoke("predict", "--store", str(db)).output.split())
+    assert "stopped at 1,000 tokens" in said and "has a target already" not in said

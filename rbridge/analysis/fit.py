@@ -263,14 +263,29 @@ def fit_store(store: Store, plan: str | None = None, *, benchmark: str | None = 
                                                 Fit.target_metric == tm)).all():
                 s.delete(old)
             s.add(fit)
-        rows.append({**base, "family": res.family, "formula": res.formula, "params": res.params,
-                     "train_r2": res.train_r2, "cv_train_r2": res.cv_train_r2, "cv_test_mae": res.cv_test_mae,
-                     "families": res.families, "folds": res.folds, "seed": seed})
+        spread = float(np.max(g["y"]) - np.min(g["y"]))
+        row = {**base, "family": res.family, "formula": res.formula, "params": res.params,
+               "train_r2": res.train_r2, "cv_train_r2": res.cv_train_r2, "cv_test_mae": res.cv_test_mae,
+               "families": res.families, "folds": res.folds, "seed": seed, "target_range": spread}
+        if res.cv_test_mae is not None and res.cv_test_mae > spread:
+            # Out of fold, g misses by more than the targets differ: it ranks nothing.
+            row["warning"] = (f"{bench}/{tm} from {stg}/{xm}: the {res.family} fit's CV test MAE "
+                              f"{res.cv_test_mae:.4g} exceeds the targets' range {spread:.4g}; its predictions "
+                              "are no better than a constant")
+        rows.append(row)
     if not rows:
         raise InputError("nothing to fit: no candidate has both a proxy value and a target value on the same "
                          "benchmark" + (" (after the filters)" if any((benchmark, x_metric, stage, target_metric))
                                         else "; import targets with `rbridge targets import`"), file=store.url)
     return rows
+
+
+def _clip_for(metric: str):
+    """Clip to [0, 1] for target metrics that are proportions (accuracy, acc_norm, pass@k, exact match, F1)."""
+    name = metric.lower()
+    if "acc" in name or name.startswith("pass@") or name in ("exact_match", "em", "f1"):
+        return lambda v: min(1.0, max(0.0, v))
+    return lambda v: v
 
 
 def predict_store(store: Store, plan: str | None = None, *, benchmark: str | None = None,
@@ -279,7 +294,9 @@ def predict_store(store: Store, plan: str | None = None, *, benchmark: str | Non
 
     Per fit: candidates ranked by predicted target (in the target's direction), each
     with an interval: the prediction plus the (1-level)/2 and (1+level)/2 quantiles of
-    the out-of-fold residuals.
+    the out-of-fold residuals, clipped to [0, 1] for proportions (accuracy, pass@k, ...).
+    Candidates without a target whose value is at fewer tokens than the fit's (pruned
+    before the stage's last rung) are listed unranked, with ``why``.
     """
     plan_row = _plan_row(store, plan)
     fits = [f for f in stored_fits(store, plan_row.name)
@@ -294,19 +311,27 @@ def predict_store(store: Store, plan: str | None = None, *, benchmark: str | Non
     out = []
     for f in fits:
         rows = [v for v in proxies if v["stage"] == f["stage"] and v["benchmark"] == f["benchmark"]
-                and v["metric"] == f["x_metric"]]
-        top = max(((v["tokens_seen"] or 0) for v in rows), default=0)
-        rows = [v for v in rows if (v["tokens_seen"] or 0) == top
+                and v["metric"] == f["x_metric"]
                 and (v["candidate"], f["benchmark"], f["target_metric"]) not in have]
+        top = max(((v["tokens_seen"] or 0) for v in proxies if v["stage"] == f["stage"]
+                   and v["benchmark"] == f["benchmark"] and v["metric"] == f["x_metric"]), default=0)
         res = np.asarray(f["cv_residuals"], dtype=float)
         lo_q, hi_q = ((float(np.quantile(res, (1 - level) / 2)), float(np.quantile(res, (1 + level) / 2)))
                       if len(res) else (0.0, 0.0))
+        clip = _clip_for(f["target_metric"])
         preds = []
         for v in rows:
+            if (v["tokens_seen"] or 0) != top:
+                # Stopped (pruned) before the stage's last rung: its value is at fewer tokens than the
+                # values g was fitted on, so g says nothing about it.
+                preds.append({"candidate": v["candidate"], "x": v["value"], "predicted": None, "low": None,
+                              "high": None, "why": f"stopped at {v['tokens_seen'] or 0:,} tokens; g was fitted "
+                                                   f"on values at {top:,}"})
+                continue
             p = float(predict_family(f["family"], f["params"], np.array([v["value"]]))[0])
             ok = math.isfinite(p)
-            preds.append({"candidate": v["candidate"], "x": v["value"], "predicted": p if ok else None,
-                          "low": p + lo_q if ok else None, "high": p + hi_q if ok else None})
+            preds.append({"candidate": v["candidate"], "x": v["value"], "predicted": clip(p) if ok else None,
+                          "low": clip(p + lo_q) if ok else None, "high": clip(p + hi_q) if ok else None})
         sign = -1.0 if f["target_higher_is_better"] else 1.0
         preds.sort(key=lambda r: (r["predicted"] is None, sign * (r["predicted"] or 0.0), r["candidate"]))
         for i, r in enumerate(preds, start=1):

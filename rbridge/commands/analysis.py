@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.commands._base import console, guard, main, open_for_reading, store_or_latest
+from rbridge.commands._base import console, err_console, guard, main, open_for_reading, store_or_latest
 from rbridge.errors import InputError
 
 _FILE = click.Path(dir_okay=False, path_type=Path)
@@ -138,6 +138,9 @@ def fit(store: str, plan_name: str | None, benchmark: str | None, x_metric: str 
                       _fmt(r["cv_test_mae"], ".4g"),
                       ", ".join(f"{k}={v:.4g}" for k, v in r["params"].items()))
     console.print(table)
+    for r in rows:
+        if r.get("warning"):
+            err_console.print(f"[yellow]warning:[/] {r['warning']}")
     # One row per x-axis, averaged over benchmarks: the paper's Table 2 layout.
     by_x: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -189,9 +192,9 @@ def predict(store: str, plan_name: str | None, benchmark: str | None, x_metric: 
             table.add_column(col, no_wrap=True)
         for r in f["predictions"]:
             table.add_row(str(r["rank"] or "-"), r["candidate"], _fmt(r["x"]), _fmt(r["predicted"]),
-                          "-" if r["low"] is None else f"[{r['low']:.4f}, {r['high']:.4f}]")
+                          r.get("why") or ("-" if r["low"] is None else f"[{r['low']:.4f}, {r['high']:.4f}]"))
         if not f["predictions"]:
-            table.add_row("-", "(every candidate with a proxy value has a target already)", "", "", "")
+            table.add_row("-", "(every candidate with a proxy value in this stage has a target already)", "", "", "")
         console.print(table)
 
 
