@@ -13,6 +13,8 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import numpy as np
+
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
 
@@ -46,14 +48,22 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     # Each run's proxy is exported as a Hugging Face folder after every rung: `rbridge score` on the run
     # folder re-scores it without training and gives the stored score of its last rung.
     with sqlite3.connect(runs["1"][0]) as con:
-        folder, stored = con.execute(
-            "SELECT r.checkpoint, e.value FROM runs r JOIN evaluations e ON e.run_id = r.id WHERE r.stage = 'rank' "
-            "AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
+        folder, stored, low, high = con.execute(
+            "SELECT r.checkpoint, e.value, e.ci_low, e.ci_high FROM runs r JOIN evaluations e ON e.run_id = r.id "
+            "WHERE r.stage = 'rank' AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
+        ranked = con.execute("SELECT value, ci_low, ci_high FROM ranking").fetchall()
     assert (Path(folder) / "model/config.json").is_file() and (Path(folder) / "model/tokenizer.json").is_file()
     rescored = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
-                         "--no-cache"], tmp_path / "w1", dict(os.environ))
+                         "--no-cache", "--per-trace"], tmp_path / "w1", dict(os.environ))
     assert rescored.returncode == 0, rescored.stderr
-    assert abs(json.loads(rescored.stdout)["benchmarks"]["gsm8k"]["rbridge"] - stored) < 1e-6
+    bench = json.loads(rescored.stdout)["benchmarks"]["gsm8k"]
+    assert abs(bench["rbridge"] - stored) < 1e-6
+    # Every ranked score carries its bootstrap interval over the traces, reproducible from seed 0:
+    # 1,000 resamples of the per-trace values, 2.5% and 97.5% quantiles of their means.
+    assert ranked and all(lo <= v <= hi for v, lo, hi in ranked)
+    values = np.array([t["rbridge"] for t in bench["traces"]])
+    draws = np.random.default_rng(0).integers(0, len(values), size=(1000, len(values)))
+    assert np.allclose(np.quantile(values[draws].mean(axis=1), [0.025, 0.975]), [low, high], atol=1e-6)
 
     d = tmp_path / "killed"
     d.mkdir()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rbridge.analysis.compute import non_embedding_params, plan_compute
+from rbridge.analysis.separation import mark_neighbours
 from rbridge.errors import InputError
 from rbridge.spec import stored_stages
 
@@ -58,7 +59,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
             f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE plan_id = :p ORDER BY stage_index, id", p=plan["id"])]
         runs = [r for r in all_runs if not r["superseded_by"]]
         # Per run in id order, as the rows were recorded (a score averages its benchmarks in that order).
-        evals = rows("SELECT run_id, rung, benchmark, metric, value FROM evaluations "
+        evals = rows("SELECT run_id, rung, benchmark, metric, value, ci_low, ci_high FROM evaluations "
                      "WHERE run_id IN (SELECT id FROM runs WHERE plan_id = :p) ORDER BY run_id, id", p=plan["id"])
         decisions = rows("SELECT stage, candidate_id, rung, kept, rank, why FROM decisions "
                          "WHERE plan_id = :p AND superseded_by = 0 ORDER BY rung, id", p=plan["id"])
@@ -69,8 +70,11 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         stage_specs, target_model, has_spec = {}, None, False
 
     by_run: dict[int, list[tuple]] = {}  # run id -> (rung, benchmark, metric, value) in id order
-    for run_id, rung, benchmark, metric, value in evals:
+    ci: dict[tuple, tuple] = {}  # (run id, rung, benchmark, metric) -> (low, high)
+    for run_id, rung, benchmark, metric, value, low, high in evals:
         by_run.setdefault(run_id, []).append((rung, benchmark, metric, value))
+        if low is not None:
+            ci[(run_id, rung, benchmark, metric)] = (low, high)
     last_decision: dict[tuple[str, int], dict] = {}
     for stage, candidate_id, rung, kept, rank, why in decisions:
         last_decision[(stage, candidate_id)] = {"rung": rung, "kept": bool(kept), "rank": rank, "why": why}
@@ -89,6 +93,9 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
             rung = max((e[0] for e in ev), default=0)
             at_rung = [e for e in ev if e[0] == rung]
             score_vals = [value for _, _, m, value in at_rung if m == metric]
+            # The decision score's interval: the benchmarks' bounds averaged like their scores.
+            bounds = [ci.get((run["id"], rung, b, m)) for _, b, m, _v in at_rung if m == metric]
+            have = bounds and all(bounds)
             d = last_decision.get((name, run["candidate_id"]))
             rows.append({
                 "candidate": cands[run["candidate_id"]]["name"],
@@ -98,6 +105,8 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 "tokens_seen": run["tokens_seen"],
                 "tokens_target": run["tokens_target"],
                 "score": sum(score_vals) / len(score_vals) if score_vals else None,
+                "ci_low": sum(b[0] for b in bounds) / len(bounds) if have else None,
+                "ci_high": sum(b[1] for b in bounds) / len(bounds) if have else None,
                 "scores": {f"{b}/{m}": value for _, b, m, value in at_rung},
                 "decision": None if d is None else dict(d),
                 "params": run["params"],
@@ -114,6 +123,11 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                                               r["candidate"]))
         for i, r in enumerate(reached, start=1):
             r["rank"] = i if r["score"] is not None else None
+        by_tokens: dict[int, list[dict]] = {}
+        for r in reached:
+            by_tokens.setdefault(r["tokens_seen"], []).append(r)
+        for group in by_tokens.values():  # neighbours at the same tokens: tied within the intervals?
+            mark_neighbours(group, value="score")
         stages.append({
             "name": name,
             "metric": metric,

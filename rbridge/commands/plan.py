@@ -191,13 +191,36 @@ def _print_ranking(rows: list[dict], stages) -> None:
         sel = [r for r in rows if r["stage"] == stage and r["metric"] == metric_of[stage]]
         if not sel:
             continue
+        _mark_ties(sel)
         table = Table(title=f"ranking - stage {stage} ({metric_of[stage]}, lower is better)")
-        for col in ("rank", "candidate", "benchmark", metric_of[stage], "tokens", "status"):
+        for col in ("rank", "candidate", "benchmark", metric_of[stage], "95% CI", "vs next", "tokens", "status"):
             table.add_column(col, justify="right" if col in ("rank", "tokens", metric_of[stage]) else "left")
         for r in sel:
-            table.add_row(str(r["rank"]), r["candidate"], r["benchmark"], f"{r['value']:.4f}",
-                          f"{r['tokens_seen']:,}", r["status"])
+            table.add_row(str(r["rank"]), r["candidate"], r["benchmark"], f"{r['value']:.4f}", _ci(r),
+                          _vs_next(r.get("separated_from_next")), f"{r['tokens_seen']:,}", r["status"])
         console.print(table)
+        if any(r.get("separated_from_next") is False for r in sel):
+            console.print("  tie: the two scores differ by less than the 95% bootstrap interval over the "
+                          "benchmark's traces (resampling the traces could swap them); not a decision")
+
+
+def _mark_ties(rows: list[dict]) -> None:
+    """Mark each row separated from the next or not, among rows of one benchmark at the same tokens."""
+    from rbridge.analysis.separation import mark_neighbours
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["benchmark"], r["tokens_seen"]), []).append(r)
+    for group in groups.values():
+        mark_neighbours(group)
+
+
+def _ci(r: dict, low: str = "ci_low", high: str = "ci_high") -> str:
+    return "-" if r.get(low) is None else f"[{r[low]:.4f}, {r[high]:.4f}]"
+
+
+def _vs_next(separated) -> str:
+    return {None: "", True: "separated", False: "[yellow]tie[/]"}[separated]
 
 
 # ---------------------------------------------------------------------------- status
@@ -234,14 +257,15 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         shown = _status_rows(rows, limit)
         table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
                             f"{len(stage['survivors'])} survivors")
-        for col in ("rank", "candidate", stage["metric"], "tokens", "status", "decision", "params", "FLOPs",
-                    "tok/s", "MFU"):
+        for col in ("rank", "candidate", stage["metric"], "95% CI", "vs next", "tokens", "status", "decision",
+                    "params", "FLOPs", "tok/s", "MFU"):
             table.add_column(col, no_wrap=True)
         for r in shown:
             d = r["decision"]
             dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} r{d['rung']}"
             table.add_row(str(r["rank"] or "-"), r["candidate"],
-                          "-" if r["score"] is None else f"{r['score']:.4f}",
+                          "-" if r["score"] is None else f"{r['score']:.4f}", _ci(r),
+                          _vs_next(r.get("separated_from_next")),
                           f"{si(r['tokens_seen'])}/{si(r['tokens_target'])}",
                           r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
                           si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}",

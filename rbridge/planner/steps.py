@@ -231,9 +231,11 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
 
 
 def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT
-              ) -> tuple[dict[str, dict[str, float]], float]:
-    """Score the proxy on every benchmark, every metric of scoring.config.METRICS; plus the scoring FLOPs."""
+              ) -> tuple[dict[str, dict[str, float]], float, dict[str, dict[str, tuple[float, float]]]]:
+    """Score the proxy on every benchmark, every metric of scoring.config.METRICS; plus the scoring FLOPs
+    and each score's 95% bootstrap interval over the benchmark's traces (``BenchmarkScore.interval``)."""
     out: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, tuple[float, float]]] = {}
     n_tokens = 0
     for bench in ctx.spec.benchmarks:
         traces = ctx.traces[bench.name]
@@ -241,6 +243,7 @@ def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporte
             res = score_traces(model, ctx.data.tokenizer, traces, **bench.score_options(),
                                on_progress=lambda done, total: bar.update(done, total))
         out[bench.name] = {m: getattr(res, m) for m in METRICS}
+        intervals[bench.name] = {m: ci for m in METRICS if (ci := res.interval(m)) is not None}
         n_tokens += res.n_tokens
     # 2·N·D forward FLOPs, N non-embedding like the training figure (Kaplan's convention).
-    return out, 2.0 * non_embedding_params * n_tokens
+    return out, 2.0 * non_embedding_params * n_tokens, intervals

@@ -154,14 +154,15 @@ class PlanWorker:
             # noticed when recording (stopping one rank alone would hang the others).
             trained = train_run(ctx, task.tokens, self.report, check=None if distributed else claim.check)
             failpoint("after-checkpoint")
-            scores, score_flops = score_run(ctx, trained.model, n_params, self.report)
+            scores, score_flops, intervals = score_run(ctx, trained.model, n_params, self.report)
             failpoint("after-score")
             claim.stop()
             if not run_ops.record(self.store, task.run.id, claim.lease, self.me, rung=task.rung,
                                   done=trained.tokens_seen >= task.run.tokens_target,
                                   tokens_seen=trained.tokens_seen, wall_s=trained.wall_s,
                                   tokens_per_s=trained.tokens_per_s, train_flops=trained.train_flops,
-                                  score_flops=score_flops, scores=scores, mfu=trained.mfu, device=trained.device):
+                                  score_flops=score_flops, scores=scores, mfu=trained.mfu, device=trained.device,
+                                  intervals=intervals):
                 raise ClaimLost(f"run {task.run.id} was taken over by another worker")
         except ClaimLost as exc:
             claim.stop()

@@ -80,6 +80,19 @@ class BenchmarkScore:
     aggregate: str
     traces: list[TraceScore] = field(default_factory=list)
 
+    def interval(self, metric: str, level: float = 0.95, resamples: int = 1000, seed: int = 0
+                 ) -> tuple[float, float] | None:
+        """Percentile bootstrap interval of the benchmark's ``metric`` (a mean over traces): the traces
+        resampled with replacement ``resamples`` times from ``seed``, so the same scores give the same
+        interval. None with fewer than two traces."""
+        values = np.array([getattr(t, metric) for t in self.traces], dtype=float)
+        if len(values) < 2:
+            return None
+        draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+        means = values[draws].mean(axis=1)
+        lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+        return float(lo), float(hi)
+
     def to_dict(self, per_trace: bool = False) -> dict[str, Any]:
         """The JSON object of ``rbridge score --json`` for this benchmark."""
         d = {k: getattr(self, k) for k in (*METRICS, "n_traces", "n_tokens", *ScoreOptions.model_fields)}

@@ -42,7 +42,7 @@ from rbridge.store.sqlite_read import check_sqlite_file, latest_store  # noqa: F
 RANKING_VIEW = """
 CREATE VIEW ranking AS
 WITH last AS (
-  SELECT e.run_id, e.benchmark, e.metric, e.value, e.higher_is_better, e.tokens_seen,
+  SELECT e.run_id, e.benchmark, e.metric, e.value, e.higher_is_better, e.tokens_seen, e.ci_low, e.ci_high,
          ROW_NUMBER() OVER (PARTITION BY e.run_id, e.benchmark, e.metric
                             ORDER BY e.tokens_seen DESC, e.id DESC) AS rn
   FROM evaluations e
@@ -52,7 +52,8 @@ SELECT p.name AS plan, r.stage AS stage, c.name AS candidate,
        RANK() OVER (PARTITION BY p.id, r.stage, l.benchmark, l.metric
                     ORDER BY l.tokens_seen DESC,
                              CASE WHEN l.higher_is_better THEN -l.value ELSE l.value END) AS rank,
-       l.tokens_seen AS tokens_seen, r.status AS status, r.stage_index AS stage_index
+       l.tokens_seen AS tokens_seen, r.status AS status, r.stage_index AS stage_index,
+       l.ci_low AS ci_low, l.ci_high AS ci_high
 FROM last l
 JOIN runs r ON r.id = l.run_id
 JOIN candidates c ON c.id = r.candidate_id

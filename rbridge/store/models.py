@@ -20,7 +20,8 @@ from sqlmodel import Field, SQLModel
 #    revision that superseded the row); the unique indexes cover live rows only;
 #    plans.studies names each stage's Optuna study revision.
 # 5: runs.threads (CPU threads the run trains with: the first run of a stage fixes them for the
-#    stage, so a resumed stage computes identically), runs.device and runs.mfu.
+#    stage, so a resumed stage computes identically), runs.device and runs.mfu;
+#    evaluations.ci_low/ci_high (bootstrap interval over traces), shown by the ranking view.
 # The number itself lives in rbridge.store.version (read without SQLAlchemy); bump it there.
 from rbridge.store.version import SCHEMA_VERSION  # noqa: E402
 
@@ -126,6 +127,10 @@ class Evaluation(SQLModel, table=True):
     metric: str
     value: float
     higher_is_better: bool = False
+    # 95% percentile-bootstrap interval of the value over the benchmark's traces (seed 0, 1,000
+    # resamples: BenchmarkScore.interval); None for imported results and older rows.
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -112,7 +112,7 @@ def evaluated_rungs(store: Store, plan_id: int, since=None) -> int:
 def ranking(store: Store, plan_name: str) -> list[dict]:
     """The ``ranking`` view's rows of a plan, stage by stage."""
     return store.query(
-        "SELECT stage, candidate, benchmark, metric, value, rank, tokens_seen, status FROM ranking "
+        "SELECT stage, candidate, benchmark, metric, value, rank, tokens_seen, status, ci_low, ci_high FROM ranking "
         "WHERE plan = :plan ORDER BY stage_index, benchmark, metric, rank, candidate", plan=plan_name)
 
 

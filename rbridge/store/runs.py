@@ -101,10 +101,11 @@ def set_threads(store: Store, run_id: int, lease: int, worker: str, threads: int
 
 def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,
            wall_s: float, tokens_per_s: float, train_flops: float, score_flops: float,
-           scores: dict[str, dict[str, float]], mfu: float = 0.0, device: str = "") -> bool:
+           scores: dict[str, dict[str, float]], mfu: float = 0.0, device: str = "",
+           intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> bool:
     """Record a rung of a held run in one transaction: the run's progress, then every score.
 
-    ``scores`` is {benchmark: {metric: value}}. False (and nothing written) when the
+    ``scores`` is {benchmark: {metric: value}}; ``intervals`` the same with (low, high) bootstrap bounds. False (and nothing written) when the
     claim was taken over meanwhile. ``score_flops`` adds to the run's total.
     """
     with store.session() as s:
@@ -117,8 +118,10 @@ def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, don
             return False
         for bench, values in scores.items():
             for metric, value in values.items():
+                lo, hi = ((intervals or {}).get(bench) or {}).get(metric) or (None, None)
                 s.add(Evaluation(run_id=run_id, rung=rung, tokens_seen=tokens_seen, benchmark=bench, metric=metric,
-                                 value=float(value), higher_is_better=metric in HIGHER_IS_BETTER))
+                                 value=float(value), higher_is_better=metric in HIGHER_IS_BETTER,
+                                 ci_low=lo, ci_high=hi))
         s.flush()
         failpoint("eval-write")  # dies mid-transaction: nothing of it lands
     return True
