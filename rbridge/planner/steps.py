@@ -162,8 +162,16 @@ def export_model(model, tokenizer, folder: Path) -> Path:
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the plan's output
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     config = tmp / "config.json"  # the fused-loss subclass is a training detail: plain Llama to the world
     config.write_text(config.read_text().replace('"ProxyLlamaForCausalLM"', '"LlamaForCausalLM"'))
     if folder.exists():
