@@ -104,7 +104,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for precision in args.precisions:
-                peak, _ = peak_flops(device, precision, threads)
+                peak = peak_flops(device, precision, threads)
                 baseline = None
                 for variant in args.variants:
                     trainer = make_trainer(preset, precision, args.batch_size, variant)

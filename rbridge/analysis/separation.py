@@ -14,7 +14,7 @@ Pure Python (no numpy): `rbridge status` imports it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def half_width(low: float | None, high: float | None) -> float | None:
@@ -43,3 +43,13 @@ def mark_neighbours(rows: Sequence[dict], value: str = "value", low: str = "ci_l
             row[key] = None
             continue
         row[key] = separated(row[value], (row.get(low), row.get(high)), nxt[value], (nxt.get(low), nxt.get(high)))
+
+
+def mark_ties(rows: Sequence[dict], group: Callable[[dict], object], value: str = "value") -> None:
+    """``mark_neighbours`` within each group of rows (in their order), e.g. one benchmark at one token
+    count: a candidate stopped at an earlier rung is no neighbour of one trained further."""
+    groups: dict[object, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(group(row), []).append(row)
+    for members in groups.values():
+        mark_neighbours(members, value=value)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rbridge.analysis.compute import non_embedding_params, plan_compute
-from rbridge.analysis.separation import mark_neighbours
+from rbridge.analysis.separation import mark_ties
 from rbridge.errors import InputError
 from rbridge.spec import stored_stages
 
@@ -123,11 +123,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                                               r["candidate"]))
         for i, r in enumerate(reached, start=1):
             r["rank"] = i if r["score"] is not None else None
-        by_tokens: dict[int, list[dict]] = {}
-        for r in reached:
-            by_tokens.setdefault(r["tokens_seen"], []).append(r)
-        for group in by_tokens.values():  # neighbours at the same tokens: tied within the intervals?
-            mark_neighbours(group, value="score")
+        mark_ties(reached, group=lambda r: r["tokens_seen"], value="score")
         stages.append({
             "name": name,
             "metric": metric,

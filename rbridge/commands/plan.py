@@ -186,12 +186,14 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
 
 
 def _print_ranking(rows: list[dict], stages) -> None:
+    from rbridge.analysis.separation import mark_ties
+
     metric_of = {s.name: s.pruning.metric for s in stages}
     for stage in [s.name for s in stages]:
         sel = [r for r in rows if r["stage"] == stage and r["metric"] == metric_of[stage]]
         if not sel:
             continue
-        _mark_ties(sel)
+        mark_ties(sel, group=lambda r: (r["benchmark"], r["tokens_seen"]))
         table = Table(title=f"ranking - stage {stage} ({metric_of[stage]}, lower is better)")
         for col in ("rank", "candidate", "benchmark", metric_of[stage], "95% CI", "vs next", "tokens", "status"):
             table.add_column(col, justify="right" if col in ("rank", "tokens", metric_of[stage]) else "left")
@@ -202,17 +204,6 @@ def _print_ranking(rows: list[dict], stages) -> None:
         if any(r.get("separated_from_next") is False for r in sel):
             console.print("  tie: the two scores differ by less than the 95% bootstrap interval over the "
                           "benchmark's traces (resampling the traces could swap them); not a decision")
-
-
-def _mark_ties(rows: list[dict]) -> None:
-    """Mark each row separated from the next or not, among rows of one benchmark at the same tokens."""
-    from rbridge.analysis.separation import mark_neighbours
-
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["benchmark"], r["tokens_seen"]), []).append(r)
-    for group in groups.values():
-        mark_neighbours(group)
 
 
 def _ci(r: dict, low: str = "ci_low", high: str = "ci_high") -> str:

@@ -155,15 +155,16 @@ def export_model(model, tokenizer, folder: Path) -> Path:
     model.safetensors, the tokenizer), replacing the previous rung's, so that any tool loads it:
     ``rbridge score --model <run folder>``, ``AutoModelForCausalLM.from_pretrained``, lm-eval. Written
     beside and renamed over the old one: a crash leaves the old folder or the new one, never half."""
+    import json
     import shutil
+
+    from transformers.utils import logging as hf_logging
 
     tmp = folder.with_name(folder.name + ".tmp")
     old = folder.with_name(folder.name + ".old")
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the plan's output
     try:
@@ -172,8 +173,11 @@ def export_model(model, tokenizer, folder: Path) -> Path:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    config = tmp / "config.json"  # the fused-loss subclass is a training detail: plain Llama to the world
-    config.write_text(config.read_text().replace('"ProxyLlamaForCausalLM"', '"LlamaForCausalLM"'))
+    # The fused-loss subclass is a training detail: the folder is a plain Llama to every other tool.
+    config = tmp / "config.json"
+    fields = json.loads(config.read_text())
+    fields["architectures"] = ["LlamaForCausalLM"]
+    config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)
@@ -232,7 +236,7 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     if trainer.accelerator.is_main_process:
         export_model(model, ctx.data.tokenizer, ctx.checkpoint_dir / EXPORT_DIR)
     device = trainer.accelerator.device
-    peak, _how = peak_flops(device, trainer.precision, torch.get_num_threads())
+    peak = peak_flops(device, trainer.precision, torch.get_num_threads())
     mfu = model_flops_per_token(cfg, train.seq_len) * trainer.tokens_per_s / peak if peak > 0 else 0.0
     return Trained(model, trainer.tokens_seen, trainer.wall_time_s, trainer.tokens_per_s, flops, mfu,
                    device_name(device))

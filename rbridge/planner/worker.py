@@ -71,6 +71,7 @@ class PlanWorker:
         self.trained = 0  # (run, rung) steps this process trained and recorded
         self._announced: set[tuple[str, int]] = set()
         self._told_threads: set[str] = set()
+        self._stage_threads: dict[str, int] = {}  # stage -> threads its first run recorded (0: none yet)
 
     @property
     def missing_stages(self) -> list[str]:
@@ -128,7 +129,10 @@ class PlanWorker:
         """CPU threads for a run: what its stage's first run recorded (so a resumed stage, or one a
         process with another --threads joins, computes identically), else the rule of
         rbridge.planner.local.threads_for."""
-        fixed = task.run.threads or run_ops.stage_threads(self.store, self.state.plan_id, task.stage.name)
+        name = task.stage.name
+        if not self._stage_threads.get(name):  # fixed once any run of the stage has started: read until then
+            self._stage_threads[name] = run_ops.stage_threads(self.store, self.state.plan_id, name)
+        fixed = task.run.threads or self._stage_threads[name]
         if fixed and self.threads and fixed != self.threads and task.stage.name not in self._told_threads:
             self._told_threads.add(task.stage.name)
             self.report.say(f"  stage {task.stage.name} trains with {fixed} CPU thread(s), as its first runs did "

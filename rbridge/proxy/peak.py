@@ -14,7 +14,7 @@ The peak:
   vector units, the clock under load and the cores a run may use), the best rate
   of a large matrix product measured in this process at the run's thread count
   and precision: an *achievable* peak, so a CPU's MFU reads higher than one
-  against a theoretical peak would. ``peak_flops`` says which it used.
+  against a theoretical peak would.
 """
 
 from __future__ import annotations
@@ -58,14 +58,15 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def peak_flops(device: torch.device, precision: str, threads: int) -> tuple[float, str]:
-    """(FLOP/s, how it was found) of ``device`` at ``precision`` ("fp32" or "bf16")."""
+def peak_flops(device: torch.device, precision: str, threads: int) -> float:
+    """FLOP/s of ``device`` at ``precision`` ("fp32" or "bf16"): the data sheet's for the GPUs in
+    GPU_PEAKS, else a measured matrix product (module docstring)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for fragment, (bf16, fp32) in GPU_PEAKS:
             if fragment in name:
-                return (bf16 if precision == "bf16" else fp32), f"data sheet, {name}"
-    return _measured(device.type, device.index, precision, threads), "measured matmul"
+                return bf16 if precision == "bf16" else fp32
+    return _measured(device.type, device.index, precision, threads)
 
 
 @functools.lru_cache(maxsize=None)

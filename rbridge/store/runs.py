@@ -105,8 +105,9 @@ def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, don
            intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> bool:
     """Record a rung of a held run in one transaction: the run's progress, then every score.
 
-    ``scores`` is {benchmark: {metric: value}}; ``intervals`` the same with (low, high) bootstrap bounds. False (and nothing written) when the
-    claim was taken over meanwhile. ``score_flops`` adds to the run's total.
+    ``scores`` is {benchmark: {metric: value}}, ``intervals`` the same with (low, high) bootstrap
+    bounds. False (and nothing written) when the claim was taken over meanwhile. ``score_flops``
+    adds to the run's total.
     """
     with store.session() as s:
         res = s.execute(
