@@ -99,11 +99,25 @@ class CandidateSpec(BaseModel):
 
 
 class BenchmarkSpec(ScoreOptions):
-    """A benchmark: its traces and how they are scored (``ScoreOptions``: context, minmax, aggregate)."""
+    """A benchmark: its traces and how they are scored (``ScoreOptions``: context, minmax, aggregate).
+
+    ``checker``: how task accuracy is measured (target stages, ``evaluate: [accuracy]``):
+    ``number``, greedy generation after the question whose last number (up to the first
+    blank line) equals the trace's gold number; ``choices``, multiple-choice cloze accuracy
+    (traces with ``choices`` and ``gold``). Default: ``number`` for benchmarks named
+    ``gsm8k...``, else none.
+    """
 
     model_config = _STRICT
     name: str = Field(min_length=1)
     traces: Path
+    checker: Literal["number", "choices"] | None = None
+
+    @property
+    def answer_checker(self) -> str | None:
+        if self.checker is not None:
+            return self.checker
+        return "number" if self.name.lower().startswith("gsm8k") else None
 
 
 class StageSpec(TrainingConfig, PruningConfig):
@@ -119,10 +133,33 @@ class StageSpec(TrainingConfig, PruningConfig):
     model_config = _STRICT
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     proxy: ProxyShape | None = None
+    # Never inherited (STAGE_ONLY): what the stage is for, and what it trains and measures.
+    role: Literal["proxy", "target"] | None = Field(None, description=(
+        "proxy (default): trains small models and prunes; target: trains its model on every candidate it "
+        "names, never prunes, and measures task accuracy; its results are the plan's targets"))
+    model: ProxyShape | None = Field(None, description="a target stage's model (the same fields as proxy)")
+    seeds: list[int] | None = Field(None, min_length=1, description=(
+        "training seeds: each candidate is trained once per seed (target stages; the target value is "
+        "the mean over seeds)"))
+    candidates: list[str] | None = Field(None, min_length=1, description=(
+        "a target stage's candidates (default: all of the plan's, pruned or not)"))
+    evaluate: list[Literal["accuracy", "label_nll"]] | None = Field(None, description=(
+        "metrics beside the scorer's: accuracy (greedy generation or multiple choice, the benchmark's "
+        "checker) and label_nll (NLL of the benchmark's gold answer); target stages always measure accuracy"))
+
+
+STAGE_ONLY = ("role", "model", "seeds", "candidates", "evaluate")
+# Task metrics a stage can add (StageSpec.evaluate); higher is better for accuracy only.
+TASK_METRICS = ("accuracy", "label_nll")
 
 
 class Stage(BaseModel):
-    """A resolved stage: every setting filled and checked, grouped by the subsystem that uses it."""
+    """A resolved stage: every setting filled and checked, grouped by the subsystem that uses it.
+
+    A stage written with several ``seeds`` resolves to one Stage per seed, named
+    ``<group>.s<seed>`` (``group`` is the name as written); each is trained, scored and
+    resumed as a stage of its own.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -130,13 +167,31 @@ class Stage(BaseModel):
     proxy: ProxyShape
     training: TrainingConfig
     pruning: PruningConfig
+    role: Literal["proxy", "target"] = "proxy"
+    group: str = ""
+    seed: int = 0
+    candidates: tuple[str, ...] | None = None
+    evaluate: tuple[str, ...] = ()
+
+    @property
+    def is_target(self) -> bool:
+        return self.role == "target"
 
     def run_settings(self) -> dict[str, Any]:
         """What a run's numbers depend on besides its data: training settings and the rungs.
 
-        Stored in runs.config and hashed into run fingerprints (with the proxy shape).
+        Stored in runs.config and hashed into run fingerprints (with the proxy shape). The role,
+        seed and extra metrics appear only where they differ from a plain proxy stage's, so the
+        fingerprints of runs recorded before they existed stay the same.
         """
-        return {**self.training.run_settings(), "evals": self.pruning.evals}
+        out = {**self.training.run_settings(), "evals": self.pruning.evals}
+        if self.is_target:
+            out["role"] = "target"
+        if self.seed:
+            out["seed"] = self.seed
+        if self.evaluate:
+            out["evaluate"] = list(self.evaluate)
+        return out
 
 
 class TargetModel(BaseModel):
@@ -215,14 +270,50 @@ class Spec(BaseModel):
         bench_names = [b.name for b in self.benchmarks]
         if len(set(bench_names)) != len(bench_names):
             raise ValueError("benchmark names must be unique")
+        names = set(counts)
+        for i, stage in enumerate(self.stages):
+            target = stage.role == "target"
+            if not target:
+                for key in ("model", "candidates"):
+                    if getattr(stage, key) is not None:
+                        raise FieldError(("stages", i, key), f"{key} is for target stages (role: target)")
+                if stage.seeds is not None and len(stage.seeds) > 1:
+                    raise FieldError(("stages", i, "seeds"), "a proxy stage prunes on one seed; several seeds "
+                                                             "are for target stages (role: target)")
+            else:
+                for key in ("keep", "reduction_factor"):
+                    if getattr(stage, key) is not None:
+                        raise FieldError(("stages", i, key), "a target stage never prunes: remove " + key)
+                if stage.model is not None and stage.proxy is not None:
+                    raise FieldError(("stages", i, "model"), "give the target's model under model: or proxy:, "
+                                                             "not both")
+            if stage.seeds is not None and len(set(stage.seeds)) != len(stage.seeds):
+                raise FieldError(("stages", i, "seeds"), "seeds must be unique")
+            if stage.seeds is not None and any(x < 0 for x in stage.seeds):
+                raise FieldError(("stages", i, "seeds"), "seeds must be non-negative")
+            for j, cand in enumerate(stage.candidates or []):
+                if cand not in names:
+                    raise FieldError(("stages", i, "candidates", j), f"unknown candidate {cand!r}")
+            if target or "accuracy" in (stage.evaluate or []):
+                for k, bench in enumerate(self.benchmarks):
+                    if bench.answer_checker is None:
+                        raise FieldError(("benchmarks", k, "checker"), (
+                            f"stage {stage.name!r} measures task accuracy, and benchmark {bench.name!r} has no "
+                            "answer checker: set checker: number (last number of the greedy answer vs the "
+                            "gold answer) or checker: choices (multiple choice)"))
+        if not any(s.role != "target" for s in self.stages):
+            raise FieldError(("stages",), "a plan needs at least one proxy stage (role: proxy, the default)")
         return self
 
     def resolved_stages(self) -> list[Stage]:
         """Stages with every field filled (inherited from the previous stage, else defaulted) and checked."""
         out: list[Stage] = []
         prev: dict[str, Any] = {**TRAINING_DEFAULTS, **PRUNING_DEFAULTS}
+        seen: set[str] = set()
         for i, stage in enumerate(self.stages):
-            values = stage.model_dump(exclude={"name"})
+            values = stage.model_dump(exclude={"name", *STAGE_ONLY})
+            if stage.model is not None:
+                values["proxy"] = stage.model.model_dump()
             for key, value in values.items():
                 if value is None and key in prev and key not in NOT_INHERITED:
                     values[key] = prev[key]
@@ -240,7 +331,19 @@ class Spec(BaseModel):
                 proxy.llama_values(training.seq_len)
             except FieldError as exc:
                 raise FieldError(("stages", i, "proxy", *exc.loc), str(exc)) from None
-            out.append(Stage(name=stage.name, index=i, proxy=proxy, training=training, pruning=pruning))
+            target = stage.role == "target"
+            seeds = stage.seeds or [0]
+            evaluate = tuple(m for m in TASK_METRICS if m in (stage.evaluate or []) or (target and m == "accuracy"))
+            for seed in seeds:
+                name = stage.name if len(seeds) == 1 else f"{stage.name}.s{seed}"
+                if name in seen:
+                    raise FieldError(("stages", i, "name"), f"stage name {name!r} is used twice (a stage with "
+                                                            "several seeds is named <name>.s<seed>)")
+                seen.add(name)
+                out.append(Stage(name=name, index=i, proxy=proxy, training=training, pruning=pruning,
+                                 role=stage.role or "proxy", group=stage.name, seed=seed,
+                                 candidates=tuple(stage.candidates) if stage.candidates else None,
+                                 evaluate=evaluate))
             prev = values
         return out
 
@@ -249,6 +352,8 @@ class Spec(BaseModel):
         out = []
         entrants = len(self.candidates)
         for st in self.resolved_stages():
+            if st.is_target:
+                continue
             keep = st.pruning.keep
             if isinstance(keep, int) and keep > entrants:
                 out.append(f"stages[{st.index}].keep: keeps {keep} of the {entrants} candidates that reach stage "

@@ -236,3 +236,52 @@ def test_keep_above_the_candidates_is_a_warning(tmp_path):
 def test_tokens_beyond_the_stores_integers_are_refused_at_load(tmp_path):
     err = _error(tmp_path, GOOD.replace("tokens: 2000", "tokens: 10000000000000000000"))
     assert err.field == "stages[1].tokens" and err.line == 17
+
+
+TARGET = GOOD + """\
+  - name: tgt
+    role: target
+    model: {preset: 8M}
+    tokens: 4000
+    seeds: [0, 1]
+"""
+
+
+def test_target_stage_resolves_one_stage_per_seed(tmp_path):
+    text = TARGET.replace("traces: traces.jsonl}", "traces: traces.jsonl, checker: number}")
+    spec = load_spec(_write(tmp_path, text))
+    stages = spec.resolved_stages()
+    assert [s.name for s in stages] == ["s1", "s2", "tgt.s0", "tgt.s1"]
+    t0, t1 = stages[2:]
+    assert (t0.role, t0.group, t0.seed, t1.seed) == ("target", "tgt", 0, 1)
+    assert t0.proxy.root == {"preset": "8M"} and t0.evaluate == ("accuracy",) and t0.pruning.keep is None
+    assert t0.index == t1.index == 2  # both name the stage as written in error messages
+    assert t0.training.lr == stages[1].training.lr  # training settings inherit as for any stage
+    assert t0.run_settings()["role"] == "target" and t1.run_settings()["seed"] == 1
+    assert "role" not in stages[0].run_settings() and "seed" not in stages[0].run_settings()
+
+
+@pytest.mark.parametrize("edit, field, words", [
+    (("seeds: [0, 1]", "seeds: [0, 1]\n    keep: 2"), "stages[2].keep", "never prunes"),
+    (("model: {preset: 8M}", "model: {preset: 8M}\n    proxy: {preset: 2M}"), "stages[2].model", "not both"),
+    (("seeds: [0, 1]", "seeds: [1, 1]"), "stages[2].seeds", "unique"),
+    (("seeds: [0, 1]", "candidates: [a, nope]"), "stages[2].candidates[1]", "unknown candidate 'nope'"),
+    (("tokens: 1000\n    keep: 1", "tokens: 1000\n    keep: 1\n    seeds: [0, 1]"), "stages[0].seeds",
+     "several seeds are for target stages"),
+    (("tokens: 1000\n    keep: 1", "tokens: 1000\n    keep: 1\n    candidates: [a]"), "stages[0].candidates",
+     "target stages"),
+    (("role: target", "role: boss"), "stages[2].role", "'proxy' or 'target'"),
+])
+def test_bad_target_stages_are_refused_with_the_field(tmp_path, edit, field, words):
+    text = TARGET.replace("traces: traces.jsonl}", "traces: traces.jsonl, checker: number}")
+    err = _error(tmp_path, text.replace(*edit))
+    assert field in str(err) and words in str(err)
+
+
+def test_a_target_stage_needs_an_answer_checker(tmp_path):
+    err = _error(tmp_path, TARGET)  # benchmark g: no checker, and its name does not say gsm8k
+    assert "benchmarks[0].checker" in str(err) and "checker: number" in str(err)
+    only_targets = TARGET.replace("traces: traces.jsonl}", "traces: traces.jsonl, checker: number}")
+    only_targets = only_targets[:only_targets.index("  - name: s1")] + only_targets[only_targets.index("  - name: tgt"):]
+    err = _error(tmp_path, only_targets)
+    assert "at least one proxy stage" in str(err)

@@ -24,20 +24,29 @@ def plan_compute(stages: list[dict[str, Any]], n_candidates: int, last_stage: tu
 
     ``stages``: per stage, ``train_flops``, ``score_flops`` and its runs'
     ``non_embedding_params`` and ``tokens_target`` (as in ``plan_status``).
-    ``last_stage``: (non-embedding params, tokens) of the last stage's proxy.
+    ``last_stage``: (non-embedding params, tokens) of the last proxy stage's proxy. Target stages
+    (``role: target``) are listed but not spent: ``target_stage_flops`` is what they cost, and
+    ``target_stage_ratio`` that over the proxies' spend.
     ``target``: (params, tokens) of the target model, when the spec declares one.
     """
     per_stage = []
     for st in stages:
         runs = st["candidates"]
-        per_stage.append({"stage": st["name"], "runs": len(runs),
+        per_stage.append({"stage": st["name"], "role": st.get("role", "proxy"), "runs": len(runs),
                           "train_flops": st["train_flops"], "score_flops": st["score_flops"],
                           "flops": st["train_flops"] + st["score_flops"], "wall_s": st["wall_s"]})
-    spent = sum(s["flops"] for s in per_stage)
+    # Target stages check the plan's decision; they are not part of its cost (reported apart).
+    proxy = [s for s in per_stage if s["role"] != "target"]
+    checks = [s for s in per_stage if s["role"] == "target"]
+    spent = sum(s["flops"] for s in proxy)
     out: dict[str, Any] = {"stages": per_stage, "spent_flops": spent,
-                           "train_flops": sum(s["train_flops"] for s in per_stage),
-                           "score_flops": sum(s["score_flops"] for s in per_stage),
-                           "wall_s": sum(s["wall_s"] for s in per_stage)}
+                           "train_flops": sum(s["train_flops"] for s in proxy),
+                           "score_flops": sum(s["score_flops"] for s in proxy),
+                           "wall_s": sum(s["wall_s"] for s in proxy)}
+    if checks:
+        out["target_stage_flops"] = sum(s["flops"] for s in checks)
+        out["target_stage_wall_s"] = sum(s["wall_s"] for s in checks)
+        out["target_stage_ratio"] = out["target_stage_flops"] / spent if spent else None
     if last_stage is not None:
         params, tokens = last_stage
         naive = n_candidates * 6.0 * params * tokens

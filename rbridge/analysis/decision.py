@@ -226,7 +226,7 @@ def _observations(store: Store, plan: str | None) -> list[dict[str, Any]]:
                e.benchmark AS benchmark, e.metric AS metric, e.value AS value,
                e.higher_is_better AS higher_is_better, e.id AS id
         FROM evaluations e JOIN runs r ON r.id = e.run_id JOIN candidates c ON c.id = r.candidate_id
-        JOIN plans p ON p.id = r.plan_id WHERE r.superseded_by = 0 {where}""", **params)
+        JOIN plans p ON p.id = r.plan_id WHERE r.superseded_by = 0 AND r.role <> 'target' {where}""", **params)
     for o in planner:
         o["source"] = "planner"
     imported = store.query(f"""
@@ -253,7 +253,9 @@ def accuracy_vs_compute(store: Store, plan: str | None = None) -> list[dict[str,
     ``decision_accuracy`` is the stage's whole ranking as it stood after rung r.
     ``rung_*`` columns use only the candidates measured at rung r (equal tokens:
     the metric alone decides). ``stage_flops``: 6·N·D summed over the stage's
-    candidates up to rung r; ``plan_flops`` adds the planner's earlier stages.
+    candidates up to rung r; ``plan_flops`` adds the planner's earlier stages;
+    ``target_flops``: 6·N·D of the targets (per candidate and seed, where their size
+    and tokens are known) and ``target_compute_ratio`` = target_flops / plan_flops.
     """
     obs = _observations(store, plan)
     where, params = _plan_filter(plan)
@@ -261,6 +263,15 @@ def accuracy_vs_compute(store: Store, plan: str | None = None) -> list[dict[str,
     tmap: dict[tuple, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for t in targets:
         tmap[(t["plan"], t["benchmark"])][t["metric"]].append(t)
+    # What the targets cost: 6·N·D per candidate and seed, where params and tokens are known.
+    per_cand: dict[tuple, float] = {}
+    for t in targets:
+        if t.get("params") and t.get("tokens"):
+            cost = 6.0 * float(t["params"]) * float(t["tokens"]) * float(t.get("n_seeds") or 1)
+            per_cand[(t["plan"], t["candidate"])] = max(cost, per_cand.get((t["plan"], t["candidate"]), 0.0))
+    target_flops: dict[str, float] = defaultdict(float)
+    for (pl, _c), cost in per_cand.items():
+        target_flops[pl] += cost
 
     by_stage: dict[tuple, list[dict]] = defaultdict(list)
     for o in obs:
@@ -319,6 +330,9 @@ def accuracy_vs_compute(store: Store, plan: str | None = None) -> list[dict[str,
                                 "proxy_metric": metric, "target_metric": tmetric,
                                 "stage_flops": sf,
                                 "plan_flops": (earlier + sf) if sf is not None else None,
+                                "target_flops": target_flops.get(pl) or None,
+                                "target_compute_ratio": (target_flops[pl] / (earlier + sf)
+                                                         if sf and target_flops.get(pl) else None),
                                 "n_candidates": full["n_candidates"], "n_pairs": full["n_pairs"],
                                 "decision_accuracy": full["decision_accuracy"],
                                 "kendall_tau": full["kendall_tau"],
@@ -347,9 +361,20 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
         out = {"targets": 0, "decision_accuracy": [], "accuracy_vs_compute": [], "fits": [],
                "note": "this store has no results views yet; any `rbridge ... import` adds them"}
     else:
+        rows = decision_accuracy(store, plan, targets) if n_targets else []
+        if rows:
+            from rbridge.analysis.intervals import decision_intervals
+
+            where, params = _plan_filter(plan)
+            cis = decision_intervals(store, plan, targets=store.query(f"SELECT * FROM target_values {where}",
+                                                                      **params))
+            for r in rows:
+                ci = cis.get((r["plan"], r["stage"], r["benchmark"], r["proxy_metric"], r["target_metric"]), {})
+                r["ci_low"], r["ci_high"] = ci.get("ci_low"), ci.get("ci_high")
+                r["ci_items"], r["ci_target_seeds"] = ci.get("n_items"), ci.get("target_seeds")
         out = {
             "targets": n_targets,
-            "decision_accuracy": decision_accuracy(store, plan, targets) if n_targets else [],
+            "decision_accuracy": rows,
             "accuracy_vs_compute": accuracy_vs_compute(store, plan) if n_targets and curve else [],
             "fits": stored_fits(store, plan),
             "note": "pairs whose target values differ; pairs tied on the proxy count half (METHOD.md section 5)",

@@ -124,8 +124,16 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         for i, r in enumerate(reached, start=1):
             r["rank"] = i if r["score"] is not None else None
         mark_ties(reached, group=lambda r: r["tokens_seen"], value="score")
+        role = st_spec.role if st_spec else "proxy"
+        accuracy = {}  # a target stage's accuracy per candidate: the mean over benchmarks at its last rung
+        for r in rows:
+            vals = [v for k, v in r["scores"].items() if k.endswith("/accuracy")]
+            if vals:
+                r["accuracy"] = accuracy[r["candidate"]] = sum(vals) / len(vals)
         stages.append({
             "name": name,
+            "role": role,
+            "group": st_spec.group if st_spec else name,
             "metric": metric,
             "evals": st_spec.pruning.evals if st_spec else None,
             "tokens": st_spec.training.tokens if st_spec else None,
@@ -140,11 +148,12 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
     if has_spec:
         if target_model is not None:
             target = (target_model.params, target_model.tokens)
-        final = list(stage_specs.values())[-1]
+        final = [st for st in stage_specs.values() if not st.is_target][-1]
         last = (non_embedding_params(final), final.training.tokens)
         for name, st in stage_specs.items():  # stages not started yet
             if name not in stage_order:
-                stages.append({"name": name, "metric": st.pruning.metric, "evals": st.pruning.evals, "tokens": st.training.tokens,
+                stages.append({"name": name, "role": st.role, "group": st.group or name, "metric": st.pruning.metric,
+                               "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
                                "wall_s": 0.0, "threads": 0, "devices": [], "mfu": None})
     _add_progress(stages, stage_specs)

@@ -226,22 +226,27 @@ def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: boo
                       "predictions\")")
         return
     table = Table(title="decision accuracy: pairs whose targets differ; proxy ties count half")
-    for col in ("stage", "benchmark", "proxy", "target", "candidates", "pairs", "decision acc.", "Kendall tau",
-                "proxy ties"):
+    for col in ("stage", "benchmark", "proxy", "target", "candidates", "pairs", "decision acc.", "95% CI",
+                "Kendall tau", "proxy ties"):
         table.add_column(col, no_wrap=True)
     for r in info["decision_accuracy"]:
+        ci = (f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}]" if r.get("ci_low") is not None else "")
         table.add_row(r["stage"], r["benchmark"], r["proxy_metric"], r["target_metric"], str(r["n_candidates"]),
-                      str(r["n_pairs"]), _fmt(r["decision_accuracy"], ".1%"), _fmt(r["kendall_tau"], ".3f"),
+                      str(r["n_pairs"]), _fmt(r["decision_accuracy"], ".1%"), ci, _fmt(r["kendall_tau"], ".3f"),
                       str(r["proxy_ties_counted_half"]))
     console.print(table)
+    if any(r.get("ci_low") is not None for r in info["decision_accuracy"]):
+        console.print("  95% CI: bootstrap over the benchmark's test items (paired: proxies and targets are "
+                      "measured on the same items) and over each target's seeds; 1,000 resamples, seed 0")
     if curve and info.get("accuracy_vs_compute"):
         t2 = Table(title="decision accuracy against proxy compute (FLOPs = 6 N D)")
         for col in ("stage", "rung", "tokens", "benchmark", "proxy", "target", "stage FLOPs", "plan FLOPs",
-                    "decision acc.", "tau", "at rung: n", "acc."):
+                    "targets / plan", "decision acc.", "tau", "at rung: n", "acc."):
             t2.add_column(col, no_wrap=True)
         for r in info["accuracy_vs_compute"]:
+            ratio = f"{r['target_compute_ratio']:,.0f}x" if r.get("target_compute_ratio") else "-"
             t2.add_row(r["stage"], str(r["rung"]), _fmt(r["tokens"], ","), r["benchmark"], r["proxy_metric"],
-                       r["target_metric"], _fmt(r["stage_flops"], ".2e"), _fmt(r["plan_flops"], ".2e"),
+                       r["target_metric"], _fmt(r["stage_flops"], ".2e"), _fmt(r["plan_flops"], ".2e"), ratio,
                        _fmt(r["decision_accuracy"], ".1%"), _fmt(r["kendall_tau"], ".3f"),
                        str(r["rung_candidates"]), _fmt(r["rung_decision_accuracy"], ".1%"))
         console.print(t2)

@@ -246,16 +246,23 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
     for stage in info["stages"]:
         rows = stage["candidates"]
         shown = _status_rows(rows, limit)
-        table = Table(title=f"stage {stage['name']}: {stage['metric']} (lower is better), "
-                            f"{len(stage['survivors'])} survivors")
-        for col in ("rank", "candidate", stage["metric"], "95% CI", "vs next", "tokens", "status", "decision",
-                    "params", "FLOPs", "tok/s", "MFU"):
+        target = stage.get("role") == "target"
+        title = (f"stage {stage['name']} (target, never prunes): {stage['metric']} (lower is better) and task "
+                 "accuracy" if target else
+                 f"stage {stage['name']}: {stage['metric']} (lower is better), {len(stage['survivors'])} survivors")
+        table = Table(title=title)
+        cols = ["rank", "candidate", stage["metric"], "95% CI", "vs next", "tokens", "status", "decision",
+                "params", "FLOPs", "tok/s", "MFU"]
+        if target:
+            cols.insert(3, "accuracy")
+        for col in cols:
             table.add_column(col, no_wrap=True)
         for r in shown:
             d = r["decision"]
             dec = "" if d is None else f"{'kept' if d['kept'] else 'dropped'} r{d['rung']}"
+            acc = [f"{r['accuracy']:.1%}" if r.get("accuracy") is not None else "-"] if target else []
             table.add_row(str(r["rank"] or "-"), r["candidate"],
-                          "-" if r["score"] is None else f"{r['score']:.4f}", _ci(r),
+                          "-" if r["score"] is None else f"{r['score']:.4f}", *acc, _ci(r),
                           _vs_next(r.get("separated_from_next")),
                           f"{si(r['tokens_seen'])}/{si(r['tokens_target'])}",
                           r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
@@ -290,6 +297,11 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
     c = info["compute"]
     console.print(f"[bold]compute[/]: spent {c['spent_flops']:.2e} FLOPs "
                   f"(train {c['train_flops']:.2e}, scoring {c['score_flops']:.2e}), {c['wall_s']:.0f} s")
+    if c.get("target_stage_flops"):
+        console.print(f"  target stages (checking the decision, not part of its cost): "
+                      f"{c['target_stage_flops']:.2e} FLOPs, {c['target_stage_wall_s']:.0f} s; "
+                      + (f"{c['target_stage_ratio']:,.1f}x the proxies' compute" if c.get("target_stage_ratio")
+                         else ""))
     if c.get("naive_flops"):
         red = f"{c['reduction']:.1f}x" if c.get("reduction") else "-"
         console.print(f"  naive: {c['naive_flops']:.2e} FLOPs = {c['naive_basis']}; reduction {red}")

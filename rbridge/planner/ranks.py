@@ -77,7 +77,7 @@ def run_message(ctx: RunContext, spec_hash: str, tokens: int, threads: int) -> d
     spec = ctx.spec
     return {"spec_hash": spec_hash, "spec_text": spec.text,
             "spec_path": str(spec.path.resolve()) if spec.path else "",
-            "stage_index": ctx.stage.index, "candidate": ctx.candidate, "mix": ctx.mix,
+            "stage": ctx.stage.name, "candidate": ctx.candidate, "mix": ctx.mix,
             "threads": threads, "tokens": tokens,
             "checkpoint": str(ctx.checkpoint_dir.resolve()), "seed": ctx.seed, "model_seed": ctx.model_seed,
             "run_key": ctx.run_key}
@@ -98,7 +98,7 @@ def follow(ranks: Ranks, threads: int | None = None) -> int:
             spec = parse_spec(message["spec_text"], Path(message["spec_path"] or "spec.yaml"))
             plans[key] = (spec, prepare_data(spec))
         spec, data = plans[key]
-        stage = spec.resolved_stages()[message["stage_index"]]
+        stage = next(st for st in spec.resolved_stages() if st.name == message["stage"])
         torch.set_num_threads(message["threads"])  # rank 0's count for this run
         ctx = RunContext(spec, stage, message["candidate"], message["mix"], data, {}, Path(message["checkpoint"]),
                          seed=message["seed"], model_seed=message["model_seed"], run_key=message["run_key"])

@@ -49,7 +49,8 @@ def run_fingerprint(spec: Spec, stage: Stage, mix: dict[str, float], data) -> st
         "shards": {name: data.shards[name].key for name in sorted(mix)},
         "tokenizer": getattr(data.tokenizer, "rbridge_key", None) or str(spec.tokenizer.path),
         "seed": spec.seed,
-        "benchmarks": [{**b.model_dump(exclude={"traces"}), "traces": _file_hash(b.traces)}
+        # checker only where set: fingerprints of runs recorded before it existed stay the same
+        "benchmarks": [{**b.model_dump(exclude={"traces"}, exclude_none=True), "traces": _file_hash(b.traces)}
                        for b in spec.benchmarks],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -59,7 +60,7 @@ def spec_change(store: Store, plan: Plan, old: Spec | None, new: Spec, data) -> 
     """What ``new`` changes in a plan recorded under ``old``: the change, and the runs it supersedes
     as (run, candidate name, where its checkpoints go)."""
     stages = new.resolved_stages()
-    index = {st.name: st.index for st in stages}
+    index = {st.name: i for i, st in enumerate(stages)}  # position (a stage with several seeds is several)
     old_stages = {s.name: s for s in old.resolved_stages()} if old is not None else {}
     wanted = {c.name: c for c in new.candidates}
     cands = plan_ops.candidates(store, plan.id)
@@ -75,10 +76,10 @@ def spec_change(store: Store, plan: Plan, old: Spec | None, new: Spec, data) -> 
             continue
         dropped.append((run, name, superseded_dir(store.url, plan.name, revision, run.stage, str(name))))
         first_changed = min(first_changed, index.get(run.stage, 0))
-    for st in stages:
+    for i, st in enumerate(stages):
         prev = old_stages.get(st.name)
         if prev is None or prev.pruning != st.pruning:
-            first_changed = min(first_changed, st.index)
+            first_changed = min(first_changed, i)
     change = plan_ops.SpecChange(
         spec_text=new.text, spec_hash=new.spec_hash, candidates=[(c.name, c.mix) for c in new.candidates],
         supersede_runs={run.id: str(to) for run, _, to in dropped},

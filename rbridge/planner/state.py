@@ -95,22 +95,26 @@ class PlanState:
         by_id = {c.id: n for n, c in cands.items()}
         entrants = sorted(cands)
         for stage in self.stages:
-            runs = self._open_stage(stage, entrants, cands)
+            # A target stage trains the candidates it names (default: all, pruned or not) and passes
+            # nobody on: the next proxy stage takes the survivors of the last proxy stage.
+            field = sorted(stage.candidates or cands) if stage.is_target else entrants
+            runs = self._open_stage(stage, field, cands)
             rungs = rung_tokens(stage)
-            active = entrants
+            active = field
             for rung, tokens in enumerate(rungs, start=1):
                 evaluated = run_ops.evaluated(self.store, [r.id for r in runs.values()], rung)
                 # A failed run (max_attempts used up) lacks nothing: the rung is decided without it.
                 lacking = [n for n in active if runs[n].id not in evaluated and runs[n].status != "failed"]
                 if lacking:
-                    tasks = [Task(stage, rung, tokens, runs[n], cands[n], len(entrants)) for n in lacking]
+                    tasks = [Task(stage, rung, tokens, runs[n], cands[n], len(field)) for n in lacking]
                     return SyncResult(False, tasks, stage, rung, len(active) - len(lacking))
                 made = plan_ops.decisions(self.store, self.plan_id, stage.name, rung)
                 if made:
                     active = sorted(by_id[d.candidate_id] for d in made if d.kept)
                 else:
-                    active = self._decide(stage, rung, len(rungs), entrants, active, runs, cands)
-            entrants = active
+                    active = self._decide(stage, rung, len(rungs), field, active, runs, cands)
+            if not stage.is_target:
+                entrants = active
         if plan_ops.get_plan(self.store, self.plan_id).status != "done":
             self.record_compute()
             plan_ops.mark_plan_done(self.store, self.plan_id)
@@ -156,7 +160,8 @@ class PlanState:
                     Run(plan_id=self.plan_id, stage=stage.name, stage_index=stage.index, candidate_id=cands[n].id,
                         config=json.dumps(info["config"], sort_keys=True), params=info["params"],
                         non_embedding_params=info["non_embedding_params"], tokens_target=stage.training.tokens,
-                        fingerprint=fingerprints[n])
+                        fingerprint=fingerprints[n], role=stage.role, stage_group=stage.group or stage.name,
+                        seed=stage.seed)
                     for n in new], revive=revive) and revive:
                 self.report.say(f"  {stage.name}: {len(revive)} superseded run(s) revived with their results, "
                                 f"not trained again ({', '.join(n for n in missing if n not in new)})")
@@ -174,6 +179,10 @@ class PlanState:
         n_keep = min(survivors_at(rung, n_rungs, len(entrants), prune.keep, prune.reduction_factor,
                                   list(scores.values()) or None), len(scored))
         decisions = decide(scores, n_keep, rung, prune.metric)
+        if stage.is_target:  # every candidate goes on: the rank is recorded, nobody is cut
+            decisions = [RungDecision(d.candidate, d.score, d.rank, True,
+                                      f"target stage (never prunes): rank {d.rank}/{len(scored)} at rung {rung} "
+                                      f"by {prune.metric} {d.score:.4f}") for d in decisions]
         decisions += [RungDecision(n, None, len(scored) + i, False, f"failed at rung {rung} after "
                                    f"{runs[n].attempts} attempt(s): {runs[n].error}")
                       for i, n in enumerate(failed, start=1)]

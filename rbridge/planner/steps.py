@@ -242,20 +242,49 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
                    device_name(device))
 
 
-def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT
-              ) -> tuple[dict[str, dict[str, float]], float, dict[str, dict[str, tuple[float, float]]]]:
-    """Score the proxy on every benchmark, every metric of scoring.config.METRICS; plus the scoring FLOPs
-    and each score's 95% bootstrap interval over the benchmark's traces (``BenchmarkScore.interval``)."""
+@dataclass
+class Scored:
+    """A run's evaluation at one rung: {benchmark: {metric: value}}, the scoring FLOPs, each value's 95%
+    bootstrap interval over the benchmark's traces, and the per-trace values (None where a trace has none)."""
+
+    scores: dict[str, dict[str, float]]
+    flops: float
+    intervals: dict[str, dict[str, tuple[float, float]]]
+    items: dict[str, dict[str, list[float | None]]]
+
+
+def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT) -> Scored:
+    """Score the model on every benchmark: every metric of scoring.config.METRICS, then the stage's task
+    metrics (``Stage.evaluate``: accuracy, label_nll; rbridge.scoring.task)."""
+    from rbridge.scoring.task import accuracy_items, item_interval, item_mean, label_nll_items
+
     out: dict[str, dict[str, float]] = {}
     intervals: dict[str, dict[str, tuple[float, float]]] = {}
+    items: dict[str, dict[str, list[float | None]]] = {}
     n_tokens = 0
+    tok = ctx.data.tokenizer
+    precision = ctx.stage.training.precision
     for bench in ctx.spec.benchmarks:
         traces = ctx.traces[bench.name]
         with report.progress(f"  score {ctx.stage.name}/{ctx.candidate} on {bench.name}", total=len(traces)) as bar:
-            res = score_traces(model, ctx.data.tokenizer, traces, **bench.score_options(),
+            res = score_traces(model, tok, traces, **bench.score_options(),
                                on_progress=lambda done, total: bar.update(done, total))
         out[bench.name] = {m: getattr(res, m) for m in METRICS}
         intervals[bench.name] = {m: ci for m in METRICS if (ci := res.interval(m)) is not None}
+        items[bench.name] = {m: [getattr(t, m) for t in res.traces] for m in METRICS}
         n_tokens += res.n_tokens
+        for metric in ctx.stage.evaluate:
+            if metric == "accuracy":
+                with report.progress(f"  accuracy {ctx.stage.name}/{ctx.candidate} on {bench.name}", total=None):
+                    per = accuracy_items(model, tok, traces, checker=bench.answer_checker, precision=precision)
+            else:
+                per = label_nll_items(model, tok, traces, context=bench.context, precision=precision)
+            value = item_mean(per)
+            if value is None:
+                continue  # no trace has a label (or choices): nothing to record
+            out[bench.name][metric] = value
+            items[bench.name][metric] = per
+            if (ci := item_interval(per)) is not None:
+                intervals[bench.name][metric] = ci
     # 2·N·D forward FLOPs, N non-embedding like the training figure (Kaplan's convention).
-    return out, 2.0 * non_embedding_params * n_tokens, intervals
+    return Scored(out, 2.0 * non_embedding_params * n_tokens, intervals, items)

@@ -142,10 +142,11 @@ class PlanWorker:
     def advance(self, task: Task, claim: Claim) -> bool:
         """Train the claimed run to the rung, checkpoint, score, record; False if the claim was lost."""
         state, stage, name = self.state, task.stage, task.candidate.name
+        seeded = (stage.seed,) if stage.seed else ()  # seed 0 derives as before seeds existed
         ctx = RunContext(state.spec, stage, name, json.loads(task.candidate.mix), state.data, state.traces,
                          checkpoint_dir(self.store.url, state.name, stage.name, name),
-                         seed=derive_seed(state.spec.seed, stage.name, name),
-                         model_seed=derive_seed(state.spec.seed, stage.name), run_key=task.run.fingerprint)
+                         seed=derive_seed(state.spec.seed, stage.name, name, *seeded),
+                         model_seed=derive_seed(state.spec.seed, stage.name, *seeded), run_key=task.run.fingerprint)
         n_params = task.run.non_embedding_params
         threads = self.threads_of(task)
         torch.set_num_threads(threads)
@@ -158,15 +159,16 @@ class PlanWorker:
             # noticed when recording (stopping one rank alone would hang the others).
             trained = train_run(ctx, task.tokens, self.report, check=None if distributed else claim.check)
             failpoint("after-checkpoint")
-            scores, score_flops, intervals = score_run(ctx, trained.model, n_params, self.report)
+            scored = score_run(ctx, trained.model, n_params, self.report)
+            scores = scored.scores
             failpoint("after-score")
             claim.stop()
             if not run_ops.record(self.store, task.run.id, claim.lease, self.me, rung=task.rung,
                                   done=trained.tokens_seen >= task.run.tokens_target,
                                   tokens_seen=trained.tokens_seen, wall_s=trained.wall_s,
                                   tokens_per_s=trained.tokens_per_s, train_flops=trained.train_flops,
-                                  score_flops=score_flops, scores=scores, mfu=trained.mfu, device=trained.device,
-                                  intervals=intervals):
+                                  score_flops=scored.flops, scores=scores, mfu=trained.mfu, device=trained.device,
+                                  intervals=scored.intervals, items=scored.items):
                 raise ClaimLost(f"run {task.run.id} was taken over by another worker")
         except ClaimLost as exc:
             claim.stop()

@@ -87,7 +87,7 @@ FROM last l
 JOIN runs r ON r.id = l.run_id
 JOIN candidates c ON c.id = r.candidate_id
 JOIN plans p ON p.id = r.plan_id
-WHERE l.rn = 1 AND r.superseded_by = 0
+WHERE l.rn = 1 AND r.superseded_by = 0 AND r.role <> 'target'
 UNION ALL
 SELECT p.name AS plan, i.stage AS stage, i.candidate AS candidate, i.benchmark AS benchmark, i.metric AS metric,
        i.value AS value, i.higher_is_better AS higher_is_better, i.tokens AS tokens_seen,
@@ -97,20 +97,51 @@ JOIN plans p ON p.id = i.plan_id
 WHERE i.rn = 1
 """
 
-# One target value per (plan, candidate, benchmark, metric): the imported target
-# result of the largest model (params, then tokens) when several were imported.
+# One target value per (plan, candidate, benchmark, metric): the plan's own target stages
+# (role 'target': the task accuracy of each finished run, averaged over the stage's seeds;
+# n_seeds counts them) and the imported target results; of several, the largest
+# model (params, then tokens) wins, then the planner's over an import of the same size.
 TARGET_VALUES_VIEW = """
 CREATE VIEW target_values AS
-SELECT plan, candidate, benchmark, metric, value, higher_is_better, params, tokens, seed, n_seeds
-FROM (
-  SELECT p.name AS plan, t.candidate AS candidate, t.benchmark AS benchmark, t.metric AS metric,
-         t.value AS value, t.higher_is_better AS higher_is_better, t.params AS params, t.tokens AS tokens,
-         t.seed AS seed, t.n_seeds AS n_seeds,
-         ROW_NUMBER() OVER (PARTITION BY t.plan_id, t.candidate, t.benchmark, t.metric
-                            ORDER BY COALESCE(t.params, 0) DESC, COALESCE(t.tokens, 0) DESC, t.id DESC) AS rn
+WITH last AS (
+  SELECT e.run_id, e.benchmark, e.metric, e.value, e.higher_is_better, e.tokens_seen,
+         ROW_NUMBER() OVER (PARTITION BY e.run_id, e.benchmark, e.metric
+                            ORDER BY e.tokens_seen DESC, e.id DESC) AS rn
+  FROM evaluations e
+),
+planned AS (
+  SELECT r.plan_id AS plan_id, c.name AS candidate, l.benchmark AS benchmark, l.metric AS metric,
+         AVG(l.value) AS value, MAX(CASE WHEN l.higher_is_better THEN 1 ELSE 0 END) AS hib,
+         MAX(r.non_embedding_params) AS params, MAX(l.tokens_seen) AS tokens,
+         COUNT(*) AS n_seeds, r.stage_group AS stage_group
+  FROM last l
+  JOIN runs r ON r.id = l.run_id
+  JOIN candidates c ON c.id = r.candidate_id
+  WHERE l.rn = 1 AND r.superseded_by = 0 AND r.role = 'target' AND r.status = 'done' AND l.metric = 'accuracy'
+  GROUP BY r.plan_id, r.stage_group, c.name, l.benchmark, l.metric
+),
+everything AS (
+  SELECT plan_id, candidate, benchmark, metric, value, hib, params, tokens, NULL AS seed, n_seeds,
+         'planner' AS source, stage_group, 0 AS id
+  FROM planned
+  UNION ALL
+  SELECT t.plan_id, t.candidate, t.benchmark, t.metric, t.value,
+         CASE WHEN t.higher_is_better THEN 1 ELSE 0 END, t.params, t.tokens, t.seed, t.n_seeds,
+         'imported', NULL, t.id
   FROM results t
-  JOIN plans p ON p.id = t.plan_id
   WHERE t.kind = 'target'
+)
+SELECT plan, candidate, benchmark, metric, value, higher_is_better, params, tokens, seed, n_seeds, source,
+       stage_group
+FROM (
+  SELECT p.name AS plan, x.candidate AS candidate, x.benchmark AS benchmark, x.metric AS metric,
+         x.value AS value, x.hib = 1 AS higher_is_better, x.params AS params, x.tokens AS tokens,
+         x.seed AS seed, x.n_seeds AS n_seeds, x.source AS source, x.stage_group AS stage_group,
+         ROW_NUMBER() OVER (PARTITION BY x.plan_id, x.candidate, x.benchmark, x.metric
+                            ORDER BY COALESCE(x.params, 0) DESC, COALESCE(x.tokens, 0) DESC,
+                                     CASE WHEN x.source = 'planner' THEN 0 ELSE 1 END, x.id DESC) AS rn
+  FROM everything x
+  JOIN plans p ON p.id = x.plan_id
 ) ranked
 WHERE rn = 1
 """

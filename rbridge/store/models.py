@@ -22,6 +22,9 @@ from sqlmodel import Field, SQLModel
 # 5: runs.threads (CPU threads the run trains with: the first run of a stage fixes them for the
 #    stage, so a resumed stage computes identically), runs.device and runs.mfu;
 #    evaluations.ci_low/ci_high (bootstrap interval over traces), shown by the ranking view.
+# 6: target stages: runs.role ('proxy' | 'target'), runs.stage_group (the stage as written: a stage
+#    with several seeds runs as <group>.s<seed>) and runs.seed; evaluation_items holds every
+#    evaluation's per-trace values (for paired bootstraps over test items).
 # The number itself lives in rbridge.store.version (read without SQLAlchemy); bump it there.
 from rbridge.store.version import SCHEMA_VERSION  # noqa: E402
 
@@ -99,6 +102,9 @@ class Run(SQLModel, table=True):
     threads: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # torch CPU threads; 0: not started
     device: str = Field(default="", sa_column_kwargs={"server_default": ""})   # "cpu", "cuda: NVIDIA H100 ..."
     mfu: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})  # model FLOPs utilisation
+    role: str = Field(default="proxy", sa_column_kwargs={"server_default": "proxy"})  # proxy | target
+    stage_group: str = Field(default="", sa_column_kwargs={"server_default": ""})  # the stage as written
+    seed: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # the stage's training seed
     status: str = "pending"  # pending | running | pruned | done | failed
     checkpoint: str = ""
     trial_number: Optional[int] = None
@@ -132,6 +138,17 @@ class Evaluation(SQLModel, table=True):
     ci_low: Optional[float] = None
     ci_high: Optional[float] = None
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class EvaluationItems(SQLModel, table=True):
+    """An evaluation's value on each of the benchmark's traces, in the traces file's order (JSON list;
+    null where a trace has no value, e.g. label_nll of a trace without a label). The evaluation's value
+    is the mean of the non-null items; bootstraps over test items resample these."""
+
+    __tablename__ = "evaluation_items"
+    evaluation_id: int = Field(primary_key=True, foreign_key="evaluations.id")
+    n: int
+    item_values: str
 
 
 class Decision(SQLModel, table=True):

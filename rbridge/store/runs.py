@@ -11,13 +11,15 @@ tests/test_store_ops.py runs one contract suite on both.
 
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import case, func, update
 from sqlmodel import select
 
 from rbridge._failpoints import failpoint
 from rbridge.scoring.config import HIGHER_IS_BETTER
 from rbridge.store.db import Store
-from rbridge.store.models import Evaluation, Run, utcnow
+from rbridge.store.models import Evaluation, EvaluationItems, Run, utcnow
 
 
 def _held(run_id: int, lease: int, worker: str):
@@ -102,7 +104,8 @@ def set_threads(store: Store, run_id: int, lease: int, worker: str, threads: int
 def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,
            wall_s: float, tokens_per_s: float, train_flops: float, score_flops: float,
            scores: dict[str, dict[str, float]], mfu: float = 0.0, device: str = "",
-           intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> bool:
+           intervals: dict[str, dict[str, tuple[float, float]]] | None = None,
+           items: dict[str, dict[str, list[float | None]]] | None = None) -> bool:
     """Record a rung of a held run in one transaction: the run's progress, then every score.
 
     ``scores`` is {benchmark: {metric: value}}, ``intervals`` the same with (low, high) bootstrap
@@ -117,12 +120,21 @@ def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, don
                     mfu=mfu, device=device, finished_at=utcnow() if done else None))
         if res.rowcount != 1:
             return False
+        with_items: list[tuple[Evaluation, list]] = []
         for bench, values in scores.items():
             for metric, value in values.items():
                 lo, hi = ((intervals or {}).get(bench) or {}).get(metric) or (None, None)
-                s.add(Evaluation(run_id=run_id, rung=rung, tokens_seen=tokens_seen, benchmark=bench, metric=metric,
-                                 value=float(value), higher_is_better=metric in HIGHER_IS_BETTER,
-                                 ci_low=lo, ci_high=hi))
+                ev = Evaluation(run_id=run_id, rung=rung, tokens_seen=tokens_seen, benchmark=bench, metric=metric,
+                                value=float(value), higher_is_better=metric in HIGHER_IS_BETTER,
+                                ci_low=lo, ci_high=hi)
+                s.add(ev)
+                per = ((items or {}).get(bench) or {}).get(metric)
+                if per is not None:
+                    with_items.append((ev, per))
+        s.flush()  # the evaluations' ids
+        for ev, per in with_items:
+            s.add(EvaluationItems(evaluation_id=ev.id, n=len(per),
+                                  item_values=json.dumps([None if v is None else float(v) for v in per])))
         s.flush()
         failpoint("eval-write")  # dies mid-transaction: nothing of it lands
     return True
