@@ -20,7 +20,7 @@ main.every_module = ("rbridge.commands.plan", "rbridge.commands.score", "rbridge
 main.modules = {
     **dict.fromkeys(("validate", "plan", "resume", "worker", "status"), "rbridge.commands.plan"),
     **dict.fromkeys(("score", "traces"), "rbridge.commands.score"),
-    **dict.fromkeys(("targets", "results", "fit", "predict", "accuracy"), "rbridge.commands.analysis"),
+    **dict.fromkeys(("targets", "results", "fit", "predict", "accuracy", "report"), "rbridge.commands.analysis"),
 }
 
 __all__ = ["main", "console", "err_console", "guard"]

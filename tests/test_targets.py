@@ -220,3 +220,142 @@ def test_status_shows_target_stages_apart_from_the_plans_cost(plan):
     accs = [r["accuracy"] for s in info["stages"] if s["role"] == "target" for r in s["candidates"]]
     assert len(accs) == 8 and all(0.0 <= a <= 1.0 for a in accs)
     assert info["analysis"]["decision_accuracy"] and info["analysis"]["targets"] == 4
+
+
+# ---------------------------------------------------------------------------- rbridge report (issue 16)
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def report(plan):
+    d, env, _res = plan
+    res = _rbridge("report", "--store", "stores/tgt.db", "--out", "out/report.html", "--png", "out/png",
+                   cwd=d, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return d, d / "out/report.html", res
+
+
+def test_report_writes_every_chart_and_draws_the_stores_numbers(report):
+    d, page, res = report
+    text = page.read_text()
+    data = json.loads(text.split('id="rbridge-data">', 1)[1].split("</script>", 1)[0])
+    names = set(data)
+    assert {"halving-filter", "curves-filter", "halving-target.s0", "halving-target.s1", "compute",
+            "accuracy-vs-compute"} <= names
+    assert {p.stem for p in (d / "out/png").glob("*.png")} == names
+    assert "http://" not in text and "https://" not in text  # nothing to fetch
+    con = sqlite3.connect(d / "stores/tgt.db")
+    # successive halving: each point is the run's decision score at that rung (one benchmark: its value)
+    for cand, rung_tokens, value in con.execute(
+            "select c.name, e.tokens_seen, e.value from evaluations e join runs r on r.id = e.run_id "
+            "join candidates c on c.id = r.candidate_id where r.stage = 'filter' and e.metric = 'rbridge'"):
+        assert [rung_tokens, pytest.approx(value)] in [list(p) for p in data["halving-filter"]["series"][cand]]
+    dropped = dict(con.execute("select c.name, d.rung from decisions d join candidates c on c.id = d.candidate_id "
+                               "where d.stage = 'filter' and d.kept = 0"))
+    assert data["halving-filter"]["dropped"] == dropped
+    # the decision-accuracy curve: the view's final numbers at each stage's last rung
+    view = {(r[0], r[1]): r[2] for r in con.execute(
+        "select stage, proxy_metric, decision_accuracy from decision_accuracy")}
+    curve = data["accuracy-vs-compute"]
+    for (stage, metric), acc in view.items():
+        pts = curve[f"{metric} -> accuracy (gsm8k)"]
+        assert any(w == f"{stage} r2" and y == pytest.approx(acc) for _x, y, w in pts)
+    assert "report of plan tgt" in res.stdout
+
+
+def _browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+    os.environ["SE_AVOID_STATS"] = "true"  # selenium-manager is never asked anything: the driver path is given
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+
+
+def test_report_opens_in_a_real_browser_offline_on_a_laptop_and_a_phone(report):
+    d, page, _res = report
+    driver = _browser()
+    try:
+        for width, height in ((1280, 900), (390, 844)):
+            driver.set_window_size(width, height)
+            driver.get(page.as_uri())
+            state = driver.execute_async_script("""
+                const done = arguments[arguments.length - 1];
+                const imgs = Array.from(document.images);
+                Promise.all(imgs.map(i => i.decode().then(() => [i.id, i.naturalWidth, i.naturalHeight],
+                                                          e => [i.id, 0, 0])))
+                  .then(sizes => done({sizes: sizes, overflow: document.documentElement.scrollWidth
+                                       - document.documentElement.clientWidth,
+                                       title: document.title}));
+            """)
+            assert state["title"] == "rbridge report: tgt"
+            sizes = state["sizes"]
+            assert len(sizes) >= 6 and all(w > 0 and h > 0 for _id, w, h in sizes), sizes
+            assert state["overflow"] <= 1, f"the page scrolls sideways at {width}px"
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+        urls = []
+        for entry in driver.get_log("performance"):
+            msg = json.loads(entry["message"])["message"]
+            if msg["method"] == "Network.requestWillBeSent":
+                urls.append(msg["params"]["request"]["url"])
+        assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
+        # the ranking tables show the view's values
+        con = sqlite3.connect(d / "stores/tgt.db")
+        want = [(c, f"{v:.6g}") for c, v in con.execute(
+            "select candidate, value from ranking where stage = 'filter' and metric = 'rbridge' "
+            "order by rank, candidate")]
+        rows = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#ranking-filter tbody tr'))"
+            ".map(r => Array.from(r.cells).map(c => c.textContent));")
+        assert [(r[1], r[3]) for r in rows] == want
+    finally:
+        driver.quit()
+
+
+def test_optuna_dashboard_reads_the_plans_studies(plan):
+    """`optuna-dashboard sqlite:///stores/tgt.db` serves this WSGI app: its API lists the plan's studies
+    and their trials (the store is opened read-only by nothing here: the dashboard's own storage)."""
+    import io
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    d, _env, _res = plan
+    app = wsgi(f"sqlite:///{d / 'stores/tgt.db'}")
+
+    def get(path: str) -> dict:
+        environ: dict = {}
+        setup_testing_defaults(environ)
+        environ.update(PATH_INFO=path, REQUEST_METHOD="GET", QUERY_STRING="", **{"wsgi.input": io.BytesIO()})
+        status = []
+        body = b"".join(app(environ, lambda s, h, *a: status.append(s)))
+        assert status[0].startswith("200"), (path, status, body[:300])
+        return json.loads(body)
+
+    studies = {s["study_name"]: s for s in get("/api/studies")["study_summaries"]}
+    assert {"tgt:filter", "tgt:target.s0", "tgt:target.s1"} <= set(studies), sorted(studies)
+    detail = get(f"/api/studies/{studies['tgt:filter']['study_id']}")
+    assert len(detail["trials"]) == 4  # one trial per candidate of the stage
+
+
+def test_report_refuses_bad_arguments_and_status_names_it(report):
+    d, page, _res = report
+    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1")
+    bad = _rbridge("report", "--store", "stores/tgt.db", "--plan", "nope", cwd=d, env=env)
+    assert bad.returncode == 2 and "no plan 'nope'" in bad.stderr
+    folder = _rbridge("report", "--store", "stores/tgt.db", "--out", "out", cwd=d, env=env)
+    assert folder.returncode == 2 and "--out" in folder.stderr
+    missing = _rbridge("report", "--store", "stores/none.db", cwd=d, env=env)
+    assert missing.returncode == 2 and not (d / "stores/none.db").exists()
+    default = _rbridge("report", "--store", "stores/tgt.db", cwd=d, env=env)
+    assert default.returncode == 0 and (d / "stores/tgt.report.html").is_file()
+    status = _rbridge("status", "--store", "stores/tgt.db", cwd=d, env=env)
+    assert "tgt.report.html" in status.stdout

@@ -252,6 +252,39 @@ def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: boo
         console.print(t2)
 
 
+@main.command()
+@click.option("--store", "store", default=None,
+              help="SQLite path or SQLAlchemy URL (default: the most recent store under stores/).")
+@_plan_opt
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The HTML file to write (default: <store folder>/<plan>.report.html).")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write every chart as a PNG into this folder.")
+@guard
+def report(store: str | None, plan_name: str | None, out: Path | None, png_dir: Path | None) -> None:
+    """One self-contained HTML report of a plan: rankings, successive halving, metrics against tokens,
+    compute, decision accuracy and fits, runs, the spec (charts embedded; opens without a network)."""
+    from rbridge.analysis.report import build_report, write_report
+
+    store = store_or_latest(store)
+    st = open_for_reading(store)
+    try:
+        _require_plan(st, plan_name)
+        rep = build_report(st, plan_name)
+    finally:
+        st.close()
+    if out is None:
+        base = Path(store).parent if "://" not in store else Path("stores")
+        out = base / f"{rep.plan}.report.html"
+    if out.exists() and out.is_dir():
+        raise InputError("--out names a folder; give the HTML file's path", file=str(out), field="--out")
+    written = write_report(rep, out, png_dir)
+    console.print(f"report of plan {rep.plan}: {out} ({out.stat().st_size / 1024:,.0f} KiB, "
+                  f"{len(rep.charts)} charts: {', '.join(c.name for c in rep.charts)})")
+    if png_dir is not None:
+        console.print(f"  {len(written) - 1} PNGs in {png_dir}")
+
+
 def _ensure_views(st) -> None:
     """A store written before issue 5 gains the results tables and views (no other change)."""
     from rbridge.store.db import _ensure_schema

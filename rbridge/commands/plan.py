@@ -309,6 +309,12 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         console.print(f"  with the target model: total {c['target_total_flops']:.2e} vs naive "
                       f"{c['target_naive_flops']:.2e} FLOPs = {c['target_fraction']:.1%} of the naive cost "
                       f"(reduction {c['target_reduction']:.1f}x, METHOD.md section 7)")
+    report_file = _report_path(info)
+    where = info["store"][len("sqlite:///"):] if info["store"].startswith("sqlite:///") else info["store"]
+    if report_file is not None and report_file.is_file():
+        console.print(f"[bold]report[/]: {report_file} (charts; `rbridge report --store {where}` refreshes it)")
+    else:
+        console.print(f"[bold]report[/]: `rbridge report --store {where}` writes an HTML report with charts")
 
 
 def _status_rows(rows: list[dict], limit: int | None) -> list[dict]:
@@ -335,3 +341,11 @@ def _stopped(exc, how: str) -> None:
 
     console.print(f"{exc}: the running proxy was checkpointed and given back; continue with `{how}`")
     sys.exit(exc.exit_code)
+
+
+def _report_path(info: dict):
+    """Where `rbridge report` writes a SQLite store's report by default (None for a server store)."""
+    url = info["store"]
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///"):]).parent / f"{info['plan']}.report.html"

@@ -1,0 +1,438 @@
+"""``rbridge report``: one self-contained HTML file of a plan, with charts (issue 16).
+
+Everything the page shows is read from the store through the same functions the other
+commands use (``plan_status`` for stages, ranks, decisions and compute; the ``ranking``
+view for the tables; ``analysis_summary`` for decision accuracy and its curve against
+compute; the ``fits`` table), and every chart keeps the numbers it draws
+(:attr:`Chart.data`), so tests compare what is drawn with the store's views.
+
+The file needs no network: charts are PNGs drawn by matplotlib (Agg) and embedded as
+``data:`` URIs; the styles are inline; there is no script but one JSON block with the
+drawn numbers (``<script type="application/json" id="rbridge-data">``), which browsers
+do not execute. It reads on a phone and a laptop: a viewport meta tag, images that
+shrink to the screen, and wide tables that scroll sideways in their own box.
+
+Charts (each also written as ``<name>.png`` by ``--png DIR``):
+
+- ``halving-<stage>``: successive halving: the stage's decision score per rung and
+  candidate; a candidate dropped at a rung ends there (an x).
+- ``curves-<stage>``: every stored metric against training tokens, one panel per metric.
+- ``compute``: compute spent per stage against the naive cost (every candidate at the
+  last proxy stage's size) and, with ``target_model``, the estimate with the target.
+- ``accuracy-vs-compute`` (with targets): decision accuracy of each proxy metric against
+  the proxy compute spent, per stage and rung.
+- ``fit-<i>`` (with stored fits): the fit's points, its curve and the band of its
+  cross-validated mean absolute error.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOWER_IS_BETTER_NOTE = "lower is better"
+
+
+@dataclass
+class Chart:
+    name: str          # file-safe: the PNG's name and the <img> id
+    title: str
+    caption: str
+    png: bytes = b""
+    data: dict[str, Any] = field(default_factory=dict)  # the numbers drawn
+
+
+@dataclass
+class Report:
+    plan: str
+    html: str
+    charts: list[Chart]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _colors(names) -> dict[str, Any]:
+    """One colour per candidate, the same in every chart (by name order)."""
+    import matplotlib
+
+    names = sorted(set(names))
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- data
+def _rung_values(store, plan: str) -> list[tuple]:
+    """(stage, stage_index, candidate, rung, tokens, benchmark, metric, value, higher_is_better) of every
+    live planner evaluation, in recording order."""
+    return store.rows(
+        "SELECT r.stage, r.stage_index, c.name, e.rung, e.tokens_seen, e.benchmark, e.metric, e.value, "
+        "e.higher_is_better FROM evaluations e JOIN runs r ON r.id = e.run_id "
+        "JOIN candidates c ON c.id = r.candidate_id JOIN plans p ON p.id = r.plan_id "
+        "WHERE p.name = :plan AND r.superseded_by = 0 ORDER BY e.id", plan=plan)
+
+
+def _runs(store, plan: str) -> list[dict]:
+    return store.query(
+        "SELECT r.stage AS stage, c.name AS candidate, r.status AS status, r.attempts AS attempts, "
+        "r.tokens_seen AS tokens_seen, r.tokens_target AS tokens_target, r.tokens_per_s AS tokens_per_s, "
+        "r.wall_s AS wall_s, r.error AS error, r.device AS device, r.threads AS threads, r.mfu AS mfu "
+        "FROM runs r JOIN candidates c ON c.id = r.candidate_id JOIN plans p ON p.id = r.plan_id "
+        "WHERE p.name = :plan AND r.superseded_by = 0 ORDER BY r.stage_index, r.stage, c.name", plan=plan)
+
+
+def _ranking(store, plan: str) -> list[dict]:
+    return store.query("SELECT stage, candidate, benchmark, metric, value, rank, tokens_seen, status, ci_low, "
+                       "ci_high FROM ranking WHERE plan = :plan ORDER BY stage_index, stage, benchmark, metric, "
+                       "rank, candidate", plan=plan)
+
+
+def _versions(store) -> dict[str, str]:
+    out = {}
+    try:
+        for key, value in store.rows("SELECT key, value FROM meta ORDER BY key"):
+            out[f"store {key}"] = value
+    except Exception:  # noqa: BLE001 - a store without meta rows: nothing to show
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("rbridge", "torch", "transformers", "optuna", "matplotlib"):
+        try:
+            out[f"report made with {pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------- charts
+def _halving(stage: dict, values: list[tuple], colors: dict) -> Chart:
+    import matplotlib.pyplot as plt
+
+    metric = stage["metric"]
+    per: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for st, _i, cand, rung, tokens, _b, m, value, _h in values:
+        if st == stage["name"] and m == metric:
+            per[cand][rung].append((tokens, value))
+    series = {}
+    for cand, rungs in per.items():  # the decision score: the metric's mean over benchmarks at each rung
+        series[cand] = [(max(t for t, _ in pts), sum(v for _, v in pts) / len(pts)) for _r, pts in sorted(rungs.items())]
+    dropped = {r["candidate"]: r["decision"]["rung"] for r in stage["candidates"]
+               if r.get("decision") and not r["decision"]["kept"]}
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for cand in sorted(series, key=lambda c: (c in dropped, series[c][-1][1])):
+        pts = series[cand]
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", ms=3, lw=1.2, color=colors.get(cand),
+                alpha=0.55 if cand in dropped else 1.0, label=cand)
+        if cand in dropped:
+            ax.plot([pts[-1][0]], [pts[-1][1]], marker="x", ms=8, color=colors.get(cand))
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"{metric} ({LOWER_IS_BETTER_NOTE})")
+    ax.set_title(f"stage {stage['name']}: successive halving")
+    if len(series) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return Chart(f"halving-{_safe(stage['name'])}", f"Stage {stage['name']}: score per rung",
+                 f"{metric} of every candidate at every rung (mean over benchmarks); an x marks the rung a "
+                 "candidate was dropped at.", _png(fig),
+                 {"metric": metric, "series": series, "dropped": dropped})
+
+
+def _curves(stage: dict, values: list[tuple], colors: dict) -> Chart:
+    import matplotlib.pyplot as plt
+
+    by_metric: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    hib: dict[str, bool] = {}
+    for st, _i, cand, _rung, tokens, _b, m, value, h in values:
+        if st == stage["name"]:
+            by_metric[m][cand][tokens].append(value)
+            hib[m] = bool(h)
+    metrics = sorted(by_metric, key=lambda m: (m != stage["metric"], m))
+    n = len(metrics)
+    cols = min(3, n) or 1
+    rows = -(-n // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    data = {}
+    for k, m in enumerate(metrics):
+        ax = axes[k // cols][k % cols]
+        data[m] = {}
+        for cand, pts in sorted(by_metric[m].items()):
+            xy = [(t, sum(v) / len(v)) for t, v in sorted(pts.items())]
+            data[m][cand] = xy
+            ax.plot([t for t, _ in xy], [v for _, v in xy], marker="o", ms=2.5, lw=1, label=cand,
+                    color=colors.get(cand))
+        ax.set_title(f"{m} ({'higher' if hib.get(m) else 'lower'} is better)", fontsize=9)
+        ax.set_xlabel("training tokens", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    if data and len(next(iter(data.values()))) <= 12:
+        axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"stage {stage['name']}: every metric against training tokens", fontsize=10)
+    fig.tight_layout()
+    return Chart(f"curves-{_safe(stage['name'])}", f"Stage {stage['name']}: metrics against tokens",
+                 "Each stored metric of each candidate at each evaluation (mean over benchmarks).", _png(fig),
+                 {"metrics": data})
+
+
+def _compute(compute: dict) -> Chart:
+    import matplotlib.pyplot as plt
+
+    labels, vals, colors = [], [], []
+    for s in compute.get("stages", []):
+        labels.append(f"{s['stage']}" + (" (target)" if s.get("role") == "target" else ""))
+        vals.append(s["flops"])
+        colors.append("#999999" if s.get("role") == "target" else "#3b75af")
+    labels.append("plan (spent)")
+    vals.append(compute.get("spent_flops") or 0.0)
+    colors.append("#2a9d8f")
+    if compute.get("naive_flops"):
+        labels.append("naive")
+        vals.append(compute["naive_flops"])
+        colors.append("#e76f51")
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.5))
+    ax.barh(labels[::-1], [max(v, 1.0) for v in vals[::-1]], color=colors[::-1])
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs (6 N D, plus scoring)")
+    red = compute.get("reduction")
+    ax.set_title("compute: spent per stage and in all, against the naive cost"
+                 + (f" (reduction {red:.1f}x)" if red else ""))
+    ax.grid(axis="x", alpha=0.3)
+    return Chart("compute", "Compute", "FLOPs spent per stage, by the plan in all, and the naive cost of "
+                 "training every candidate at the last proxy stage's size; target stages (grey) check the "
+                 "decision and are not part of its cost.", _png(fig),
+                 {"labels": labels, "flops": vals, "reduction": red,
+                  "target_fraction": compute.get("target_fraction")})
+
+
+def _accuracy_vs_compute(curve: list[dict]) -> Chart:
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for r in curve:
+        if r["plan_flops"] is None or r["decision_accuracy"] is None:
+            continue
+        key = f"{r['proxy_metric']} -> {r['target_metric']} ({r['benchmark']})"
+        series[key].append((r["plan_flops"], r["decision_accuracy"], f"{r['stage']} r{r['rung']}"))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, label=key)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("proxy compute spent so far (FLOPs)")
+    ax.set_ylabel("decision accuracy")
+    ax.set_title("decision accuracy against proxy compute")
+    if series:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no pair of candidates whose targets differ yet", ha="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+    return Chart("accuracy-vs-compute", "Decision accuracy against compute",
+                 "Decision accuracy of each proxy metric against the targets, at every stage and rung, against "
+                 "the proxy compute spent up to there (0.5: a coin).", _png(fig),
+                 {k: [(x, y, w) for x, y, w in v] for k, v in series.items()})
+
+
+def _fit(i: int, f: dict, points: dict | None) -> Chart:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rbridge.analysis.fit import predict_family
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    data: dict[str, Any] = {"family": f["family"], "params": f["params"], "cv_test_mae": f["cv_test_mae"]}
+    if points:
+        x, y = np.asarray(points["x"]), np.asarray(points["y"])
+        ax.scatter(x, y, s=14, label="candidates")
+        grid = np.linspace(x.min(), x.max(), 200) if len(x) else np.array([])
+        data.update(x=points["x"], y=points["y"], candidates=points["candidates"])
+    else:
+        grid = np.array([])
+    if len(grid):
+        g = predict_family(f["family"], f["params"], grid)
+        ax.plot(grid, g, color="black", lw=1.3, label=f"{f['family']}: {f['formula']}")
+        mae = f["cv_test_mae"]
+        if mae is not None:
+            ax.fill_between(grid, g - mae, g + mae, color="grey", alpha=0.25, label=f"CV MAE {mae:.3g}")
+    ax.set_xlabel(f"{f['x_metric']} (stage {f['stage']})")
+    ax.set_ylabel(f"target {f['target_metric']}")
+    ax.set_title(f"fit on {f['benchmark']}: {f['n_points']} points, CV R2 {f['cv_train_r2'] or 0:.3f}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return Chart(f"fit-{i}", f"Fit: {f['benchmark']}, {f['x_metric']} -> {f['target_metric']}",
+                 "The proxy score against the target of every candidate with both, the fitted curve and a band "
+                 "of its cross-validated mean absolute error.", _png(fig), data)
+
+
+# ---------------------------------------------------------------------------- HTML
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1100px;
+padding:12px;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+img{max-width:100%;height:auto;display:block}figure{margin:1em 0}figcaption{font-size:.9em;color:#555}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;white-space:nowrap}th{background:#f4f4f4}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:.8em}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "<td></td>"
+    if isinstance(v, float):
+        return f'<td class="num">{v:.6g}</td>'
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f'<td class="num">{v:,}</td>'
+    return f"<td>{html.escape(str(v))}</td>"
+
+
+def _table(rows: list[dict], cols: list[str], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _figure(c: Chart) -> str:
+    uri = "data:image/png;base64," + base64.b64encode(c.png).decode()
+    return (f'<figure><img id="chart-{c.name}" src="{uri}" alt="{html.escape(c.title)}">'
+            f"<figcaption>{html.escape(c.caption)}</figcaption></figure>")
+
+
+def build_report(store, plan: str | None = None) -> Report:
+    """The report of ``plan`` (default: the store's only or latest plan)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    from rbridge.analysis.decision import analysis_summary
+    from rbridge.analysis.status import plan_status
+    from rbridge.analysis.stored import stored_fits
+
+    info = plan_status(store, plan)
+    name = info["plan"]
+    values = _rung_values(store, name)
+    analysis = analysis_summary(store, name)
+    ranking = _ranking(store, name)
+    runs = _runs(store, name)
+    spec_text = (store.rows("SELECT spec_text FROM plans WHERE name = :p", p=name) or [("",)])[0][0]
+
+    charts: list[Chart] = []
+    parts: list[str] = []
+    colors = _colors(info["candidates"])
+    for stage in info["stages"]:
+        if not stage["candidates"]:
+            continue
+        charts.append(_halving(stage, values, colors))
+        charts.append(_curves(stage, values, colors))
+    charts.append(_compute(info["compute"]))
+    if analysis.get("accuracy_vs_compute"):
+        charts.append(_accuracy_vs_compute(analysis["accuracy_vs_compute"]))
+    fits = stored_fits(store, name)
+    if fits:
+        from rbridge.analysis.fit import fit_points
+
+        pts = fit_points(store, name)
+        for i, f in enumerate(fits):
+            charts.append(_fit(i, f, pts.get((f["stage"], f["benchmark"], f["x_metric"], f["target_metric"]))))
+    by_name = {c.name: c for c in charts}
+
+    c = info["compute"]
+    parts.append(f"<h1>rbridge report: plan {html.escape(name)}</h1>")
+    parts.append(f'<p class="note">status {html.escape(info["status"])}; {len(info["candidates"])} candidates; '
+                 f"store {html.escape(info['store'])}; compute spent {c['spent_flops']:.3g} FLOPs"
+                 + (f", {c['reduction']:.1f}x less than the naive {c['naive_flops']:.3g}" if c.get("reduction") else "")
+                 + "</p>")
+    parts.append("<h2>Ranking per stage</h2>")
+    for stage in info["stages"]:
+        if not stage["candidates"]:
+            continue
+        rows = [r for r in ranking if r["stage"] == stage["name"] and r["metric"] == stage["metric"]]
+        role = " (target stage: never prunes)" if stage.get("role") == "target" else ""
+        parts.append(f"<h3>Stage {html.escape(stage['name'])}{role}: {html.escape(stage['metric'])}, "
+                     f"{LOWER_IS_BETTER_NOTE}</h3>")
+        parts.append(_table(rows, ["rank", "candidate", "benchmark", "value", "ci_low", "ci_high", "tokens_seen",
+                                   "status"], f"ranking-{_safe(stage['name'])}"))
+        stopped = [{"candidate": r["candidate"], "rung": r["decision"]["rung"], "why": r["decision"]["why"]}
+                   for r in stage["candidates"] if r.get("decision") and not r["decision"]["kept"]]
+        if stopped:
+            parts.append("<p class=note>where candidates stopped:</p>")
+            parts.append(_table(stopped, ["candidate", "rung", "why"], f"stopped-{_safe(stage['name'])}"))
+        parts.append(_figure(by_name[f"halving-{_safe(stage['name'])}"]))
+        parts.append(_figure(by_name[f"curves-{_safe(stage['name'])}"]))
+    parts.append("<h2>Compute</h2>")
+    parts.append(_figure(by_name["compute"]))
+    if c.get("target_fraction"):
+        parts.append(f"<p>With the target model: {c['target_total_flops']:.3g} FLOPs against "
+                     f"{c['target_naive_flops']:.3g} for training every candidate at target size: "
+                     f"{c['target_fraction']:.1%} of the naive cost (reduction {c['target_reduction']:.1f}x).</p>")
+    if analysis.get("decision_accuracy"):
+        parts.append("<h2>Do the proxies pick what the targets pick?</h2>")
+        parts.append(_table(analysis["decision_accuracy"],
+                            ["stage", "benchmark", "proxy_metric", "target_metric", "n_candidates", "n_pairs",
+                             "decision_accuracy", "ci_low", "ci_high", "kendall_tau"], "decision-accuracy"))
+        if "accuracy-vs-compute" in by_name:
+            parts.append(_figure(by_name["accuracy-vs-compute"]))
+    if fits:
+        parts.append("<h2>Fits: proxy score to target</h2>")
+        for ch in charts:
+            if ch.name.startswith("fit-"):
+                parts.append(_figure(ch))
+    parts.append("<h2>Runs</h2>")
+    parts.append(_table(runs, ["stage", "candidate", "status", "attempts", "tokens_seen", "tokens_target",
+                               "tokens_per_s", "wall_s", "mfu", "device", "threads", "error"], "runs"))
+    parts.append("<h2>Spec</h2>")
+    parts.append(f"<pre>{html.escape(spec_text or '(imported results: no spec)')}</pre>")
+    parts.append("<h2>Versions</h2>")
+    parts.append(_table([{"what": k, "version": v} for k, v in _versions(store).items()], ["what", "version"],
+                        "versions"))
+    drawn = {ch.name: ch.data for ch in charts}
+    payload = json.dumps(drawn, default=str).replace("</", "<\\/")
+    doc = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+           '<meta name=viewport content="width=device-width, initial-scale=1">'
+           f"<title>rbridge report: {html.escape(name)}</title><style>{_CSS}</style></head><body>"
+           + "".join(parts)
+           + f'<script type="application/json" id="rbridge-data">{payload}</script></body></html>')
+    return Report(name, doc, charts)
+
+
+def write_report(report: Report, out: Path, png_dir: Path | None = None) -> list[Path]:
+    """Write the HTML (atomically) and, with ``png_dir``, every chart as a PNG; returns the files written."""
+    import os
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(report.html, encoding="utf-8")
+    os.replace(tmp, out)
+    written = [out]
+    if png_dir is not None:
+        png_dir.mkdir(parents=True, exist_ok=True)
+        for ch in report.charts:
+            p = png_dir / f"{ch.name}.png"
+            p.write_bytes(ch.png)
+            written.append(p)
+    return written
+
+
+__all__ = ["Chart", "Report", "build_report", "write_report"]
