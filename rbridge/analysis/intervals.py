@@ -62,13 +62,17 @@ def _means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return (filled @ counts.T) / (have.astype(float) @ counts.T)
 
 
-def _decision_accuracy(tokens: np.ndarray, px: np.ndarray, ty: np.ndarray) -> np.ndarray:
-    """Decision accuracy per resample. ``tokens`` [C]; ``px``, ``ty`` [C, B] oriented higher-is-better."""
+def _decision_accuracy(tokens: np.ndarray, px: np.ndarray, ty: np.ndarray,
+                       pairs: np.ndarray | None = None) -> np.ndarray:
+    """Decision accuracy per resample. ``tokens`` [C]; ``px``, ``ty`` [C, B] oriented higher-is-better;
+    ``pairs`` [C, C] bool: only these pairs count (default: every pair)."""
     a, b = np.triu_indices(len(tokens), k=1)
     dt = np.sign(tokens[a] - tokens[b])[:, None]
     sx = np.where(dt != 0, dt, np.sign(px[a] - px[b]))
     sy = np.sign(ty[a] - ty[b])
     counted = sy != 0
+    if pairs is not None:
+        counted &= pairs[a, b][:, None]
     score = np.where(sx * sy > 0, 1.0, 0.0) + np.where((sx == 0) & counted, 0.5, 0.0)
     n = counted.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
