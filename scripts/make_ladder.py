@@ -307,8 +307,6 @@ def cut_tokens(texts, lps):
 
 
 def make_traces(test, train_problems, quick):
-    import torch
-
     from rbridge.scoring.completions import stream_texts
     from rbridge.scoring.traces import Frontier, FrontierToken, Trace
 
@@ -367,7 +365,6 @@ def read_austen():
 
 
 def learnability(clean_docs, test, n_eval=200, tokens=1_500_000, shares=(0.25, 0.0)):
-    import torch
     austen = read_austen()
     tok = bpe_tokenizer(austen + clean_docs, 4096)
     eos = tok.eos_token_id
