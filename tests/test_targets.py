@@ -16,6 +16,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,34 @@ def test_report_refuses_bad_arguments_and_status_names_it(report):
     assert default.returncode == 0 and (d / "stores/tgt.report.html").is_file()
     status = _rbridge("status", "--store", "stores/tgt.db", cwd=d, env=env)
     assert "tgt.report.html" in status.stdout
+
+
+def test_target_summary_gives_seeds_mean_interval_and_robust_pairs(plan):
+    from rbridge.analysis.intervals import target_summary
+    from rbridge.store import open_store
+
+    d, env, _res = plan
+    st = open_store(d / "stores/tgt.db", create=False, read_only=True)
+    try:
+        rows = target_summary(st, "tgt")
+        again = target_summary(st, "tgt")
+    finally:
+        st.close()
+    assert rows == again and len(rows) == 4
+    con = sqlite3.connect(d / "stores/tgt.db")
+    per = defaultdict(dict)
+    for stage, cand, value in con.execute(
+            "select r.stage, c.name, e.value from evaluations e join runs r on r.id = e.run_id "
+            "join candidates c on c.id = r.candidate_id where e.metric = 'accuracy' and r.role = 'target'"):
+        per[cand][stage] = value
+    for r in rows:
+        assert r["stage"] == "target" and set(r["seeds"]) == {"0", "1"}
+        assert r["seeds"]["0"] == pytest.approx(per[r["candidate"]]["target.s0"])
+        assert r["accuracy"] == pytest.approx(sum(per[r["candidate"]].values()) / 2)
+        assert 0.0 <= r["ci_low"] <= r["ci_high"] <= 1.0
+        for a, b in r["robust_pairs"]:
+            da = per[a]["target.s0"] - per[b]["target.s0"]
+            db = per[a]["target.s1"] - per[b]["target.s1"]
+            assert da * db > 0
+    human = _rbridge("accuracy", "--store", "stores/tgt.db", "--no-curve", cwd=d, env=env)
+    assert "targets trained by the plan" in human.stdout

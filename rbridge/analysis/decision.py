@@ -358,7 +358,7 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
         targets = _target_rows(store, plan)
         n_targets = len(targets)
     except database_errors():  # a store opened read-only that predates these views
-        out = {"targets": 0, "decision_accuracy": [], "accuracy_vs_compute": [], "fits": [],
+        out = {"targets": 0, "target_stages": [], "decision_accuracy": [], "accuracy_vs_compute": [], "fits": [],
                "note": "this store has no results views yet; any `rbridge ... import` adds them"}
     else:
         rows = decision_accuracy(store, plan, targets) if n_targets else []
@@ -372,8 +372,11 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
                 ci = cis.get((r["plan"], r["stage"], r["benchmark"], r["proxy_metric"], r["target_metric"]), {})
                 r["ci_low"], r["ci_high"] = ci.get("ci_low"), ci.get("ci_high")
                 r["ci_items"], r["ci_target_seeds"] = ci.get("n_items"), ci.get("target_seeds")
+        from rbridge.analysis.intervals import target_summary
+
         out = {
             "targets": n_targets,
+            "target_stages": target_summary(store, plan) if n_targets else [],
             "decision_accuracy": rows,
             "accuracy_vs_compute": accuracy_vs_compute(store, plan) if n_targets and curve else [],
             "fits": stored_fits(store, plan),

@@ -156,4 +156,66 @@ def decision_intervals(store, plan: str | None = None, *, resamples: int = RESAM
     return out
 
 
-__all__ = ["decision_intervals"]
+
+_TARGET_ITEMS = """
+WITH last AS (
+  SELECT e.id, e.run_id, e.benchmark, e.metric,
+         ROW_NUMBER() OVER (PARTITION BY e.run_id, e.benchmark, e.metric
+                            ORDER BY e.tokens_seen DESC, e.id DESC) AS rn
+  FROM evaluations e
+)
+SELECT p.name, r.stage_group, r.seed, c.name, l.benchmark, i.item_values
+FROM last l
+JOIN evaluation_items i ON i.evaluation_id = l.id
+JOIN runs r ON r.id = l.run_id
+JOIN candidates c ON c.id = r.candidate_id
+JOIN plans p ON p.id = r.plan_id
+WHERE l.rn = 1 AND r.superseded_by = 0 AND r.role = 'target' AND r.status = 'done' AND l.metric = 'accuracy'
+      {where}
+ORDER BY p.name, r.stage_group, l.benchmark, c.name, r.seed
+"""
+
+
+def target_summary(store, plan: str | None = None, *, resamples: int = RESAMPLES, level: float = LEVEL,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """The plan's own targets: per target stage, benchmark and candidate, the accuracy of each seed, their
+    mean, and a bootstrap interval of the mean over the test items and the seeds; and, per stage and
+    benchmark, which pairs of candidates every seed orders the same way (``robust``: resolved beyond
+    seed noise)."""
+    where, params = ("AND p.name = :plan", {"plan": plan}) if plan else ("", {})
+    try:
+        rows = store.rows(_TARGET_ITEMS.format(where=where), **params)
+    except Exception:  # noqa: BLE001 - a store without evaluation_items: nothing to summarise
+        return []
+    groups: dict[tuple, dict[str, dict[int, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
+    for pl, group, s, cand, bench, text in rows:
+        groups[(pl, group, bench)][cand][s] = _parse(text)
+    out = []
+    for (pl, group, bench), cands in sorted(groups.items()):
+        rng = np.random.default_rng(seed)
+        names = sorted(cands)
+        for cand in names:
+            per = [cands[cand][s] for s in sorted(cands[cand])]
+            values = [float(np.nanmean(v)) for v in per]
+            counts = _counts(rng, len(per[0]), resamples)
+            means = _means(np.stack(per), counts)
+            pick = rng.integers(0, len(per), size=(resamples, len(per)))
+            boot = means[pick, np.arange(resamples)[:, None]].mean(axis=1)
+            lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+            out.append({"plan": pl, "stage": group, "benchmark": bench, "candidate": cand,
+                        "seeds": {str(s): v for s, v in zip(sorted(cands[cand]), values)},
+                        "accuracy": float(np.mean(values)), "ci_low": float(lo), "ci_high": float(hi)})
+        robust = []
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = sorted(set(cands[a]) & set(cands[b]))
+                signs = {np.sign(np.nanmean(cands[a][s]) - np.nanmean(cands[b][s])) for s in common}
+                if len(common) > 1 and len(signs) == 1 and 0 not in signs:
+                    robust.append(sorted((a, b)))
+        for r in out:
+            if (r["plan"], r["stage"], r["benchmark"]) == (pl, group, bench):
+                r["robust_pairs"] = [p for p in robust if r["candidate"] in p]
+    return out
+
+
+__all__ = ["decision_intervals", "target_summary"]

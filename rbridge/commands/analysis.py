@@ -225,6 +225,18 @@ def accuracy(store: str | None, plan_name: str | None, curve: bool, as_json: boo
                       f"{store}` (columns candidate,benchmark,metric,value; README: \"Decision accuracy, fits and "
                       "predictions\")")
         return
+    if info.get("target_stages"):
+        tt = Table(title="targets trained by the plan: task accuracy per seed and the mean (95% CI over test "
+                         "items and seeds)")
+        for col in ("stage", "benchmark", "candidate", "per seed", "accuracy", "95% CI", "seed-robust pairs"):
+            tt.add_column(col, no_wrap=True)
+        for r in sorted(info["target_stages"], key=lambda r: (r["stage"], r["benchmark"], -r["accuracy"])):
+            tt.add_row(r["stage"], r["benchmark"], r["candidate"],
+                       " ".join(f"{v:.1%}" for v in r["seeds"].values()), f"{r['accuracy']:.1%}",
+                       f"[{r['ci_low']:.1%}, {r['ci_high']:.1%}]", str(len(r.get("robust_pairs", []))))
+        console.print(tt)
+        console.print("  seed-robust pairs: pairs of candidates every seed orders the same way (resolved beyond "
+                      "seed noise)")
     table = Table(title="decision accuracy: pairs whose targets differ; proxy ties count half")
     for col in ("stage", "benchmark", "proxy", "target", "candidates", "pairs", "decision acc.", "95% CI",
                 "Kendall tau", "proxy ties"):
