@@ -39,3 +39,31 @@ def test_neighbours_within_an_interval_are_a_tie():
 def test_a_bad_level_is_refused():
     with pytest.raises(ValueError):
         _bench([1.0, 2.0, 3.0]).interval("rbridge", level=1.5)
+
+
+def test_paired_rule_separates_a_consistent_small_difference_the_unpaired_rule_calls_a_tie():
+    import numpy as np
+
+    from rbridge.analysis.separation import mark_neighbours, paired_separated
+
+    rng = np.random.default_rng(5)
+    hard = rng.normal(3.0, 1.0, 200)                    # how hard each trace is: shared by both candidates
+    a = list(hard + rng.normal(0.0, 0.05, 200))
+    b = list(hard + 0.05 + rng.normal(0.0, 0.05, 200))  # 0.05 worse on every trace, give or take
+    assert paired_separated([a], [b]) is True
+    assert paired_separated([a], [a]) is False
+    assert paired_separated([a, a], [b, a]) is True       # averaged over two benchmarks: still apart
+    assert paired_separated([[1.0]], [[2.0]]) is None     # one trace: no interval
+    assert paired_separated([a[:5] + [None]], [b[:5] + [None]]) in (True, False)  # None items are skipped
+
+    def row(name, items):
+        m = float(np.mean(items))
+        half = float(1.96 * np.std(items) / np.sqrt(len(items)))
+        return {"name": name, "value": m, "ci_low": m - half, "ci_high": m + half, "items": [items]}
+
+    rows = [row("a", a), row("b", b)]
+    mark_neighbours(rows)
+    assert rows[0]["separated_from_next"] is False                  # unpaired: within the wide intervals
+    mark_neighbours(rows, items=lambda r: r["items"])
+    assert rows[0]["separated_from_next"] is True and rows[0]["separated_from_next_paired"] is True
+    assert paired_separated([a], [b]) == paired_separated([a], [b])  # seeded: reproducible

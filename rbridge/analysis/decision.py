@@ -342,6 +342,12 @@ def accuracy_vs_compute(store: Store, plan: str | None = None) -> list[dict[str,
     return out
 
 
+def _target_summary(store: Store, plan: str | None) -> list[dict[str, Any]]:
+    from rbridge.analysis.intervals import target_summary  # numpy: only where there are targets
+
+    return target_summary(store, plan)
+
+
 def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) -> dict[str, Any]:
     """Decision accuracy, its cost-accuracy curve and the stored fits, JSON-ready.
 
@@ -372,11 +378,9 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
                 ci = cis.get((r["plan"], r["stage"], r["benchmark"], r["proxy_metric"], r["target_metric"]), {})
                 r["ci_low"], r["ci_high"] = ci.get("ci_low"), ci.get("ci_high")
                 r["ci_items"], r["ci_target_seeds"] = ci.get("n_items"), ci.get("target_seeds")
-        from rbridge.analysis.intervals import target_summary
-
         out = {
             "targets": n_targets,
-            "target_stages": target_summary(store, plan) if n_targets else [],
+            "target_stages": _target_summary(store, plan) if n_targets else [],
             "decision_accuracy": rows,
             "accuracy_vs_compute": accuracy_vs_compute(store, plan) if n_targets and curve else [],
             "fits": stored_fits(store, plan),

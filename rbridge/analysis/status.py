@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rbridge.analysis.compute import non_embedding_params, plan_compute
-from rbridge.analysis.separation import mark_ties
+from rbridge.analysis.separation import mark_ties, stage_items
 from rbridge.errors import InputError
 from rbridge.spec import stored_stages
 
@@ -123,7 +123,9 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                                               r["candidate"]))
         for i, r in enumerate(reached, start=1):
             r["rank"] = i if r["score"] is not None else None
-        mark_ties(reached, group=lambda r: r["tokens_seen"], value="score")
+        per_trace = _stage_items(store, plan["id"], name, metric, len(reached))
+        mark_ties(reached, group=lambda r: r["tokens_seen"], value="score",
+                  items=lambda r: per_trace.get((r["candidate"], r["rung"])))
         role = st_spec.role if st_spec else "proxy"
         accuracy = {}  # a target stage's accuracy per candidate: the mean over benchmarks at its last rung
         for r in rows:
@@ -180,6 +182,19 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         "stages": stages,
         "compute": plan_compute(stages, len(cands), last, target),
     }
+
+
+PAIRED_MAX_ROWS = 2000  # larger stages keep the unpaired tie rule: parsing every run's items costs seconds
+
+
+def _stage_items(store, plan_id: int, stage: str, metric: str, n_rows: int) -> dict[tuple, list]:
+    """{(candidate, rung): [per-trace values of each benchmark, benchmarks in name order]} for the paired
+    tie rule (rbridge.analysis.separation); empty for large stages and stores without per-trace values."""
+    if n_rows > PAIRED_MAX_ROWS:
+        return {}
+    with store.reading() as rows:
+        found = stage_items(rows, plan_id, stage, metric)
+    return {k: [v[b] for b in sorted(v)] for k, v in found.items()}
 
 
 def _hardware(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
     console.print(f"store: {safe_url(result.store_url)}")
     console.print(f"rungs trained and scored this time: {result.trained_runs}; already done and reused: "
                   f"{result.reused_runs}")
-    _print_ranking(result.ranking, spec.resolved_stages())
+    _print_ranking(result.ranking, spec.resolved_stages(), result.items)
     console.print(f"done in {result.wall_s:.1f} s")
 
 
@@ -185,7 +185,9 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
         console.print(f"rank {w.ranks.rank}: trained {done} rungs with rank 0")
 
 
-def _print_ranking(rows: list[dict], stages) -> None:
+def _print_ranking(rows: list[dict], stages, per_trace=None) -> None:
+    """The final tables; ``per_trace(stage, metric)`` gives {(candidate, benchmark): per-trace values} of each
+    candidate's last evaluation, for the paired tie rule."""
     from rbridge.analysis.separation import mark_ties
 
     metric_of = {s.name: s.pruning.metric for s in stages}
@@ -193,7 +195,10 @@ def _print_ranking(rows: list[dict], stages) -> None:
         sel = [r for r in rows if r["stage"] == stage and r["metric"] == metric_of[stage]]
         if not sel:
             continue
-        mark_ties(sel, group=lambda r: (r["benchmark"], r["tokens_seen"]))
+        items = per_trace(stage, metric_of[stage]) if per_trace is not None else {}
+        mark_ties(sel, group=lambda r: (r["benchmark"], r["tokens_seen"]),
+                  items=lambda r: [items[(r["candidate"], r["benchmark"])]] if (r["candidate"], r["benchmark"])
+                  in items else None)
         table = Table(title=f"ranking - stage {stage} ({metric_of[stage]}, lower is better)")
         for col in ("rank", "candidate", "benchmark", metric_of[stage], "95% CI", "vs next", "tokens", "status"):
             table.add_column(col, justify="right" if col in ("rank", "tokens", metric_of[stage]) else "left")
@@ -201,9 +206,20 @@ def _print_ranking(rows: list[dict], stages) -> None:
             table.add_row(str(r["rank"]), r["candidate"], r["benchmark"], f"{r['value']:.4f}", _ci(r),
                           _vs_next(r.get("separated_from_next")), f"{r['tokens_seen']:,}", r["status"])
         console.print(table)
-        if any(r.get("separated_from_next") is False for r in sel):
-            console.print("  tie: the two scores differ by less than the 95% bootstrap interval over the "
-                          "benchmark's traces (resampling the traces could swap them); not a decision")
+        _tie_legend(sel)
+
+
+def _tie_legend(rows: list[dict]) -> None:
+    """What "tie" means under the rows' rule: paired (per-trace values stored) or unpaired (older rows)."""
+    ties = [r for r in rows if r.get("separated_from_next") is False]
+    if not ties:
+        return
+    if all(r.get("separated_from_next_paired") for r in ties):
+        console.print("  tie: the 95% paired-bootstrap interval of the two scores' difference (the benchmark's "
+                      "traces resampled together) contains 0: resampling the traces could swap them; not a decision")
+    else:
+        console.print("  tie: the two scores differ by less than the 95% bootstrap interval over the "
+                      "benchmark's traces (resampling the traces could swap them); not a decision")
 
 
 def _ci(r: dict, low: str = "ci_low", high: str = "ci_high") -> str:
@@ -269,6 +285,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
                           si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}",
                           f"{r['mfu']:.0%}" if r["mfu"] else "-")
         console.print(table)
+        _tie_legend(shown)
         if len(shown) < len(rows):
             console.print(f"  {len(rows) - len(shown):,} more of {len(rows):,} candidates not listed "
                           f"({_status_counts(rows, shown)}); --all lists them, --json "

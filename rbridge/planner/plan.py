@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rbridge._failpoints import failpoint
+from rbridge.analysis.separation import stage_items
 from rbridge.errors import InputError, StoreBusy
 from rbridge.planner import mirror
 from rbridge.planner.claims import DEFAULT_HEARTBEAT_TIMEOUT_S
@@ -100,6 +101,11 @@ class PlanResult:
     ranking: list[dict] = field(default_factory=list)
     reused_runs: int = 0   # (run, rung) steps found done in the store
     trained_runs: int = 0  # (run, rung) steps trained and scored by this call
+    # (stage, metric) -> {(candidate, benchmark): per-trace values of the last evaluation}: the paired tie rule
+    per_trace: dict[tuple[str, str], dict[tuple[str, str], list]] = field(default_factory=dict)
+
+    def items(self, stage: str, metric: str) -> dict[tuple[str, str], list]:
+        return self.per_trace.get((stage, metric), {})
 
 
 class Planner:
@@ -232,8 +238,17 @@ class Planner:
                             f"`rbridge worker --store {safe_url(self.store.url)}`")
             wait_for_plan(state, self.poll_s)
         ranking = plan_ops.ranking(self.store, self.spec.name)
+        per_trace = {}
+        for st in self.stages:
+            last: dict[str, int] = {}
+            found = stage_items(self.store.rows, plan.id, st.name, st.pruning.metric)
+            for cand, rung in found:
+                last[cand] = max(last.get(cand, 0), rung)
+            per_trace[(st.name, st.pruning.metric)] = {(cand, bench): values
+                                                       for (cand, rung), by in found.items() if rung == last[cand]
+                                                       for bench, values in by.items()}
         return PlanResult(plan.id, self.store.url, time.perf_counter() - t0, ranking,
-                          self.reused_runs, self.trained_runs)
+                          self.reused_runs, self.trained_runs, per_trace)
 
 
 def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
