@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from rbridge.store.sqlite_read import database_errors
+
 MAX_CANDIDATES = 400
 RESAMPLES = 1000
 LEVEL = 0.95
@@ -93,7 +95,7 @@ def decision_intervals(store, plan: str | None = None, *, resamples: int = RESAM
     where, params = ("AND p.name = :plan", {"plan": plan}) if plan else ("", {})
     try:
         rows = store.rows(_LAST_ITEMS.format(where=where), **params)
-    except Exception:  # noqa: BLE001 - a store without evaluation_items (older schema, read-only): no intervals
+    except database_errors():  # a store without evaluation_items (older schema, read-only): no intervals
         return {}
     if targets is None:
         tw, tp = ("WHERE plan = :plan", {"plan": plan}) if plan else ("", {})
@@ -114,7 +116,6 @@ def decision_intervals(store, plan: str | None = None, *, resamples: int = RESAM
     for t in targets:
         tmap[(t["plan"], t["benchmark"], t["metric"])][t["candidate"]] = t
 
-    rng_seed = seed
     out: dict[tuple, dict[str, Any]] = {}
     for (pl, stage, bench, pm), cands in sorted(proxies.items()):
         for (tpl, tbench, tm), trows in sorted(tmap.items()):
@@ -127,7 +128,7 @@ def decision_intervals(store, plan: str | None = None, *, resamples: int = RESAM
             if len(n_items) != 1:
                 continue
             n = n_items.pop()
-            rng = np.random.default_rng(rng_seed)
+            rng = np.random.default_rng(seed)
             counts = _counts(rng, n, resamples)
             tokens = np.array([cands[c][0] for c in names])
             px = _means(np.stack([cands[c][1] for c in names]), counts)
@@ -185,7 +186,7 @@ def target_summary(store, plan: str | None = None, *, resamples: int = RESAMPLES
     where, params = ("AND p.name = :plan", {"plan": plan}) if plan else ("", {})
     try:
         rows = store.rows(_TARGET_ITEMS.format(where=where), **params)
-    except Exception:  # noqa: BLE001 - a store without evaluation_items: nothing to summarise
+    except database_errors():  # a store without evaluation_items: nothing to summarise
         return []
     groups: dict[tuple, dict[str, dict[int, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
     for pl, group, s, cand, bench, text in rows:

@@ -105,11 +105,13 @@ def _ranking(store, plan: str) -> list[dict]:
 
 
 def _versions(store) -> dict[str, str]:
+    from rbridge.store.sqlite_read import database_errors
+
     out = {}
     try:
         for key, value in store.rows("SELECT key, value FROM meta ORDER BY key"):
             out[f"store {key}"] = value
-    except Exception:  # noqa: BLE001 - a store without meta rows: nothing to show
+    except database_errors():  # a store without a meta table: nothing to show
         pass
     from importlib.metadata import PackageNotFoundError, version
 

@@ -111,9 +111,11 @@ ORDER BY e.id
 def stage_items(rows_fn, plan_id: int, stage: str, metric: str) -> dict[tuple[str, int], dict[str, list]]:
     """{(candidate, rung): {benchmark: per-trace values}} of one stage's ``metric`` (``rows_fn``: a store's
     ``rows``, or the function ``Store.reading`` yields). Empty for a store without per-trace values."""
+    from rbridge.store.sqlite_read import database_errors
+
     try:
         found = rows_fn(_STAGE_ITEMS, p=plan_id, stage=stage, metric=metric)
-    except Exception:  # noqa: BLE001 - a store of schema < 6 (no evaluation_items): the unpaired rule
+    except database_errors():  # a store of schema < 6 (no evaluation_items): the unpaired rule
         return {}
     out: dict[tuple[str, int], dict[str, list]] = {}
     for cand, bench, rung, text in found:

@@ -278,6 +278,8 @@ def report(store: str | None, plan_name: str | None, out: Path | None, png_dir: 
     compute, decision accuracy and fits, runs, the spec (charts embedded; opens without a network)."""
     from rbridge.analysis.report import build_report, write_report
 
+    if out is not None and out.is_dir():  # checked before the report is built
+        raise InputError("--out names a folder; give the HTML file's path", file=str(out), field="--out")
     store = store_or_latest(store)
     st = open_for_reading(store)
     try:
@@ -288,8 +290,6 @@ def report(store: str | None, plan_name: str | None, out: Path | None, png_dir: 
     if out is None:
         base = Path(store).parent if "://" not in store else Path("stores")
         out = base / f"{rep.plan}.report.html"
-    if out.exists() and out.is_dir():
-        raise InputError("--out names a folder; give the HTML file's path", file=str(out), field="--out")
     written = write_report(rep, out, png_dir)
     console.print(f"report of plan {rep.plan}: {out} ({out.stat().st_size / 1024:,.0f} KiB, "
                   f"{len(rep.charts)} charts: {', '.join(c.name for c in rep.charts)})")
