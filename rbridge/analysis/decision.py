@@ -361,7 +361,10 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
     from rbridge.store.sqlite_read import database_errors
 
     try:
-        targets = _target_rows(store, plan)
+        where, params = _plan_filter(plan)
+        target_values = store.query(f"SELECT * FROM target_values {where}", **params)  # read once, used twice
+        targets = [(t["plan"], t["candidate"], t["benchmark"], t["metric"], t["value"], t["higher_is_better"])
+                   for t in target_values]
         n_targets = len(targets)
     except database_errors():  # a store opened read-only that predates these views
         out = {"targets": 0, "target_stages": [], "decision_accuracy": [], "accuracy_vs_compute": [], "fits": [],
@@ -371,9 +374,7 @@ def analysis_summary(store: Store, plan: str | None = None, curve: bool = True) 
         if rows:
             from rbridge.analysis.intervals import decision_intervals
 
-            where, params = _plan_filter(plan)
-            cis = decision_intervals(store, plan, targets=store.query(f"SELECT * FROM target_values {where}",
-                                                                      **params))
+            cis = decision_intervals(store, plan, targets=target_values)
             for r in rows:
                 ci = cis.get((r["plan"], r["stage"], r["benchmark"], r["proxy_metric"], r["target_metric"]), {})
                 r["ci_low"], r["ci_high"] = ci.get("ci_low"), ci.get("ci_high")

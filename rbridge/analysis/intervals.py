@@ -49,6 +49,17 @@ WHERE l.rn = 1 AND r.superseded_by = 0 {where}
 """
 
 
+def _last_items(store, plan: str | None, where: str = "") -> list[tuple] | None:
+    """Rows of ``_LAST_ITEMS`` (the last evaluation of every run, benchmark and metric, with its per-trace
+    values) of ``plan`` (every plan if None) that also meet the SQL condition ``where``; None for a store
+    without per-trace values."""
+    params = {"plan": plan} if plan else {}
+    try:
+        return store.rows(_LAST_ITEMS.format(where=("AND p.name = :plan " if plan else "") + where), **params)
+    except database_errors():
+        return None
+
+
 def _counts(rng: np.random.Generator, n: int, resamples: int) -> np.ndarray:
     """[resamples, n]: how often each of n items is drawn in each resample (n draws with replacement)."""
     draws = rng.integers(0, n, size=(resamples, n))
@@ -92,10 +103,8 @@ def decision_intervals(store, plan: str | None = None, *, resamples: int = RESAM
     ``store`` needs only ``rows``/``query`` (a Store or the sqlite3 reader). ``targets``: rows of the
     ``target_values`` view, if already read.
     """
-    where, params = ("AND p.name = :plan", {"plan": plan}) if plan else ("", {})
-    try:
-        rows = store.rows(_LAST_ITEMS.format(where=where), **params)
-    except database_errors():  # a store without evaluation_items (older schema, read-only): no intervals
+    rows = _last_items(store, plan)
+    if rows is None:  # a store without evaluation_items (older schema, read-only): no intervals
         return {}
     if targets is None:
         tw, tp = ("WHERE plan = :plan", {"plan": plan}) if plan else ("", {})
@@ -158,38 +167,17 @@ def decision_intervals(store, plan: str | None = None, *, resamples: int = RESAM
 
 
 
-_TARGET_ITEMS = """
-WITH last AS (
-  SELECT e.id, e.run_id, e.benchmark, e.metric,
-         ROW_NUMBER() OVER (PARTITION BY e.run_id, e.benchmark, e.metric
-                            ORDER BY e.tokens_seen DESC, e.id DESC) AS rn
-  FROM evaluations e
-)
-SELECT p.name, r.stage_group, r.seed, c.name, l.benchmark, i.item_values
-FROM last l
-JOIN evaluation_items i ON i.evaluation_id = l.id
-JOIN runs r ON r.id = l.run_id
-JOIN candidates c ON c.id = r.candidate_id
-JOIN plans p ON p.id = r.plan_id
-WHERE l.rn = 1 AND r.superseded_by = 0 AND r.role = 'target' AND r.status = 'done' AND l.metric = 'accuracy'
-      {where}
-ORDER BY p.name, r.stage_group, l.benchmark, c.name, r.seed
-"""
-
-
 def target_summary(store, plan: str | None = None, *, resamples: int = RESAMPLES, level: float = LEVEL,
                    seed: int = 0) -> list[dict[str, Any]]:
     """The plan's own targets: per target stage, benchmark and candidate, the accuracy of each seed, their
     mean, and a bootstrap interval of the mean over the test items and the seeds; and, per stage and
     benchmark, which pairs of candidates every seed orders the same way (``robust``: resolved beyond
     seed noise)."""
-    where, params = ("AND p.name = :plan", {"plan": plan}) if plan else ("", {})
-    try:
-        rows = store.rows(_TARGET_ITEMS.format(where=where), **params)
-    except database_errors():  # a store without evaluation_items: nothing to summarise
+    rows = _last_items(store, plan, "AND r.role = 'target' AND r.status = 'done' AND l.metric = 'accuracy'")
+    if rows is None:  # a store without evaluation_items: nothing to summarise
         return []
     groups: dict[tuple, dict[str, dict[int, np.ndarray]]] = defaultdict(lambda: defaultdict(dict))
-    for pl, group, s, cand, bench, text in rows:
+    for pl, _stage, _role, group, s, _status, cand, bench, _metric, _tokens, _hib, text in rows:
         groups[(pl, group, bench)][cand][s] = _parse(text)
     out = []
     for (pl, group, bench), cands in sorted(groups.items()):

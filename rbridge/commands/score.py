@@ -26,7 +26,9 @@ _PATH = click.Path(path_type=Path)
               help="Solved examples in the fewshot context (same benchmark, never the scored trace).")
 @click.option("--minmax", type=click.Choice(MINMAX), default=ScoreOptions().minmax, show_default=True)
 @click.option("--aggregate", type=click.Choice(AGGREGATES), default=ScoreOptions().aggregate, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 where the device computes it natively (CUDA with bf16, a CPU with AVX512_BF16 "
+                   "or AMX), else the model's own dtype; fp32 for exact comparisons.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Window length for long traces (default: the model's maximum positions).")
@@ -69,6 +71,7 @@ def score(model_path: Path, traces_path: Path, context: str, fewshot_k: int, min
     console.print(table)
     first = next(iter(doc["benchmarks"].values()))
     console.print(f"context {first['context']}, minmax {first['minmax']}, aggregate {first['aggregate']}"
+                  + (f", computed in {doc['precision']}" if doc.get("precision") else "")
                   + ("; from the cache (--no-cache to recompute)" if cached
                      else f"; scored in {doc['seconds']['score']:.1f} s"))
 

@@ -21,7 +21,7 @@ from rbridge.data.tokenizer import check_tokenizer
 from rbridge.data.tokens import check_dtype
 from rbridge.errors import InputError
 from rbridge.planner import stop
-from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
+from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops, resolve_precision
 from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 from rbridge.reporting import SILENT, Reporter
 from rbridge.scoring.config import METRICS
@@ -263,11 +263,14 @@ def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporte
     items: dict[str, dict[str, list[float | None]]] = {}
     n_tokens = 0
     tok = ctx.data.tokenizer
-    precision = ctx.stage.training.precision
+    # Scored in the precision it trained in (fp32 on CPUs unless the stage says bf16), not the
+    # scorer's "auto": that would follow the machine's bf16 units, and a stage served by several
+    # machines must score alike.
+    precision = resolve_precision(ctx.stage.training.precision, next(model.parameters()).device)
     for bench in ctx.spec.benchmarks:
         traces = ctx.traces[bench.name]
         with report.progress(f"  score {ctx.stage.name}/{ctx.candidate} on {bench.name}", total=len(traces)) as bar:
-            res = score_traces(model, tok, traces, **bench.score_options(),
+            res = score_traces(model, tok, traces, **bench.score_options(), precision=precision,
                                on_progress=lambda done, total: bar.update(done, total))
         out[bench.name] = {m: getattr(res, m) for m in METRICS}
         intervals[bench.name] = {m: ci for m in METRICS if (ci := res.interval(m)) is not None}

@@ -27,7 +27,7 @@ import rbridge
 from rbridge.errors import InputError
 from rbridge.scoring import cache
 from rbridge.scoring.baselines import baseline_scores
-from rbridge.scoring.requests import PRECISIONS
+from rbridge.scoring.requests import PRECISIONS, cpu_has_bf16, precision_name, scoring_dtype
 from rbridge.scoring.scorer import AGGREGATES, CONTEXTS, MINMAX, BenchmarkScore, score_benchmarks, scores_to_json
 from rbridge.scoring.traces import group_by_benchmark, load_traces
 
@@ -111,6 +111,9 @@ def score_file(model_path, traces_path, *, context: str = "question", minmax: st
                "fewshot_k": fewshot_k, "max_length": max_length, "baselines": baselines,
                "accuracy": accuracy, "max_new_tokens": max_new_tokens if accuracy else None,
                "per_trace": per_trace, "device": dev.split(":")[0], "rbridge": rbridge.__version__}
+    if precision == "auto":  # what auto computes in depends on the machine (requests.scoring_dtype)
+        options["native_bf16"] = (torch.cuda.is_bf16_supported() if options["device"] == "cuda"
+                                  else cpu_has_bf16())
     key = mfp = tfp = opts = None
     if use_cache:
         mfp, tfp = cache.model_fingerprint(model_path), cache.traces_fingerprint(traces_path)
@@ -121,10 +124,12 @@ def score_file(model_path, traces_path, *, context: str = "question", minmax: st
     t0 = time.perf_counter()
     model, tokenizer, name = load_model(model_path, device=dev)
     t1 = time.perf_counter()
+    computed_in = precision_name(scoring_dtype(precision, model))
     scores = score_benchmarks(model, tokenizer, traces, context=context, minmax=minmax,
                               aggregate=aggregate, batch_size=batch_size, precision=precision,
                               fewshot_k=fewshot_k, max_length=max_length)
     doc = scores_to_json(name, scores, per_trace=per_trace)
+    doc["precision"] = computed_in
     if baselines or accuracy:
         for bench, group in group_by_benchmark(traces).items():
             extra = baseline_scores(model, tokenizer, group, context=context, fewshot_k=fewshot_k,
