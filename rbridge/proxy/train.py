@@ -109,10 +109,12 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: f
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" -> "bf16" on CUDA with bf16 support, else "fp32".
 
-    CPUs get fp32: measured on the development machine (Xeon with AVX-512 but no
-    AVX512_BF16/AMX), bf16 autocast trained the 0.5M-8M presets at 0.3-0.7x the
-    speed of fp32, i.e. 1.5-3.5x *slower* (benchmarks/proxy_throughput.py). Ask for
-    "bf16" explicitly on CPUs with bf16 units (AMX) after measuring there.
+    CPUs get fp32 whatever their units, so a plan computes the same numbers on every
+    CPU. On a Xeon with AVX-512 but no AVX512_BF16/AMX, bf16 autocast trained the
+    0.5M-8M presets at 0.3-0.7x the speed of fp32, i.e. 1.5-3.5x *slower*. On an AMD
+    EPYC with AVX512_BF16 it trained them 1.9x (0.5M), 2.1x (2M) and 3.1x (8M) *faster*,
+    on one thread (benchmarks/proxy_throughput.py --precisions fp32 bf16). So ask for
+    "bf16" in the stage on such CPUs (rbridge.scoring.requests.cpu_has_bf16 tells).
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"must be auto, fp32 or bf16 (got {precision!r})", field="precision")
