@@ -21,7 +21,7 @@ from rbridge.data.tokenizer import check_tokenizer
 from rbridge.data.tokens import check_dtype
 from rbridge.errors import InputError
 from rbridge.planner import stop
-from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops, resolve_precision
+from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
 from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 from rbridge.reporting import SILENT, Reporter
 from rbridge.scoring.config import METRICS
@@ -145,6 +145,7 @@ class Trained:
     train_flops: float
     mfu: float = 0.0      # model FLOPs per second of training over the device's peak (rbridge.proxy.peak)
     device: str = ""
+    precision: str = "fp32"  # what the trainer computed in: the run is scored in it too (score_run)
 
 
 EXPORT_DIR = "model"  # <run folder>/model: the proxy as a Hugging Face folder, after every rung
@@ -239,7 +240,7 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     peak = peak_flops(device, trainer.precision, torch.get_num_threads())
     mfu = model_flops_per_token(cfg, train.seq_len) * trainer.tokens_per_s / peak if peak > 0 else 0.0
     return Trained(model, trainer.tokens_seen, trainer.wall_time_s, trainer.tokens_per_s, flops, mfu,
-                   device_name(device))
+                   device_name(device), "bf16" if trainer.precision == "bf16" else "fp32")  # fp16 training: fp32
 
 
 @dataclass
@@ -253,9 +254,13 @@ class Scored:
     items: dict[str, dict[str, list[float | None]]]
 
 
-def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT) -> Scored:
+def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporter = SILENT,
+              precision: str = "fp32") -> Scored:
     """Score the model on every benchmark: every metric of scoring.config.METRICS, then the stage's task
-    metrics (``Stage.evaluate``: accuracy, label_nll; rbridge.scoring.task)."""
+    metrics (``Stage.evaluate``: accuracy, label_nll; rbridge.scoring.task).
+
+    ``precision``: the one the run trained in (``Trained.precision``), not the scorer's ``auto``, which
+    follows the machine's bf16 units: a stage served by several machines must score alike."""
     from rbridge.scoring.task import accuracy_items, item_interval, item_mean, label_nll_items
 
     out: dict[str, dict[str, float]] = {}
@@ -263,10 +268,6 @@ def score_run(ctx: RunContext, model, non_embedding_params: int, report: Reporte
     items: dict[str, dict[str, list[float | None]]] = {}
     n_tokens = 0
     tok = ctx.data.tokenizer
-    # Scored in the precision it trained in (fp32 on CPUs unless the stage says bf16), not the
-    # scorer's "auto": that would follow the machine's bf16 units, and a stage served by several
-    # machines must score alike.
-    precision = resolve_precision(ctx.stage.training.precision, next(model.parameters()).device)
     for bench in ctx.spec.benchmarks:
         traces = ctx.traces[bench.name]
         with report.progress(f"  score {ctx.stage.name}/{ctx.candidate} on {bench.name}", total=len(traces)) as bar:

@@ -159,7 +159,7 @@ class PlanWorker:
             # noticed when recording (stopping one rank alone would hang the others).
             trained = train_run(ctx, task.tokens, self.report, check=None if distributed else claim.check)
             failpoint("after-checkpoint")
-            scored = score_run(ctx, trained.model, n_params, self.report)
+            scored = score_run(ctx, trained.model, n_params, self.report, trained.precision)
             scores = scored.scores
             failpoint("after-score")
             claim.stop()
