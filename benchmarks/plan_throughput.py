@@ -1,6 +1,7 @@
 """Training tokens per wall second: a whole `rbridge plan` against a plain PyTorch loop, in one run.
 
     python benchmarks/plan_throughput.py [--preset 0.5M] [--tokens 393216] [--candidates 4] [--repeats 1]
+        [--plain fp32|all]
 
 The plan: one stage of ``--candidates`` candidates (mixtures of the repository's
 sources), ``--preset`` proxies, ``--tokens`` training tokens each, one rung, run as
@@ -13,7 +14,10 @@ trains on, the same batch size and sequence length) training the same models one
 after another in this process with the best thread count: 1 thread and every core
 are each timed on 8 steps of the first model (after 2 warm-up steps), and the faster
 trains all of them. Its time counts training steps only: no start-up, no loading,
-no scoring, no checkpoints.
+no scoring, no checkpoints. The loop runs in fp32, as a plain loop does; where the
+plan trains in bf16 (``precision: auto`` on a CPU with bf16 units,
+rbridge.proxy.peak.cpu_has_bf16) the loop also runs under bf16 autocast, and the
+like-for-like ratio against it is printed too (``--plain fp32`` skips that).
 
 The default budget, 393,216 tokens per candidate (4x the default plan's filter
 stage, 1,536 steps of 8 x 256 tokens in all), keeps start-up and scoring a minor
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -52,10 +57,13 @@ def spec_text(preset: str, tokens: int, n: int) -> str:
             f"evals: 1, keep: {n}}}\n")
 
 
-def plain_loop(spec_path: Path, threads: int, max_steps: int | None = None, candidates: int | None = None,
-               warmup: int = 0) -> tuple[float, int]:
+def plain_loop(spec_path: Path, threads: int, precision: str = "fp32", max_steps: int | None = None,
+               candidates: int | None = None, warmup: int = 0) -> tuple[float, int]:
     """Train every candidate's proxy one after another with a plain loop; (training seconds, tokens).
-    ``max_steps``/``candidates``/``warmup``: the thread-count probe (a few timed steps of the first model)."""
+    ``precision``: fp32, or bf16 autocast (fp32 weights). ``max_steps``/``candidates``/``warmup``: the
+    thread-count probe (a few timed steps of the first model)."""
+    import contextlib
+
     import torch
     from transformers import LlamaForCausalLM
 
@@ -69,6 +77,7 @@ def plain_loop(spec_path: Path, threads: int, max_steps: int | None = None, cand
     stage = spec.resolved_stages()[0]
     tr = stage.training
     seconds, tokens = 0.0, 0
+    cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     for cand in spec.candidates[:candidates]:
         rows, _ = build_mixture(cand.mix, data.shards, n_tokens=tr.tokens, seq_len=tr.seq_len, seed=0,
                                 cache_dir=data.cache_dir)
@@ -80,12 +89,15 @@ def plain_loop(spec_path: Path, threads: int, max_steps: int | None = None, cand
         starts = list(range(0, len(batches) - tr.batch_size + 1, tr.batch_size))
         for start in starts[:warmup]:
             x = batches[start:start + tr.batch_size]
-            model(input_ids=x, labels=x).loss.backward()
+            with cast():
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
             opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for start in starts[:max_steps]:
             x = batches[start:start + tr.batch_size]
-            loss = model(input_ids=x, labels=x).loss
+            with cast():
+                loss = model(input_ids=x, labels=x).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -95,14 +107,25 @@ def plain_loop(spec_path: Path, threads: int, max_steps: int | None = None, cand
     return seconds, tokens
 
 
-def run_plan(spec_path: Path, cwd: Path, cache: Path) -> float:
+def run_plan(spec_path: Path, cwd: Path, cache: Path) -> tuple[float, list[str]]:
+    """(wall seconds, the precisions its runs trained in) of one `rbridge plan` in a new process."""
     store = cwd / f"stores/run-{time.time_ns()}.db"
     env = dict(os.environ, RBRIDGE_CACHE=str(cache))
     env.pop("RBRIDGE_WORKERS", None)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "rbridge.cli", "plan", str(spec_path), "--store", str(store)], cwd=cwd,
                    env=env, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    with sqlite3.connect(store) as con:
+        precisions = sorted(p for (p,) in con.execute("SELECT DISTINCT precision FROM runs"))
+    return wall, precisions
+
+
+def best_plain(spec: Path, precision: str, cores: int) -> tuple[int, dict, float, int]:
+    """The thread probe, then every candidate at the faster count: (threads, probe, seconds, tokens)."""
+    probe = {t: plain_loop(spec, t, precision, max_steps=8, candidates=1, warmup=2) for t in sorted({1, cores})}
+    best_t = min(probe, key=lambda t: probe[t][0] / probe[t][1])
+    return (best_t, probe, *plain_loop(spec, best_t, precision))
 
 
 def main() -> None:
@@ -111,6 +134,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=393_216)
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--plain", choices=["fp32", "all"], default="all",
+                    help="fp32: the plain loop in fp32 only; all (default): also in the plan's precision")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -125,20 +150,25 @@ def main() -> None:
         cores = os.cpu_count() or 1
         print(f"{args.candidates} candidates x {args.tokens:,} tokens, preset {args.preset}, {cores} cores; "
               f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-        ratios = []
+        ratios: dict[str, list[float]] = {}
         for rep in range(args.repeats):
-            plan_s = run_plan(spec, root, cache)
-            probe = {t: plain_loop(spec, t, max_steps=8, candidates=1, warmup=2) for t in sorted({1, cores})}
-            best_t = min(probe, key=lambda t: probe[t][0] / probe[t][1])
-            plain_s, plain_tokens = plain_loop(spec, best_t)
+            plan_s, precisions = run_plan(spec, root, cache)
             plan_tps = args.candidates * args.tokens / plan_s
-            plain_tps = plain_tokens / plain_s
-            ratios.append(plan_tps / plain_tps)
-            print(f"repeat {rep + 1}: rbridge plan {plan_s:6.1f} s wall = {plan_tps:9,.0f} tokens/s; plain loop "
-                  "probe " + ", ".join(f"{t} thread(s) {n / s:,.0f} tokens/s" for t, (s, n) in probe.items())
-                  + f" -> {best_t} thread(s): {plain_s:6.1f} s = {plain_tps:9,.0f} tokens/s; ratio "
-                  f"{ratios[-1]:.2f}x", flush=True)
-        print(f"median ratio rbridge plan / plain loop: {statistics.median(ratios):.2f}x (of {len(ratios)})")
+            print(f"repeat {rep + 1}: rbridge plan {plan_s:6.1f} s wall = {plan_tps:9,.0f} tokens/s "
+                  f"(trained in {'/'.join(precisions)})", flush=True)
+            loops = ["fp32"] + [p for p in precisions if p != "fp32" and args.plain == "all"]
+            for precision in loops:
+                best_t, probe, plain_s, plain_tokens = best_plain(spec, precision, cores)
+                plain_tps = plain_tokens / plain_s
+                ratios.setdefault(precision, []).append(plan_tps / plain_tps)
+                print(f"  plain loop {precision}: probe " + ", ".join(f"{t} thread(s) {n / s:,.0f} tokens/s"
+                                                                      for t, (s, n) in probe.items())
+                      + f" -> {best_t} thread(s): {plain_s:6.1f} s = {plain_tps:9,.0f} tokens/s; ratio "
+                      f"{ratios[precision][-1]:.2f}x", flush=True)
+        for precision, got in ratios.items():
+            print(f"median ratio rbridge plan / plain {precision} loop: {statistics.median(got):.2f}x "
+                  f"(of {len(got)}: {', '.join(f'{r:.2f}x' for r in got)})")
+        print(f"load average at the end {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -41,11 +41,14 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     # Every run records its threads (the stage's rule: one for small proxies), its device and an MFU,
     # and status reports them per run and per stage.
     with sqlite3.connect(runs["2"][0]) as con:
-        rows = con.execute("SELECT threads, device, mfu FROM runs WHERE tokens_seen > 0").fetchall()
-    assert rows and all(t == 1 and d == "cpu" and 0 < m < 1 for t, d, m in rows), rows
+        rows = con.execute("SELECT threads, device, precision, mfu FROM runs WHERE tokens_seen > 0").fetchall()
+    # precision auto: bf16 where this CPU has bf16 units, else fp32 (the same in every run of a stage)
+    native = "bf16" if cpu_has_bf16() else "fp32"
+    assert rows and all(t == 1 and d == "cpu" and p == native and 0 < m < 1 for t, d, p, m in rows), rows
     shown = _rbridge(["status", "--store", str(runs["2"][0]), "--json"], tmp_path / "w2", dict(os.environ))
     status = json.loads(shown.stdout)
-    assert all(st["threads"] == 1 and st["devices"] == ["cpu"] and 0 < st["mfu"] < 1 for st in status["stages"])
+    assert all(st["threads"] == 1 and st["devices"] == ["cpu"] and st["precisions"] == [native]
+               and 0 < st["mfu"] < 1 for st in status["stages"])
     # Each run's proxy is exported as a Hugging Face folder after every rung: `rbridge score` on the run
     # folder re-scores it without training and gives the stored score of its last rung.
     with sqlite3.connect(runs["1"][0]) as con:
@@ -54,20 +57,21 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
             "WHERE r.stage = 'rank' AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
         ranked = con.execute("SELECT value, ci_low, ci_high FROM ranking").fetchall()
     assert (Path(folder) / "model/config.json").is_file() and (Path(folder) / "model/tokenizer.json").is_file()
-    # The plan scores in its training precision (fp32 on a CPU); `--precision fp32` reproduces it exactly.
+    # The plan scores in its training precision; `rbridge score --precision <it>` reproduces it exactly.
     rescored = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
-                         "--no-cache", "--per-trace", "--precision", "fp32"], tmp_path / "w1", dict(os.environ))
+                         "--no-cache", "--per-trace", "--precision", native], tmp_path / "w1", dict(os.environ))
     assert rescored.returncode == 0, rescored.stderr
     doc = json.loads(rescored.stdout)
     bench = doc["benchmarks"]["gsm8k"]
-    assert doc["precision"] == "fp32" and abs(bench["rbridge"] - stored) < 1e-6
-    # `auto` computes in bf16 where this CPU has bf16 units, and says so; the score stays close.
-    auto = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
-                     "--no-cache"], tmp_path / "w1", dict(os.environ))
-    assert auto.returncode == 0, auto.stderr
-    auto_doc = json.loads(auto.stdout)
-    assert auto_doc["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
-    assert abs(auto_doc["benchmarks"]["gsm8k"]["rbridge"] - stored) < 0.02 * stored
+    assert doc["precision"] == native and abs(bench["rbridge"] - stored) < 1e-6
+    # The other precision gives a close score, and says which it computed in.
+    other = {"bf16": "fp32", "fp32": "bf16"}[native]
+    again = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
+                      "--no-cache", "--precision", other], tmp_path / "w1", dict(os.environ))
+    assert again.returncode == 0, again.stderr
+    other_doc = json.loads(again.stdout)
+    assert other_doc["precision"] == other
+    assert abs(other_doc["benchmarks"]["gsm8k"]["rbridge"] - stored) < 0.02 * stored
     # Every ranked score carries its bootstrap interval over the traces, reproducible from seed 0:
     # 1,000 resamples of the per-trace values, 2.5% and 97.5% quantiles of their means.
     assert ranked and all(lo <= v <= hi for v, lo, hi in ranked)

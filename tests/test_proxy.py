@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 from rbridge.errors import InputError
 from rbridge.proxy import (PRESETS, ProxyTrainer, latest_checkpoint, lr_factor, param_counts, proxy_config,
                            proxy_train_flops, resolve_precision, train_flops)
+from rbridge.proxy.train import planned_precision
 
 VOCAB, SEQ, BATCH = 256, 32, 8
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -128,9 +129,18 @@ def test_warmup_cosine_schedule(random_data):
     assert t.lr_at(0) == pytest.approx(1.5e-3) and t.lr_at(39) == pytest.approx(3e-4)
 
 
-def test_precision_resolution():
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+def test_precision_resolution(monkeypatch):
+    from rbridge.proxy import peak
+
+    # auto follows the CPU's bf16 units (the one thing read from the machine; both answers tried here)
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(peak, "cpu_has_bf16", lambda: native)
+        assert resolve_precision("auto", torch.device("cpu")) == want
+        assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+        assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    # a stage started before runs recorded their precision keeps the old rule: fp32 on every CPU
+    assert planned_precision("auto", legacy=True) == "fp32"
+    assert planned_precision("bf16", legacy=True) == "bf16"
     with pytest.raises(InputError):
         resolve_precision("fp16x", torch.device("cpu"))
 

@@ -8,6 +8,7 @@ and decision transactions, between Optuna's tell and the decision write, ...
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -315,3 +316,37 @@ def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_
     assert again.returncode == 0, again.stdout + again.stderr
     _same(_ranking(db), expected)
     assert _decisions(db) == expected_decisions
+
+
+@pytest.mark.parametrize("recorded", ["other", "legacy"])
+def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_path, recorded):
+    """The first run of a stage fixes the stage's precision, as its threads: a resumed stage, or one another
+    machine joins, trains in it whatever this machine's auto would pick. A stage started before runs recorded
+    their precision (store schema < 7: a run with threads, no precision) keeps the old rule, fp32 on CPUs."""
+    from rbridge.proxy.peak import cpu_has_bf16
+
+    cache, _expected, _dec = baseline
+    env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1")
+    # killed after the first step of the stage's first run: it recorded threads and precision, no checkpoint yet
+    killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint="train-step:1")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    db = tmp_path / "stores/crash.db"
+    native = "bf16" if cpu_has_bf16() else "fp32"
+    with sqlite3.connect(db) as con:
+        started = con.execute("SELECT precision FROM runs WHERE threads > 0").fetchall()
+        assert started == [(native,)]  # recorded with the threads, before training
+        # as if another machine (or an older rbridge) had started the stage
+        want = {"bf16": "fp32", "fp32": "bf16"}[native] if recorded == "other" else "fp32"
+        con.execute("UPDATE runs SET precision = ? WHERE threads > 0", (want if recorded == "other" else "",))
+    again = _rbridge(["resume", "--store", str(db)], tmp_path, env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    with sqlite3.connect(db) as con:
+        rows = con.execute("SELECT stage, precision, checkpoint FROM runs WHERE tokens_seen > 0").fetchall()
+    filter_runs = [(p, c) for s, p, c in rows if s == "filter"]
+    assert len(filter_runs) == 4 and all(p == want for p, _ in filter_runs), filter_runs
+    # every checkpoint of the stage was trained in it (the trainer's identity), the killed run's included
+    for _, folder in filter_runs:
+        state = json.loads(next(Path(folder).glob("step_*/trainer.json")).read_text())
+        assert state["identity"]["precision"] == want, (folder, state["identity"])
+    # the next stage, not started by anyone, follows this machine's rule
+    assert {p for s, p, _ in rows if s == "rank"} == {native}

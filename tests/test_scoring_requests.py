@@ -146,13 +146,14 @@ def test_only_scored_positions_reach_the_output_layer_and_only_where_that_is_exa
 
 
 def test_precision_rules_and_the_callers_parameters_come_back_bit_for_bit(model, pairs, monkeypatch):
+    from rbridge.proxy import peak
     from rbridge.scoring import requests as rq
 
     assert rq.scoring_dtype("fp32", model) == torch.float32
     assert rq.scoring_dtype("bf16", model) == torch.bfloat16
     # auto follows the CPU's bf16 units (the one thing read from the machine; both answers tried here)
     for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(rq, "cpu_has_bf16", lambda: native)
+        monkeypatch.setattr(peak, "cpu_has_bf16", lambda: native)
         assert rq.scoring_dtype("auto", model) == dtype
     with pytest.raises(ValueError):
         rq.scoring_dtype("fp16x", model)

@@ -32,7 +32,7 @@ def _shown_url(url: str) -> str:
 # 10,000 runs and 30,000 evaluations loads in a tenth of the time).
 _RUN_COLUMNS = ("id", "stage", "stage_index", "candidate_id", "status", "worker", "tokens_seen", "tokens_target",
                 "params", "non_embedding_params", "train_flops", "score_flops", "wall_s", "tokens_per_s",
-                "superseded_by", "checkpoint", "threads", "device", "mfu")
+                "superseded_by", "checkpoint", "threads", "device", "precision", "mfu")
 _PLAN_COLUMNS = ("id", "name", "status", "revision", "spec_hash", "spec_text", "spec_path")
 
 
@@ -117,6 +117,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 "tokens_per_s": run["tokens_per_s"],
                 "threads": run["threads"],
                 "device": run["device"],
+                "precision": run["precision"],
                 "mfu": run["mfu"],
             })
         reached = sorted(rows, key=lambda r: (-r["tokens_seen"], r["score"] if r["score"] is not None else 1e300,
@@ -157,7 +158,8 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 stages.append({"name": name, "role": st.role, "group": st.group or name, "metric": st.pruning.metric,
                                "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
-                               "wall_s": 0.0, "threads": 0, "devices": [], "mfu": None})
+                               "wall_s": 0.0, "threads": 0, "devices": [], "precisions": [],
+                               "mfu": None})
     _add_progress(stages, stage_specs)
     superseded = []  # runs an accepted spec edit set aside: kept, left out of the stages above
     for run in sorted((r for r in all_runs if r["superseded_by"]),
@@ -198,11 +200,12 @@ def _stage_items(store, plan_id: int, stage: str, metric: str, n_rows: int) -> d
 
 
 def _hardware(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A stage's threads, devices and MFU (the runs' MFU weighted by their training seconds)."""
+    """A stage's threads, devices, precisions and MFU (the runs' MFU weighted by their training seconds)."""
     timed = [r for r in rows if r["mfu"] and r["wall_s"]]
     wall = sum(r["wall_s"] for r in timed)
     return {"threads": max((r["threads"] for r in rows), default=0),
             "devices": sorted({r["device"] for r in rows if r["device"]}),
+            "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
             "mfu": sum(r["mfu"] * r["wall_s"] for r in timed) / wall if wall else None}
 
 

@@ -297,8 +297,9 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         if stage["devices"]:
             on = ", ".join(stage["devices"])
             threads = f", {stage['threads']} CPU thread(s) per run" if stage["threads"] else ""
+            precision = f", {'/'.join(stage['precisions'])}" if stage["precisions"] else ""
             mfu = f", MFU {stage['mfu']:.1%}" if stage["mfu"] else ""
-            console.print(f"  trained on {on}{threads}{mfu} (MFU: model FLOPs/s over the device's peak, "
+            console.print(f"  trained on {on}{threads}{precision}{mfu} (MFU: model FLOPs/s over the device's peak, "
                           "rbridge.proxy.peak)")
     if info["superseded"]:
         by_rev: dict[int, list[str]] = {}

@@ -80,7 +80,7 @@ def run_message(ctx: RunContext, spec_hash: str, tokens: int, threads: int) -> d
             "stage": ctx.stage.name, "candidate": ctx.candidate, "mix": ctx.mix,
             "threads": threads, "tokens": tokens,
             "checkpoint": str(ctx.checkpoint_dir.resolve()), "seed": ctx.seed, "model_seed": ctx.model_seed,
-            "run_key": ctx.run_key}
+            "run_key": ctx.run_key, "precision": ctx.precision}
 
 
 def follow(ranks: Ranks, threads: int | None = None) -> int:
@@ -101,6 +101,7 @@ def follow(ranks: Ranks, threads: int | None = None) -> int:
         stage = next(st for st in spec.resolved_stages() if st.name == message["stage"])
         torch.set_num_threads(message["threads"])  # rank 0's count for this run
         ctx = RunContext(spec, stage, message["candidate"], message["mix"], data, {}, Path(message["checkpoint"]),
-                         seed=message["seed"], model_seed=message["model_seed"], run_key=message["run_key"])
+                         seed=message["seed"], model_seed=message["model_seed"], run_key=message["run_key"],
+                         precision=message["precision"])
         train_run(ctx, message["tokens"])
         n += 1

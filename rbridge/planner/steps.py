@@ -134,6 +134,7 @@ class RunContext:
     seed: int       # data order: from the spec seed, the stage and the candidate name
     model_seed: int  # initial weights: the same for every candidate of a stage
     run_key: str = ""  # the run's fingerprint: checkpoints in the folder written by another run are set aside
+    precision: str = ""  # what the run trains in (the worker's: its stage's first run fixed it); "": the stage's
 
 
 @dataclass
@@ -205,7 +206,7 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     # micro_batch_size is passed only when the spec sets it, so plans without it train exactly as before.
     micro = {"micro_batch_size": train.micro_batch_size} if train.micro_batch_size is not None else {}
     trainer = ProxyTrainer(cfg, rows, total_tokens=train.tokens, batch_size=train.batch_size, lr=train.lr,
-                           warmup_frac=train.warmup, seed=ctx.model_seed, precision=train.precision,
+                           warmup_frac=train.warmup, seed=ctx.model_seed, precision=ctx.precision or train.precision,
                            checkpoint_dir=ctx.checkpoint_dir,
                            save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None,
                            run_key=ctx.run_key or None, **micro)

@@ -72,6 +72,7 @@ class PlanWorker:
         self._announced: set[tuple[str, int]] = set()
         self._told_threads: set[str] = set()
         self._stage_threads: dict[str, int] = {}  # stage -> threads its first run recorded (0: none yet)
+        self._stage_precision: dict[str, str] = {}  # stage -> precision its first run recorded ("": none yet)
 
     @property
     def missing_stages(self) -> list[str]:
@@ -139,18 +140,35 @@ class PlanWorker:
                             f"(--threads {self.threads} applies to stages not yet started)")
         return fixed or threads_for(task.run.non_embedding_params, self.threads)
 
+    def precision_of(self, task: Task) -> str:
+        """The precision a run trains in: what it or its stage's first run recorded (a resumed stage,
+        or one that another machine joins, computes identically), else the stage's ``precision``
+        as a trainer in this process resolves it (rbridge.proxy.train.planned_precision)."""
+        from rbridge.proxy.train import planned_precision
+
+        name = task.stage.name
+        if not self._stage_precision.get(name):  # fixed once any run of the stage has started: read until then
+            self._stage_precision[name] = run_ops.stage_precision(self.store, self.state.plan_id, name)
+        fixed = task.run.precision or self._stage_precision[name]
+        asked = task.stage.training.precision
+        if fixed == run_ops.LEGACY_PRECISION:  # a stage started before runs recorded their precision
+            return planned_precision(asked, legacy=True)
+        # fp16 (accelerate launch --mixed_precision fp16) is the launcher's to give, not a stage's to ask
+        return fixed if fixed in ("fp32", "bf16") else planned_precision(asked)
+
     def advance(self, task: Task, claim: Claim) -> bool:
         """Train the claimed run to the rung, checkpoint, score, record; False if the claim was lost."""
         state, stage, name = self.state, task.stage, task.candidate.name
         seeded = (stage.seed,) if stage.seed else ()  # seed 0 derives as before seeds existed
+        n_params = task.run.non_embedding_params
+        threads, precision = self.threads_of(task), self.precision_of(task)
         ctx = RunContext(state.spec, stage, name, json.loads(task.candidate.mix), state.data, state.traces,
                          checkpoint_dir(self.store.url, state.name, stage.name, name),
                          seed=derive_seed(state.spec.seed, stage.name, name, *seeded),
-                         model_seed=derive_seed(state.spec.seed, stage.name, *seeded), run_key=task.run.fingerprint)
-        n_params = task.run.non_embedding_params
-        threads = self.threads_of(task)
+                         model_seed=derive_seed(state.spec.seed, stage.name, *seeded), run_key=task.run.fingerprint,
+                         precision=precision)
         torch.set_num_threads(threads)
-        run_ops.set_threads(self.store, task.run.id, claim.lease, self.me, threads)
+        run_ops.set_compute(self.store, task.run.id, claim.lease, self.me, threads, precision)
         try:
             distributed = self.ranks is not None and self.ranks.distributed
             if distributed:  # every rank trains this run with us

@@ -107,22 +107,36 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: f
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on CUDA with bf16 support, else "fp32".
+    """"auto" -> "bf16" where ``device`` computes bf16 natively (CUDA with bf16 support; a CPU
+    with AVX512_BF16 or AMX, rbridge.proxy.peak.cpu_has_bf16), else "fp32".
 
-    CPUs get fp32 whatever their units, so a plan computes the same numbers on every
-    CPU. On a Xeon with AVX-512 but no AVX512_BF16/AMX, bf16 autocast trained the
-    0.5M-8M presets at 0.3-0.7x the speed of fp32, i.e. 1.5-3.5x *slower*. On an AMD
-    EPYC with AVX512_BF16 it trained them 1.9x (0.5M), 2.1x (2M) and 3.1x (8M) *faster*,
-    on one thread (benchmarks/proxy_throughput.py --precisions fp32 bf16). So ask for
-    "bf16" in the stage on such CPUs (rbridge.scoring.requests.cpu_has_bf16 tells).
+    bf16 here is mixed precision: fp32 weights and optimizer state, matrix products in bf16
+    under autocast. On an AMD EPYC with AVX512_BF16 it trained the 0.5M, 2M and 8M presets
+    1.9x, 2.1x and 3.1x faster than fp32 on one thread (benchmarks/proxy_throughput.py
+    --precisions fp32 bf16); on a Xeon with AVX-512 but no bf16 units, where torch emulates
+    bf16, it trained them at 0.3-0.7x of fp32's speed, so such CPUs stay in fp32. A plan
+    records each stage's resolved precision with its first run and trains the rest of the
+    stage in it on every machine (rbridge.planner.worker), so a plan's numbers do not depend
+    on which machine took which run.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"must be auto, fp32 or bf16 (got {precision!r})", field="precision")
     if precision != "auto":
         return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    from rbridge.proxy.peak import native_bf16
+
+    return "bf16" if native_bf16(device.type) else "fp32"
+
+
+def planned_precision(precision: str, *, legacy: bool = False) -> str:
+    """What a ProxyTrainer made now in this process with ``precision`` computes in: the
+    accelerator's device and its own mixed precision (accelerate launch --mixed_precision) decide,
+    as in ProxyTrainer. ``legacy``: the rule from before runs recorded their precision (store
+    schema 7), under which ``auto`` meant fp32 on every CPU; a stage started then goes on in it."""
+    acc = Accelerator()
+    if legacy and precision == "auto" and acc.device.type == "cpu" and acc.mixed_precision == "no":
+        return "fp32"
+    return _precision_with(acc, resolve_precision(precision, acc.device), precision)
 
 
 def latest_checkpoint(checkpoint_dir: str | Path | None) -> Path | None:

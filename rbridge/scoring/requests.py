@@ -58,11 +58,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from functools import cache
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from rbridge.proxy.peak import cpu_has_bf16, native_bf16  # noqa: F401 (used here and by rbridge.scoring.api)
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -130,23 +131,6 @@ def _windows(n_ctx: int, total: int, max_len: int | None) -> list[tuple[int, int
     return out
 
 
-@cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX tiles), as oneDNN uses them.
-
-    Without them torch emulates bf16 on CPUs, slower than fp32 (an AVX-512 Xeon without
-    AVX512_BF16 trained proxies at 0.3-0.7x of fp32's speed). torch's own probes, else Linux's flags."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if all(callable(p) for p in probes):
-        return any(p() for p in probes)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def scoring_dtype(precision: str, model) -> torch.dtype:
     """The dtype a scoring pass computes in: ``fp32`` -> float32, ``bf16`` -> bfloat16, ``auto`` ->
     bfloat16 for a float32 model on a device that computes bf16 natively (CUDA with bf16 support,
@@ -161,13 +145,6 @@ def scoring_dtype(precision: str, model) -> torch.dtype:
     if param.dtype != torch.float32:
         return param.dtype  # a model loaded in bf16 or fp16 is scored as it is
     return torch.bfloat16 if native_bf16(param.device.type) else torch.float32
-
-
-def native_bf16(device_type: str) -> bool:
-    """Whether a ``device_type`` ("cpu", "cuda", ...) device of this machine computes bf16 natively."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and cpu_has_bf16()
 
 
 def precision_name(dtype: torch.dtype) -> str:

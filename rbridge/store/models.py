@@ -25,6 +25,9 @@ from sqlmodel import Field, SQLModel
 # 6: target stages: runs.role ('proxy' | 'target'), runs.stage_group (the stage as written: a stage
 #    with several seeds runs as <group>.s<seed>) and runs.seed; evaluation_items holds every
 #    evaluation's per-trace values (for paired bootstraps over test items).
+# 7: runs.precision ('fp32' | 'bf16': what the run trains in, recorded with its threads; the first
+#    run of a stage fixes it for the stage, as its threads; '' on a run not started, and on runs
+#    started before 7, whose stage keeps the old rule: auto = fp32 on CPUs).
 # The number itself lives in rbridge.store.version (read without SQLAlchemy); bump it there.
 from rbridge.store.version import SCHEMA_VERSION  # noqa: E402
 
@@ -101,6 +104,7 @@ class Run(SQLModel, table=True):
     tokens_per_s: float = 0.0
     threads: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # torch CPU threads; 0: not started
     device: str = Field(default="", sa_column_kwargs={"server_default": ""})   # "cpu", "cuda: NVIDIA H100 ..."
+    precision: str = Field(default="", sa_column_kwargs={"server_default": ""})  # fp32 | bf16; "": not started
     mfu: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})  # model FLOPs utilisation
     role: str = Field(default="proxy", sa_column_kwargs={"server_default": "proxy"})  # proxy | target
     stage_group: str = Field(default="", sa_column_kwargs={"server_default": ""})  # the stage as written

@@ -95,10 +95,28 @@ def stage_threads(store: Store, plan_id: int, stage: str) -> int:
                                                              Run.superseded_by == 0)).first() or 0)
 
 
-def set_threads(store: Store, run_id: int, lease: int, worker: str, threads: int) -> None:
-    """Record the CPU threads of a held run that has none yet (a run keeps its first count)."""
+LEGACY_PRECISION = "legacy"  # stage_precision: runs started before schema 7 recorded none
+
+
+def stage_precision(store: Store, plan_id: int, stage: str) -> str:
+    """The precision a stage's runs train in ("fp32" | "bf16"), fixed by the first of its live runs to
+    start; "" when none has; LEGACY_PRECISION when runs started before runs recorded it (schema 7)."""
+    live = (Run.plan_id == plan_id) & (Run.stage == stage) & (Run.superseded_by == 0)
     with store.session() as s:
-        s.execute(update(Run).where(_held(run_id, lease, worker) & (Run.threads == 0)).values(threads=threads))
+        first = s.exec(select(Run.precision).where(live & (Run.precision != ""))
+                       .order_by(Run.started_at, Run.id).limit(1)).first()
+        if first:
+            return first
+        started = s.exec(select(Run.id).where(live & ((Run.threads > 0) | (Run.tokens_seen > 0))).limit(1)).first()
+    return LEGACY_PRECISION if started is not None else ""
+
+
+def set_compute(store: Store, run_id: int, lease: int, worker: str, threads: int, precision: str) -> None:
+    """Record the CPU threads and precision of a held run that has none yet (a run keeps its first ones)."""
+    with store.session() as s:
+        held = _held(run_id, lease, worker)
+        s.execute(update(Run).where(held & (Run.threads == 0)).values(threads=threads))
+        s.execute(update(Run).where(held & (Run.precision == "")).values(precision=precision))
 
 
 def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,
