@@ -30,6 +30,8 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
         res = _rbridge(["plan", "crash.yaml"], d, env)
         assert res.returncode == 0, res.stdout + res.stderr
         runs[n] = (d / "stores/crash.db", res.stdout)
+    # every process closed its connections (the CLI skips the last garbage collections): WAL checkpointed
+    assert not any(Path(str(db) + "-wal").exists() for db, _ in runs.values())
     assert "local workers" not in runs["1"][1]
     out2 = runs["2"][1]
     assert "local workers: 1 more process(es) beside this one" in out2
@@ -88,3 +90,33 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _same(_ranking(d / "stores/crash.db"), _ranking(runs["1"][0]))
     assert _decisions(d / "stores/crash.db") == _decisions(runs["1"][0])
+
+
+WAITER = """
+import sys, time
+from rbridge.planner.local import read_line_from_stdin, stdin_waiter
+polls = []
+wait = stdin_waiter(poll=polls.append)
+print(read_line_from_stdin().strip(), flush=True)   # the plan's "go"
+t = time.monotonic(); wait(120); print("woke" if time.monotonic() - t < 100 else "slept", flush=True)
+wait(120); print("end of input" if polls == [] else "?", flush=True)  # EOF wakes it too
+wait(7.5); print("polls", polls, flush=True)  # after EOF: the plain poll
+"""
+
+
+def test_a_waiting_local_process_wakes_on_the_plans_nudge_and_polls_after_its_end(tmp_path):
+    """rbridge plan's local processes wait for news on stdin (LocalWorkers.nudge) instead of sleeping a
+    whole poll interval at every rung's end; once the plan closes their stdin they poll as before."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", WAITER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, bufsize=1)
+    proc.stdin.write("go\n\n")  # the word and a nudge at once: nothing of the nudge is buffered away
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "go"
+    assert proc.stdout.readline().strip() == "woke"
+    proc.stdin.close()
+    assert proc.stdout.readline().strip() == "end of input"
+    assert proc.stdout.readline().strip() == "polls [7.5]"
+    assert proc.wait(timeout=60) == 0

@@ -76,6 +76,18 @@ class _LazyGroup(click.Group):
             self._load(module)
         return super().list_commands(ctx)
 
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, **kwargs)  # exits through SystemExit
+        finally:
+            # The work is done and every store closed. Freezing the objects left spares the
+            # interpreter's last garbage collections over them: with torch and transformers
+            # loaded, the process then ends in about 0.2 s instead of 1.2 s (CPython's gc.freeze;
+            # every local worker of a plan, and the plan itself, end that much sooner).
+            import gc
+
+            gc.freeze()
+
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands:
             for module in ([self.modules[name]] if name in self.modules else self.every_module):

@@ -170,10 +170,15 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
         for module in ("rbridge.planner.steps", "rbridge.proxy.train", "rbridge.scoring.scorer"):
             importlib.import_module(module)  # torch, transformers, Accelerate: seconds, spent while waiting
 
-        if not sys.stdin.readline():
+        from rbridge.planner.local import read_line_from_stdin, stdin_waiter
+
+        if not read_line_from_stdin():
             return  # the plan stopped before its store was ready
+        wait = {"wait": stdin_waiter()}  # the plan nudges it through stdin when the plan moves
+    else:
+        wait = {}
     w = Worker(store, RichReporter(console), plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
-               heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None)
+               heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None, **wait)
     try:
         with stop.polite_signals():
             done = w.run()

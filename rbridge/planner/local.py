@@ -14,6 +14,14 @@ checks its inputs, then blocks on its stdin until ``release()`` writes that the
 store and the plan row exist, so the first rung's runs start together. Closing
 stdin without a word (a plan that failed its checks) makes them exit quietly.
 
+While the plan runs, a process that has nothing to claim (its rung's other runs
+still training elsewhere) waits for news rather than sleeping a whole poll
+interval: the plan writes a newline to the processes' stdin whenever it sees the
+plan move (``nudge``: a run recorded, a rung decided), and it wakes itself on any
+line a process prints (each prints when it claims, records or decides). At every
+rung's end the next rung starts within milliseconds, not up to ``RBRIDGE_POLL_S``
+(2 s) later; the polls remain, for workers on other machines.
+
 Each process's lines are relayed through the plan's reporter, prefixed with
 ``w<i>|``. A polite stop of the plan (SIGTERM, Ctrl-C) is passed on to them;
 when the plan ends they exit by themselves (``--until-idle``).
@@ -26,6 +34,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +98,39 @@ def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 
                   threads=stage_threads[0] if len(set(stage_threads)) == 1 else None)
 
 
+def stdin_waiter(poll: Callable[[float], None] = time.sleep) -> Callable[[float], None]:
+    """For a local process (``rbridge worker --ready-on-stdin``): wait up to the given seconds, waking
+    early on a line from the plan (``LocalWorkers.nudge``); once the plan closes stdin, or where pipes
+    cannot be selected (Windows), plain ``poll``. Reads the descriptor itself: no buffer hides a nudge."""
+    import select
+
+    fd = sys.stdin.fileno()
+    state = {"open": True}
+
+    def wait(seconds: float) -> None:
+        if not state["open"]:
+            return poll(seconds)
+        try:
+            ready, _, _ = select.select([fd], [], [], seconds)
+            if ready and not os.read(fd, 65536):
+                state["open"] = False  # end of input: the plan is ending
+        except (OSError, ValueError):
+            state["open"] = False
+            poll(seconds)
+    return wait
+
+
+def read_line_from_stdin() -> str:
+    """One line of stdin read from the descriptor, byte by byte (nothing buffered past it); '' at its end."""
+    fd, out = sys.stdin.fileno(), bytearray()
+    while not out.endswith(b"\n"):
+        b = os.read(fd, 1)
+        if not b:
+            break
+        out += b
+    return out.decode()
+
+
 class LocalWorkers:
     """``rbridge worker --until-idle`` processes serving one plan, for the life of a ``with`` block."""
 
@@ -102,6 +145,7 @@ class LocalWorkers:
         self.procs: list[subprocess.Popen] = []
         self._pumps: list[threading.Thread] = []
         self._released = False
+        self._news = threading.Event()  # set by the pumps on every line a process prints
 
     def __enter__(self) -> "LocalWorkers":
         for i in range(1, self.layout.processes):
@@ -123,10 +167,11 @@ class LocalWorkers:
         return self
 
     def release(self) -> None:
-        """Tell the waiting processes that the store and the plan row exist: they open it and take runs."""
-        self._hand_over("go\n")
+        """Tell the waiting processes that the store and the plan row exist: they open it and take runs.
+        Their stdin stays open for ``nudge``, written without blocking, until the block ends."""
+        self._hand_over("go\n", keep_open=True)
 
-    def _hand_over(self, word: str) -> None:
+    def _hand_over(self, word: str, keep_open: bool = False) -> None:
         if self._released:
             return
         self._released = True
@@ -134,8 +179,33 @@ class LocalWorkers:
             try:
                 if word:
                     proc.stdin.write(word)
-                proc.stdin.close()
+                    proc.stdin.flush()
+                if keep_open:
+                    os.set_blocking(proc.stdin.fileno(), False)  # a process not reading never stalls the plan
+                else:
+                    proc.stdin.close()
             except (BrokenPipeError, OSError):  # it died already; wait() collects its code
+                pass
+
+    def nudge(self) -> None:
+        """Wake the processes waiting for news (PlanWorker.changed: this process saw the plan move)."""
+        for proc in self.procs:
+            if self._released and not proc.stdin.closed:
+                try:
+                    os.write(proc.stdin.fileno(), b"\n")
+                except OSError:  # gone, or a full pipe: it is not waiting then, or will poll
+                    pass
+
+    def wait_for_news(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking as soon as a local process prints a line."""
+        self._news.wait(seconds)
+        self._news.clear()
+
+    def _close_stdin(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.stdin.close()
+            except OSError:
                 pass
 
     def _pump(self, index: int, proc: subprocess.Popen) -> None:
@@ -143,6 +213,7 @@ class LocalWorkers:
             line = line.rstrip()
             if line:  # the reporter reads rich markup: the relayed text's brackets are escaped
                 self.report.say(f"w{index}| " + line.replace("[", "\\["))
+            self._news.set()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Pass a polite stop on: each checkpoints its running proxy and exits."""
@@ -167,6 +238,7 @@ class LocalWorkers:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._hand_over("")  # never released (the plan failed before its store was ready): they exit quietly
+        self._close_stdin()  # released: no more nudges; they poll from here on
         if exc_type is not None:  # stopped or failed: the others checkpoint and stop too
             self.stop()
         # At the plan's end they see it done within one poll; a stopped one checkpoints first.

@@ -222,15 +222,16 @@ class Planner:
         # Every stage's study (and Optuna's tables) exists before a worker can see the
         # plan row: workers never race to create them.
         for stage in self.stages:
-            mirror.study(self.store.url, self.spec.name, stage.name)
+            mirror.ensure_study(self.store.url, self.spec.name, stage.name)
         plan = self._plan_row(data)
         self.reused_runs = plan_ops.evaluated_rungs(self.store, plan.id)
         state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=traces)
         if self.local:
-            worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout)
+            worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout,
+                                changed=local.nudge)
             started = utcnow()
             local.release()
-            serve_plan(worker, self.poll_s)
+            serve_plan(worker, self.poll_s, wait=local.wait_for_news)
             # every local process's work (a revived superseded run brings its evaluations, not new ones)
             self.trained_runs = plan_ops.evaluated_rungs(self.store, plan.id, since=started)
         else:

@@ -102,7 +102,7 @@ def reconcile(store: Store, plan: Plan, old: Spec | None, new: Spec, data, repor
         raise InputError("another process changed this plan's spec meanwhile; run the command again",
                          file=new.path)
     for stage in change.redecide_stages:  # the revision's fresh studies; the old ones are kept
-        mirror.study(store.url, plan.name, stage, revision)
+        mirror.ensure_study(store.url, plan.name, stage, revision)
     redone = [f"{run.stage}/{name}" for run, name, _ in dropped]
     report.say(f"spec changed (--force): revision {revision}; {len(redone)} runs to redo"
                + (f" ({', '.join(redone)}; superseded, kept)" if redone else "")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -58,8 +58,12 @@ class PlanWorker:
 
     def __init__(self, state: PlanState, threads: int | None = None,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S, stages: list[str] | None = None,
-                 ranks: Ranks | None = None):
+                 ranks: Ranks | None = None, changed: Callable[[], None] | None = None):
         self.state = state
+        # Called when this process sees the plan move (a rung done or decided, a run recorded): rbridge
+        # plan wakes its waiting local processes with it (LocalWorkers.nudge) instead of their next poll.
+        self.changed = changed
+        self._seen: tuple | None = None
         self.store = state.store
         self.report = state.report
         self.threads = threads
@@ -225,6 +229,10 @@ class PlanWorker:
     def step(self) -> str:
         """Do one unit of work if there is one: 'worked', 'waiting' (others hold the work) or 'done'."""
         sync = self.state.sync()
+        seen = (sync.done, sync.stage.name if sync.stage else None, sync.rung, sync.n_done)
+        if self.changed is not None and seen != self._seen:
+            self._seen = seen
+            self.changed()
         if sync.done:
             return "done"
         for task in sorted(sync.tasks, key=lambda t: t.candidate.name):
@@ -251,8 +259,10 @@ class Worker:
 
     def __init__(self, store: str, report: Reporter = SILENT, plan: str | None = None, until_idle: bool = False,
                  poll_s: float = 2.0, threads: int | None = None,
-                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S, stages: list[str] | None = None):
+                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S, stages: list[str] | None = None,
+                 wait: Callable[[float], None] = time.sleep):
         self.store = open_store(store)
+        self.wait = wait  # between polls; rbridge plan's local processes wake early when it nudges them
         self.report = report
         self.plan = plan
         self.until_idle = until_idle
@@ -301,7 +311,7 @@ class Worker:
                 if self.until_idle and plans and not any(p.status != "done"
                                                           for p in plan_ops.list_plans(self.store, self.plan)):
                     return self.trained
-                time.sleep(self.poll_s)
+                self.wait(self.poll_s)
                 self.ranks.send("wait")
         finally:
             try:
@@ -311,15 +321,16 @@ class Worker:
                 self.store.close()
 
 
-def serve_plan(worker: PlanWorker, poll_s: float = 2.0) -> None:
-    """Work on one plan until it is done (``rbridge plan``'s own worker)."""
+def serve_plan(worker: PlanWorker, poll_s: float = 2.0, wait: Callable[[float], None] = time.sleep) -> None:
+    """Work on one plan until it is done (``rbridge plan``'s own worker). ``wait``: between polls
+    (LocalWorkers.wait_for_news wakes as soon as a local process reports)."""
     while True:
         stop.check()
         what = worker.step()
         if what == "done":
             return
         if what == "waiting":
-            time.sleep(poll_s)
+            wait(poll_s)
 
 
 def wait_for_plan(state: PlanState, poll_s: float = 2.0) -> None:
