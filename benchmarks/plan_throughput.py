@@ -1,7 +1,7 @@
 """Training tokens per wall second: a whole `rbridge plan` against a plain PyTorch loop, in one run.
 
     python benchmarks/plan_throughput.py [--preset 0.5M] [--tokens 393216] [--candidates 4] [--repeats 1]
-        [--plain fp32|all]
+        [--precision auto|fp32|bf16] [--plain fp32|all]
 
 The plan: one stage of ``--candidates`` candidates (mixtures of the repository's
 sources), ``--preset`` proxies, ``--tokens`` training tokens each, one rung, run as
@@ -45,7 +45,7 @@ MIXES = ["{austen: 1.0}", "{kjv: 1.0}", "{austen: 0.8, cot: 0.2}", "{pydocs: 0.5
          "{spam: 1.0}", "{code: 1.0}", "{shakespeare: 1.0}"]
 
 
-def spec_text(preset: str, tokens: int, n: int) -> str:
+def spec_text(preset: str, tokens: int, n: int, precision: str = "auto") -> str:
     sources = "".join(f"  {s}: {{path: {REPO}/specs/data/{f}}}\n" for s, f in [
         ("austen", "austen.txt.gz"), ("kjv", "kjv.txt.gz"), ("sotu", "sotu.jsonl.gz"), ("pydocs", "pydocs.jsonl.gz"),
         ("spam", "spam.jsonl.gz"), ("code", "code.jsonl.gz"), ("shakespeare", "shakespeare.jsonl.gz"),
@@ -54,7 +54,7 @@ def spec_text(preset: str, tokens: int, n: int) -> str:
     return (f"name: bench\ntokenizer: {{train: {{vocab_size: 4096}}}}\nsources:\n{sources}candidates:\n{cands}"
             f"benchmarks:\n  - {{name: gsm8k, traces: {REPO}/specs/traces/gsm8k.jsonl}}\n"
             f"stages:\n  - {{name: s, proxy: {{preset: {preset}}}, tokens: {tokens}, seq_len: 256, batch_size: 8, "
-            f"evals: 1, keep: {n}}}\n")
+            f"evals: 1, keep: {n}, precision: {precision}}}\n")
 
 
 def plain_loop(spec_path: Path, threads: int, precision: str = "fp32", max_steps: int | None = None,
@@ -134,13 +134,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=393_216)
     ap.add_argument("--candidates", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="the plan's stage precision (default auto: bf16 on CPUs with bf16 units)")
     ap.add_argument("--plain", choices=["fp32", "all"], default="all",
                     help="fp32: the plain loop in fp32 only; all (default): also in the plan's precision")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         spec = root / "bench.yaml"
-        spec.write_text(spec_text(args.preset, args.tokens, args.candidates))
+        spec.write_text(spec_text(args.preset, args.tokens, args.candidates, args.precision))
         cache = root / "cache"
         os.environ["RBRIDGE_CACHE"] = str(cache)
         from rbridge.planner.steps import prepare_data
