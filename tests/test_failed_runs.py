@@ -76,4 +76,5 @@ def test_failing_a_trial_another_decider_finished_meanwhile_changes_nothing(tmp_
     with mock.patch("optuna.storages.RDBStorage.set_trial_state_values", finished_meanwhile):
         mirror.fail(url, "p", "s", n)
         mirror.fail_orphans(url, "p", "s", set())
-    assert mirror.study(url, "p", "s").trials[0].state.name == "RUNNING"  # untouched: the other decider's call
+    with mirror.study(url, "p", "s") as st:
+        assert st.trials[0].state.name == "RUNNING"  # untouched: the other decider's call

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rbridge.scoring.requests import cpu_has_bf16
+from rbridge.proxy.peak import cpu_has_bf16
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
 

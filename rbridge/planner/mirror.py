@@ -24,19 +24,11 @@ def study_name(plan: str, stage: str, revision: int = 0) -> str:
     return f"{plan}:{stage}" + (f"@r{revision}" if revision else "")
 
 
-def study(store_url: str, plan: str, stage: str, revision: int = 0) -> optuna.Study:
-    """The stage's study, created when missing (its storage is left to the caller and the garbage
-    collector: the planner's own calls go through :func:`_study`, which closes it)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(study_name=study_name(plan, stage, revision), storage=store_url,
-                               direction="minimize", load_if_exists=True)
-
-
 @contextmanager
-def _study(store_url: str, plan: str, stage: str, revision: int = 0) -> Iterator[optuna.Study]:
-    """The stage's study on a storage of its own, whose connections are closed after the block: no
-    SQLite connection is left for the garbage collector, so a process's last one to close checkpoints
-    the store's WAL (rbridge's CLI skips the collections at exit: rbridge.commands._base)."""
+def study(store_url: str, plan: str, stage: str, revision: int = 0) -> Iterator[optuna.Study]:
+    """The stage's study (created when missing) on a storage of its own, whose connections are closed
+    after the block: none is left to the garbage collector, so a process's last connection to close
+    checkpoints the store's WAL (rbridge's CLI skips the collections at exit: rbridge.commands._base)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.RDBStorage(store_url)
     try:
@@ -49,13 +41,13 @@ def _study(store_url: str, plan: str, stage: str, revision: int = 0) -> Iterator
 
 def ensure_study(store_url: str, plan: str, stage: str, revision: int = 0) -> None:
     """Create the stage's study if it is missing."""
-    with _study(store_url, plan, stage, revision):
+    with study(store_url, plan, stage, revision):
         pass
 
 
 def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0) -> int:
     """A new trial for a run; returns its number."""
-    with _study(store_url, plan, stage, revision) as st:
+    with study(store_url, plan, stage, revision) as st:
         trial = st.ask()
         trial.set_user_attr("candidate", candidate)
         return trial.number
@@ -63,7 +55,7 @@ def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0
 
 def fail(store_url: str, plan: str, stage: str, number: int, revision: int = 0) -> None:
     """Mark a trial failed (asked by a worker whose run took another trial, or a failed run's)."""
-    with _study(store_url, plan, stage, revision) as st:
+    with study(store_url, plan, stage, revision) as st:
         try:
             st.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         except (UpdateFinishedTrialError, ValueError):  # another decider finished it between check and write
@@ -74,7 +66,7 @@ def tell_rung(store_url: str, plan: str, stage: str, results: list[tuple[int | N
               step: int, final: bool, revision: int = 0) -> None:
     """Report a rung: each (trial number, score, kept) at ``step`` tokens; pruned trials end PRUNED,
     and at the stage's last rung the kept ones end COMPLETE with their score."""
-    with _study(store_url, plan, stage, revision) as st:
+    with study(store_url, plan, stage, revision) as st:
         _tell_rung(st, results, step, final)
 
 
@@ -102,7 +94,7 @@ def fail_orphans(store_url: str, plan: str, stage: str, run_trials: set[int | No
     Called when a stage's last rung is decided: every run of the stage was claimed
     (and got its trial) by then, so a RUNNING trial no run names is an orphan.
     """
-    with _study(store_url, plan, stage, revision) as st:
+    with study(store_url, plan, stage, revision) as st:
         for t in st.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.number not in run_trials:
                 try:

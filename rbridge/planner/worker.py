@@ -75,8 +75,7 @@ class PlanWorker:
         self.trained = 0  # (run, rung) steps this process trained and recorded
         self._announced: set[tuple[str, int]] = set()
         self._told_threads: set[str] = set()
-        self._stage_threads: dict[str, int] = {}  # stage -> threads its first run recorded (0: none yet)
-        self._stage_precision: dict[str, str] = {}  # stage -> precision its first run recorded ("": none yet)
+        self._stage_compute: dict[str, tuple[int, str]] = {}  # stage -> (threads, precision) its first run fixed
 
     @property
     def missing_stages(self) -> list[str]:
@@ -130,14 +129,19 @@ class PlanWorker:
                 self.report.say(f"  rung {task.rung}: {sync.n_done} of {sync.n_done + len(sync.tasks)} runs "
                                 "already trained and scored")
 
-    def threads_of(self, task: Task) -> int:
-        """CPU threads for a run: what its stage's first run recorded (so a resumed stage, or one a
-        process with another --threads joins, computes identically), else the rule of
-        rbridge.planner.local.threads_for."""
+    def _fixed(self, task: Task) -> tuple[int, str]:
+        """(threads, precision) the run's stage fixed with its first run ((0, "") before any started):
+        read from the store until then, so a resumed stage, or one that a process with another
+        --threads or on another kind of machine joins, computes identically."""
         name = task.stage.name
-        if not self._stage_threads.get(name):  # fixed once any run of the stage has started: read until then
-            self._stage_threads[name] = run_ops.stage_threads(self.store, self.state.plan_id, name)
-        fixed = task.run.threads or self._stage_threads[name]
+        if not self._stage_compute.get(name, (0, ""))[0]:
+            self._stage_compute[name] = run_ops.stage_compute(self.store, self.state.plan_id, name)
+        return self._stage_compute[name]
+
+    def threads_of(self, task: Task) -> int:
+        """CPU threads for a run: what it or its stage's first run recorded, else the rule of
+        rbridge.planner.local.threads_for."""
+        fixed = task.run.threads or self._fixed(task)[0]
         if fixed and self.threads and fixed != self.threads and task.stage.name not in self._told_threads:
             self._told_threads.add(task.stage.name)
             self.report.say(f"  stage {task.stage.name} trains with {fixed} CPU thread(s), as its first runs did "
@@ -145,15 +149,11 @@ class PlanWorker:
         return fixed or threads_for(task.run.non_embedding_params, self.threads)
 
     def precision_of(self, task: Task) -> str:
-        """The precision a run trains in: what it or its stage's first run recorded (a resumed stage,
-        or one that another machine joins, computes identically), else the stage's ``precision``
-        as a trainer in this process resolves it (rbridge.proxy.train.planned_precision)."""
+        """The precision a run trains in: what it or its stage's first run recorded, else the stage's
+        ``precision`` as a trainer in this process resolves it (rbridge.proxy.train.planned_precision)."""
         from rbridge.proxy.train import planned_precision
 
-        name = task.stage.name
-        if not self._stage_precision.get(name):  # fixed once any run of the stage has started: read until then
-            self._stage_precision[name] = run_ops.stage_precision(self.store, self.state.plan_id, name)
-        fixed = task.run.precision or self._stage_precision[name]
+        fixed = task.run.precision or self._fixed(task)[1]
         asked = task.stage.training.precision
         if fixed == run_ops.LEGACY_PRECISION:  # a stage started before runs recorded their precision
             return planned_precision(asked, legacy=True)

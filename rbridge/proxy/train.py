@@ -128,12 +128,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if native_bf16(device.type) else "fp32"
 
 
-def planned_precision(precision: str, *, legacy: bool = False) -> str:
-    """What a ProxyTrainer made now in this process with ``precision`` computes in: the
-    accelerator's device and its own mixed precision (accelerate launch --mixed_precision) decide,
-    as in ProxyTrainer. ``legacy``: the rule from before runs recorded their precision (store
+def planned_precision(precision: str, accelerator: Accelerator | None = None, *, legacy: bool = False) -> str:
+    """What a ProxyTrainer on ``accelerator`` (default: a new one in this process) computes in when asked
+    for ``precision``: the device and the accelerator's own mixed precision (accelerate launch
+    --mixed_precision) decide. ``legacy``: the rule from before runs recorded their precision (store
     schema 7), under which ``auto`` meant fp32 on every CPU; a stage started then goes on in it."""
-    acc = Accelerator()
+    acc = accelerator if accelerator is not None else Accelerator()
     if legacy and precision == "auto" and acc.device.type == "cpu" and acc.mixed_precision == "no":
         return "fp32"
     return _precision_with(acc, resolve_precision(precision, acc.device), precision)
@@ -253,7 +253,7 @@ class ProxyTrainer:
             raise InputError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x "
                              f"{acc.num_processes} process(es); with {acc.num_processes} process(es) use one of: "
                              f"{fits}", field="micro_batch_size")
-        self.precision = _precision_with(acc, resolve_precision(precision, acc.device), precision)
+        self.precision = planned_precision(precision, acc)
 
         self.data = data
         self.seq_len = data.shape[1]

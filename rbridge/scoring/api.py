@@ -27,7 +27,8 @@ import rbridge
 from rbridge.errors import InputError
 from rbridge.scoring import cache
 from rbridge.scoring.baselines import baseline_scores
-from rbridge.scoring.requests import PRECISIONS, native_bf16, precision_name, scoring_dtype
+from rbridge.proxy.peak import native_bf16
+from rbridge.scoring.requests import PRECISIONS, precision_name, scoring_dtype
 from rbridge.scoring.scorer import AGGREGATES, CONTEXTS, MINMAX, BenchmarkScore, score_benchmarks, scores_to_json
 from rbridge.scoring.traces import group_by_benchmark, load_traces
 

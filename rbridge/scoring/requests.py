@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rbridge.proxy.peak import cpu_has_bf16, native_bf16  # noqa: F401 (used here and by rbridge.scoring.api)
+from rbridge.proxy.peak import native_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -134,7 +134,7 @@ def _windows(n_ctx: int, total: int, max_len: int | None) -> list[tuple[int, int
 def scoring_dtype(precision: str, model) -> torch.dtype:
     """The dtype a scoring pass computes in: ``fp32`` -> float32, ``bf16`` -> bfloat16, ``auto`` ->
     bfloat16 for a float32 model on a device that computes bf16 natively (CUDA with bf16 support,
-    a CPU with :func:`cpu_has_bf16`), else the model's own dtype."""
+    a CPU with rbridge.proxy.peak.cpu_has_bf16), else the model's own dtype."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "fp32":

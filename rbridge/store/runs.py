@@ -88,27 +88,21 @@ def rung_recorded(store: Store, run_id: int, rung: int) -> bool:
             is not None
 
 
-def stage_threads(store: Store, plan_id: int, stage: str) -> int:
-    """The CPU threads a stage's runs train with, fixed by the first of its live runs to start; 0: none has."""
-    with store.session() as s:
-        return int(s.exec(select(func.max(Run.threads)).where(Run.plan_id == plan_id, Run.stage == stage,
-                                                             Run.superseded_by == 0)).first() or 0)
+LEGACY_PRECISION = "legacy"  # stage_compute: runs started before schema 7 recorded no precision
 
 
-LEGACY_PRECISION = "legacy"  # stage_precision: runs started before schema 7 recorded none
-
-
-def stage_precision(store: Store, plan_id: int, stage: str) -> str:
-    """The precision a stage's runs train in ("fp32" | "bf16"), fixed by the first of its live runs to
-    start; "" when none has; LEGACY_PRECISION when runs started before runs recorded it (schema 7)."""
+def stage_compute(store: Store, plan_id: int, stage: str) -> tuple[int, str]:
+    """(CPU threads, precision) a stage's runs train with, fixed by the first of its live runs to start:
+    (0, "") when none has; the precision is LEGACY_PRECISION when runs started before runs recorded it
+    (schema 7), and that of the earliest-started run if racing runs recorded two."""
     live = (Run.plan_id == plan_id) & (Run.stage == stage) & (Run.superseded_by == 0)
     with store.session() as s:
-        first = s.exec(select(Run.precision).where(live & (Run.precision != ""))
-                       .order_by(Run.started_at, Run.id).limit(1)).first()
-        if first:
-            return first
-        started = s.exec(select(Run.id).where(live & ((Run.threads > 0) | (Run.tokens_seen > 0))).limit(1)).first()
-    return LEGACY_PRECISION if started is not None else ""
+        threads, started = s.exec(select(func.max(Run.threads), func.max(Run.tokens_seen)).where(live)).first()
+        precision = s.exec(select(Run.precision).where(live & (Run.precision != ""))
+                           .order_by(Run.started_at, Run.id).limit(1)).first()
+    if not precision and (threads or started):
+        precision = LEGACY_PRECISION
+    return int(threads or 0), precision or ""
 
 
 def set_compute(store: Store, run_id: int, lease: int, worker: str, threads: int, precision: str) -> None:
