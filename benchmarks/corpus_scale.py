@@ -98,6 +98,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from _corpus import PeakRSS, kernel_documents
+    from _machine import print_machine
+
+    print_machine()
 
     tmp = Path(tempfile.mkdtemp(prefix="rbridge-scale-", dir=args.work))
     try:

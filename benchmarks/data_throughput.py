@@ -112,6 +112,9 @@ def main() -> None:
         return
 
     from _corpus import kernel_documents, write_jsonl
+    from _machine import print_machine
+
+    print_machine()
 
     from rbridge.data import SourceConfig, train_tokenizer
 

@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-run", action="store_true", help="read the store as it is")
     ap.add_argument("--resamples", type=int, default=1000)
     args = ap.parse_args(argv)
+    from _machine import print_machine
+
+    print_machine()
     store = Path(args.store)
     if not args.no_run:
         t0 = time.time()

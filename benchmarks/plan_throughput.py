@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--plain", choices=["fp32", "all"], default="all",
                     help="fp32: the plain loop in fp32 only; all (default): also in the plan's precision")
     args = ap.parse_args()
+    from _machine import print_machine
+
+    print_machine()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         spec = root / "bench.yaml"

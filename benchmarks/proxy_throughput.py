@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement, at least")
     args = parser.parse_args()
+    from _machine import print_machine
 
+    print_machine()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, {device_name(device)}, cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}, vocab {VOCAB}, seq_len {SEQ_LEN}, batch {args.batch_size}, "

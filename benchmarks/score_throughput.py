@@ -228,6 +228,9 @@ def main() -> None:
     ap.add_argument("--proxy", default=None, help="with --whole-process: score a proxy of this preset (random "
                     "weights) with --model's tokenizer instead of --model")
     args = ap.parse_args()
+    from _machine import print_machine
+
+    print_machine(None if args.whole_process else args.threads)  # --whole-process: every core
     if args.whole_process:
         return whole_process(args)
     torch.set_num_threads(args.threads)

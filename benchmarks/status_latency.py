@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10_000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    from _machine import print_machine
+
+    print_machine()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         db = root / "bench.db"

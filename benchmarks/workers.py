@@ -80,6 +80,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="training tokens per run in each stage")
     ap.add_argument("--store-url", default=None, help="two empty PostgreSQL databases, comma-separated")
     args = ap.parse_args()
+    from _machine import print_machine
+
+    print_machine()
     work = Path(tempfile.mkdtemp(prefix="rbridge-bench-workers-"))
     lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:24]
     (work / "traces.jsonl").write_text("\n".join(lines) + "\n")
