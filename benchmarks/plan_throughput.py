@@ -15,8 +15,8 @@ after another in this process with the best thread count: 1 thread and every cor
 are each timed on 8 steps of the first model (after 2 warm-up steps), and the faster
 trains all of them. Its time counts training steps only: no start-up, no loading,
 no scoring, no checkpoints. The loop runs in fp32, as a plain loop does; where the
-plan trains in bf16 (``precision: auto`` on a CPU with bf16 units,
-rbridge.proxy.peak.cpu_has_bf16) the loop also runs under bf16 autocast, and the
+plan trains in bf16 (``precision: auto`` where bf16 measured clearly faster,
+rbridge.proxy.precision) the loop also runs under bf16 autocast, and the
 like-for-like ratio against it is printed too (``--plain fp32`` skips that).
 
 The default budget, 393,216 tokens per candidate (4x the default plan's filter
@@ -67,7 +67,7 @@ def plain_loop(spec_path: Path, threads: int, precision: str = "fp32", max_steps
     import torch
     from transformers import LlamaForCausalLM
 
-    from rbridge.planner.steps import _config, prepare_data
+    from rbridge.planner.steps import prepare_data, stage_config
     from rbridge.spec import load_spec
     from rbridge.data import build_mixture
 
@@ -82,7 +82,7 @@ def plain_loop(spec_path: Path, threads: int, precision: str = "fp32", max_steps
         rows, _ = build_mixture(cand.mix, data.shards, n_tokens=tr.tokens, seq_len=tr.seq_len, seed=0,
                                 cache_dir=data.cache_dir)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(_config(stage, data))
+        model = LlamaForCausalLM(stage_config(stage, data))
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=0.1, betas=(0.9, 0.95))
         batches = torch.from_numpy(rows.astype("int64"))

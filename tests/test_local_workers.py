@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from rbridge.proxy.peak import cpu_has_bf16
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
 
@@ -44,13 +43,22 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     # and status reports them per run and per stage.
     with sqlite3.connect(runs["2"][0]) as con:
         rows = con.execute("SELECT threads, device, precision, mfu FROM runs WHERE tokens_seen > 0").fetchall()
-    # precision auto: bf16 where this CPU has bf16 units, else fp32 (the same in every run of a stage)
-    native = "bf16" if cpu_has_bf16() else "fp32"
+        measured = con.execute("SELECT stage, precision, precision_rates FROM runs WHERE precision_rates != ''"
+                               " ORDER BY id").fetchall()
+    # precision auto: what fp32 against bf16 measured on this machine chose (the same in every run of a
+    # stage); the measurement is recorded with the precision and agrees with it
+    native = rows[0][2]
     assert rows and all(t == 1 and d == "cpu" and p == native and 0 < m < 1 for t, d, p, m in rows), rows
+    assert measured and measured[0][1] == native
+    for _, p, text in measured:
+        r = json.loads(text)
+        assert r["how"].startswith("training steps") and r["threads"] == 1 and r["fp32"] > 0 and r["bf16"] > 0
+        assert p == ("bf16" if r["bf16"] >= 1.15 * r["fp32"] else "fp32")
     shown = _rbridge(["status", "--store", str(runs["2"][0]), "--json"], tmp_path / "w2", dict(os.environ))
     status = json.loads(shown.stdout)
     assert all(st["threads"] == 1 and st["devices"] == ["cpu"] and st["precisions"] == [native]
                and 0 < st["mfu"] < 1 for st in status["stages"])
+    assert all(st["precision_rates"]["text"].startswith("bf16 ") for st in status["stages"])
     # Each run's proxy is exported as a Hugging Face folder after every rung: `rbridge score` on the run
     # folder re-scores it without training and gives the stored score of its last rung.
     with sqlite3.connect(runs["1"][0]) as con:

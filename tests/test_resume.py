@@ -322,16 +322,15 @@ def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_
 def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_path, recorded):
     """The first run of a stage fixes the stage's precision, as its threads: a resumed stage, or one another
     machine joins, trains in it whatever this machine's auto would pick. A stage started before runs recorded
-    their precision (store schema < 7: a run with threads, no precision) keeps the old rule, fp32 on CPUs."""
-    from rbridge.proxy.peak import cpu_has_bf16
-
+    their precision (store schema < 7: a run with threads, no precision) keeps the old rule, fp32 on CPUs.
+    This machine's auto is injected (bf16 measured 2x fp32), so both answers are tried on any CPU."""
     cache, _expected, _dec = baseline
-    env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1")
+    env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1", RBRIDGE_BF16_SPEEDUP="2")
     # killed after the first step of the stage's first run: it recorded threads and precision, no checkpoint yet
     killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint="train-step:1")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     db = tmp_path / "stores/crash.db"
-    native = "bf16" if cpu_has_bf16() else "fp32"
+    native = "bf16"
     with sqlite3.connect(db) as con:
         started = con.execute("SELECT precision FROM runs WHERE threads > 0").fetchall()
         assert started == [(native,)]  # recorded with the threads, before training

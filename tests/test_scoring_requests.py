@@ -146,15 +146,15 @@ def test_only_scored_positions_reach_the_output_layer_and_only_where_that_is_exa
 
 
 def test_precision_rules_and_the_callers_parameters_come_back_bit_for_bit(model, pairs, monkeypatch):
-    from rbridge.proxy import peak
     from rbridge.scoring import requests as rq
 
     assert rq.scoring_dtype("fp32", model) == torch.float32
     assert rq.scoring_dtype("bf16", model) == torch.bfloat16
-    # auto follows the CPU's bf16 units (the one thing read from the machine; both answers tried here)
-    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(peak, "cpu_has_bf16", lambda: native)
+    # auto follows fp32 against bf16 as measured (injected: bf16 faster, equal, slower)
+    for speedup, dtype in (("2", torch.bfloat16), ("1", torch.float32), ("0.5", torch.float32)):
+        monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", speedup)
         assert rq.scoring_dtype("auto", model) == dtype
+    monkeypatch.delenv("RBRIDGE_BF16_SPEEDUP")
     with pytest.raises(ValueError):
         rq.scoring_dtype("fp16x", model)
     before = [(p, p.data_ptr(), p.data.clone()) for p in model.parameters()]

@@ -32,7 +32,7 @@ def _shown_url(url: str) -> str:
 # 10,000 runs and 30,000 evaluations loads in a tenth of the time).
 _RUN_COLUMNS = ("id", "stage", "stage_index", "candidate_id", "status", "worker", "tokens_seen", "tokens_target",
                 "params", "non_embedding_params", "train_flops", "score_flops", "wall_s", "tokens_per_s",
-                "superseded_by", "checkpoint", "threads", "device", "precision", "mfu")
+                "superseded_by", "checkpoint", "threads", "device", "precision", "precision_rates", "mfu")
 _PLAN_COLUMNS = ("id", "name", "status", "revision", "spec_hash", "spec_text", "spec_path")
 
 
@@ -118,6 +118,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 "threads": run["threads"],
                 "device": run["device"],
                 "precision": run["precision"],
+                "precision_rates": _rates(run["precision_rates"]),
                 "mfu": run["mfu"],
             })
         reached = sorted(rows, key=lambda r: (-r["tokens_seen"], r["score"] if r["score"] is not None else 1e300,
@@ -159,7 +160,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                                "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
                                "wall_s": 0.0, "threads": 0, "devices": [], "precisions": [],
-                               "mfu": None})
+                               "precision_rates": None, "mfu": None})
     _add_progress(stages, stage_specs)
     superseded = []  # runs an accepted spec edit set aside: kept, left out of the stages above
     for run in sorted((r for r in all_runs if r["superseded_by"]),
@@ -199,6 +200,17 @@ def _stage_items(store, plan_id: int, stage: str, metric: str, n_rows: int) -> d
     return {k: [v[b] for b in sorted(v)] for k, v in found.items()}
 
 
+def _rates(text: str) -> dict[str, Any] | None:
+    """A run's recorded precision measurement as {fp32, bf16, speedup, how, machine, threads, text}."""
+    from rbridge.proxy.rates import Rates
+
+    r = Rates.from_json(text or "")
+    if r is None:
+        return None
+    return {"fp32": r.fp32, "bf16": r.bf16, "speedup": round(r.speedup, 3), "how": r.how, "machine": r.machine,
+            "threads": r.threads, "text": r.describe()}
+
+
 def _hardware(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """A stage's threads, devices, precisions and MFU (the runs' MFU weighted by their training seconds)."""
     timed = [r for r in rows if r["mfu"] and r["wall_s"]]
@@ -206,6 +218,8 @@ def _hardware(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"threads": max((r["threads"] for r in rows), default=0),
             "devices": sorted({r["device"] for r in rows if r["device"]}),
             "precisions": sorted({r["precision"] for r in rows if r["precision"]}),
+            # the measurement that chose the stage's precision (its first run's; rows come in run order)
+            "precision_rates": next((r["precision_rates"] for r in rows if r["precision_rates"]), None),
             "mfu": sum(r["mfu"] * r["wall_s"] for r in timed) / wall if wall else None}
 
 

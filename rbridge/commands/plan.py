@@ -306,6 +306,8 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
             mfu = f", MFU {stage['mfu']:.1%}" if stage["mfu"] else ""
             console.print(f"  trained on {on}{threads}{precision}{mfu} (MFU: model FLOPs/s over the device's peak, "
                           "rbridge.proxy.peak)")
+            if stage.get("precision_rates"):
+                console.print(f"  precision auto measured {stage['precision_rates']['text']}")
     if info["superseded"]:
         by_rev: dict[int, list[str]] = {}
         for r in info["superseded"]:

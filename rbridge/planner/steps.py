@@ -90,7 +90,7 @@ def prepare_data(spec: Spec, report: Reporter = SILENT) -> PlanData:
     return PlanData(tok, shards, Path(cache))
 
 
-def _config(stage: Stage, data: PlanData):
+def stage_config(stage: Stage, data: PlanData):
     tok = data.tokenizer
     eos = tok.eos_token_id
     return proxy_config(stage.proxy, vocab_size=len(tok), seq_len=stage.training.seq_len,
@@ -105,7 +105,7 @@ def check_proxies(stages: list[Stage], data: PlanData, spec_path: Path | None = 
     from transformers import LlamaForCausalLM
 
     for stage in stages:
-        cfg = _config(stage, data)
+        cfg = stage_config(stage, data)
         try:
             with torch.device("meta"):
                 LlamaForCausalLM(cfg)
@@ -116,7 +116,7 @@ def check_proxies(stages: list[Stage], data: PlanData, spec_path: Path | None = 
 
 def describe_proxy(stage: Stage, data: PlanData) -> dict[str, Any]:
     """The run's stored config: the LlamaConfig plus training settings, and parameter counts."""
-    cfg = _config(stage, data)
+    cfg = stage_config(stage, data)
     total, non_emb = param_counts(cfg)
     return {"config": {"llama": cfg.to_diff_dict(), "train": stage.run_settings()}, "params": total,
             "non_embedding_params": non_emb}
@@ -200,7 +200,7 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     """
     stage, train = ctx.stage, ctx.stage.training
     raise_point("train", f"{stage.name}/{ctx.candidate}")
-    cfg = _config(stage, ctx.data)
+    cfg = stage_config(stage, ctx.data)
     rows, _stats = build_mixture(ctx.mix, ctx.data.shards, n_tokens=train.tokens, seq_len=train.seq_len,
                                  seed=ctx.seed, cache_dir=ctx.data.cache_dir, where=f"candidates.{ctx.candidate}.mix")
     # micro_batch_size is passed only when the spec sets it, so plans without it train exactly as before.

@@ -40,6 +40,7 @@ from rbridge.planner.state import PlanState, SyncResult, Task
 from rbridge.planner.checkpoints import checkpoint_dir
 from rbridge.planner.local import threads_for
 from rbridge.planner.steps import RunContext, score_run, train_run
+from rbridge.proxy.rates import Rates
 from rbridge.reporting import SILENT, Reporter
 from rbridge.store import open_store
 from rbridge.store import plans as plan_ops
@@ -75,6 +76,7 @@ class PlanWorker:
         self.trained = 0  # (run, rung) steps this process trained and recorded
         self._announced: set[tuple[str, int]] = set()
         self._told_threads: set[str] = set()
+        self._told_precision: set[str] = set()
         self._stage_compute: dict[str, tuple[int, str]] = {}  # stage -> (threads, precision) its first run fixed
 
     @property
@@ -148,31 +150,51 @@ class PlanWorker:
                             f"(--threads {self.threads} applies to stages not yet started)")
         return fixed or threads_for(task.run.non_embedding_params, self.threads)
 
-    def precision_of(self, task: Task) -> str:
-        """The precision a run trains in: what it or its stage's first run recorded, else the stage's
-        ``precision`` as a trainer in this process resolves it (rbridge.proxy.train.planned_precision)."""
-        from rbridge.proxy.train import planned_precision
+    def precision_of(self, task: Task, threads: int) -> tuple[str, Rates | None]:
+        """The precision a run trains in, and the measured rates that chose it (None where none did):
+        what it or its stage's first run recorded, else the stage's ``precision`` as a trainer in
+        this process resolves it for the stage's shape at ``threads`` (rbridge.proxy.train.planned_precision;
+        ``auto`` measures fp32 against bf16, rbridge.proxy.precision)."""
+        from rbridge.planner.steps import stage_config
+        from rbridge.proxy.train import TrainShape, auto_rates, planned_precision
 
         fixed = task.run.precision or self._fixed(task)[1]
-        asked = task.stage.training.precision
+        stage = task.stage
+        asked = stage.training.precision
         if fixed == run_ops.LEGACY_PRECISION:  # a stage started before runs recorded their precision
-            return planned_precision(asked, legacy=True)
+            return planned_precision(asked, legacy=True), None
         # fp16 (accelerate launch --mixed_precision fp16) is the launcher's to give, not a stage's to ask
-        return fixed if fixed in ("fp32", "bf16") else planned_precision(asked)
+        if fixed in ("fp32", "bf16"):
+            return fixed, None
+        train = stage.training
+        shape = TrainShape(stage_config(stage, self.state.data), train.micro_batch_size or train.batch_size,
+                           train.seq_len, threads)
+        precision = planned_precision(asked, shape=shape)
+        rates = None
+        if asked == "auto" and precision in ("fp32", "bf16"):  # not an accelerate launch's fp16
+            from accelerate import Accelerator
+
+            rates = auto_rates(Accelerator().device, shape)  # the measurement planned_precision used
+            if rates is not None and stage.name not in self._told_precision:
+                self._told_precision.add(stage.name)
+                self.report.say(f"  stage {stage.name} trains in {precision}: {rates.describe()}")
+        return precision, rates
 
     def advance(self, task: Task, claim: Claim) -> bool:
         """Train the claimed run to the rung, checkpoint, score, record; False if the claim was lost."""
         state, stage, name = self.state, task.stage, task.candidate.name
         seeded = (stage.seed,) if stage.seed else ()  # seed 0 derives as before seeds existed
         n_params = task.run.non_embedding_params
-        threads, precision = self.threads_of(task), self.precision_of(task)
+        threads = self.threads_of(task)
+        precision, rates = self.precision_of(task, threads)
         ctx = RunContext(state.spec, stage, name, json.loads(task.candidate.mix), state.data, state.traces,
                          checkpoint_dir(self.store.url, state.name, stage.name, name),
                          seed=derive_seed(state.spec.seed, stage.name, name, *seeded),
                          model_seed=derive_seed(state.spec.seed, stage.name, *seeded), run_key=task.run.fingerprint,
                          precision=precision)
         torch.set_num_threads(threads)
-        run_ops.set_compute(self.store, task.run.id, claim.lease, self.me, threads, precision)
+        run_ops.set_compute(self.store, task.run.id, claim.lease, self.me, threads, precision,
+                            rates.to_json() if rates is not None else "")
         try:
             distributed = self.ranks is not None and self.ranks.distributed
             if distributed:  # every rank trains this run with us

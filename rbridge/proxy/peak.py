@@ -58,31 +58,6 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX tiles), as oneDNN uses them.
-
-    Without them torch emulates bf16 on CPUs, slower than fp32 (an AVX-512 Xeon without
-    AVX512_BF16 trained proxies at 0.3-0.7x of fp32's speed). torch's own probes, else Linux's flags."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if all(callable(p) for p in probes):
-        return any(p() for p in probes)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def native_bf16(device_type: str) -> bool:
-    """Whether a ``device_type`` ("cpu", "cuda", ...) device of this machine computes bf16 natively:
-    training (``precision: auto``) and scoring (``--precision auto``) use bf16 there."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and cpu_has_bf16()
-
-
 def peak_flops(device: torch.device, precision: str, threads: int) -> float:
     """FLOP/s of ``device`` at ``precision`` ("fp32" or "bf16"): the data sheet's for the GPUs in
     GPU_PEAKS, else a measured matrix product (module docstring)."""

@@ -60,8 +60,9 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rbridge._failpoints import failpoint
 from rbridge.errors import InputError
 from rbridge.proxy.model import ProxyLlamaForCausalLM
+
+if TYPE_CHECKING:
+    from rbridge.proxy.precision import Rates
 
 
 class _TiedWeightsNotice(logging.Filter):
@@ -106,37 +110,69 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: f
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where ``device`` computes bf16 natively (CUDA with bf16 support; a CPU
-    with AVX512_BF16 or AMX, rbridge.proxy.peak.cpu_has_bf16), else "fp32".
+@dataclass(frozen=True)
+class TrainShape:
+    """The work ``precision: auto`` is measured on: a proxy config, rows per pass, tokens per row and
+    CPU threads (0: the process's current count)."""
+
+    config: LlamaConfig
+    micro_batch: int
+    seq_len: int
+    threads: int = 0
+
+
+def auto_rates(device: torch.device, shape: TrainShape) -> Rates | None:
+    """fp32 and bf16 training rates of ``shape`` on ``device`` (rbridge.proxy.precision, measured once per
+    machine and cached), or None where bf16 cannot run at all (a GPU without bf16, other devices)."""
+    from rbridge.proxy.precision import bf16_possible, training_rates
+
+    if not bf16_possible(device.type):
+        return None
+    return training_rates(shape.config, shape.micro_batch, shape.seq_len, device, shape.threads or None)
+
+
+def resolve_precision(precision: str, device: torch.device, shape: TrainShape | None = None) -> str:
+    """"auto" -> "bf16" where bf16 trains ``shape`` clearly faster than fp32 on ``device`` (measured:
+    rbridge.proxy.precision, at least THRESHOLD times fp32's tokens/s), else "fp32".
 
     bf16 here is mixed precision: fp32 weights and optimizer state, matrix products in bf16
-    under autocast. On an AMD EPYC with AVX512_BF16 it trained the 0.5M, 2M and 8M presets
-    1.9x, 2.1x and 3.1x faster than fp32 on one thread (benchmarks/proxy_throughput.py
-    --precisions fp32 bf16); on a Xeon with AVX-512 but no bf16 units, where torch emulates
-    bf16, it trained them at 0.3-0.7x of fp32's speed, so such CPUs stay in fp32. A plan
-    records each stage's resolved precision with its first run and trains the rest of the
-    stage in it on every machine (rbridge.planner.worker), so a plan's numbers do not depend
-    on which machine took which run.
+    under autocast. CPU flags do not decide it: an AMD EPYC with AVX512_BF16 trained the 0.5M,
+    2M and 8M presets 1.9x, 2.1x and 3.1x faster than fp32 on one thread, a Xeon whose flags
+    also list avx512_bf16 trained them at 0.60-0.88x, one with AMX tiles at 1.5-2.6x. A plan
+    records each stage's resolved precision (and the rates) with its first run and trains the
+    rest of the stage in it on every machine (rbridge.planner.worker), so a plan's numbers do
+    not depend on which machine took which run. Without a ``shape``, ``auto`` measures the
+    0.5M preset at 8 x 256 tokens.
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise InputError(f"must be auto, fp32 or bf16 (got {precision!r})", field="precision")
     if precision != "auto":
         return precision
-    from rbridge.proxy.peak import native_bf16
+    rates = auto_rates(device, shape or _default_shape())
+    return rates.choice if rates is not None else "fp32"
 
-    return "bf16" if native_bf16(device.type) else "fp32"
+
+def _default_shape() -> TrainShape:
+    from rbridge.proxy.presets import proxy_config
+
+    return TrainShape(proxy_config({"preset": "0.5M"}, vocab_size=8192, seq_len=256), 8, 256)
 
 
-def planned_precision(precision: str, accelerator: Accelerator | None = None, *, legacy: bool = False) -> str:
+def planned_precision(precision: str, accelerator: Accelerator | None = None, *, legacy: bool = False,
+                      shape: TrainShape | None = None) -> str:
     """What a ProxyTrainer on ``accelerator`` (default: a new one in this process) computes in when asked
-    for ``precision``: the device and the accelerator's own mixed precision (accelerate launch
-    --mixed_precision) decide. ``legacy``: the rule from before runs recorded their precision (store
-    schema 7), under which ``auto`` meant fp32 on every CPU; a stage started then goes on in it."""
+    for ``precision``: the accelerator's own mixed precision (accelerate launch --mixed_precision)
+    if it has one, else resolve_precision on its device for ``shape``. ``legacy``: the rule from
+    before runs recorded their precision (store schema 7), under which ``auto`` meant fp32 on
+    every CPU; a stage started then goes on in it."""
     acc = accelerator if accelerator is not None else Accelerator()
     if legacy and precision == "auto" and acc.device.type == "cpu" and acc.mixed_precision == "no":
         return "fp32"
-    return _precision_with(acc, resolve_precision(precision, acc.device), precision)
+    if acc.mixed_precision != "no":
+        if precision not in ("auto", "fp32", "bf16"):
+            resolve_precision(precision, acc.device)  # the error for a bad name
+        return _precision_with(acc, precision, precision)
+    return resolve_precision(precision, acc.device, shape)
 
 
 def latest_checkpoint(checkpoint_dir: str | Path | None) -> Path | None:
@@ -253,7 +289,7 @@ class ProxyTrainer:
             raise InputError(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x "
                              f"{acc.num_processes} process(es); with {acc.num_processes} process(es) use one of: "
                              f"{fits}", field="micro_batch_size")
-        self.precision = planned_precision(precision, acc)
+        self.precision = planned_precision(precision, acc, shape=TrainShape(model_config, micro, data.shape[1]))
 
         self.data = data
         self.seq_len = data.shape[1]

@@ -27,7 +27,7 @@ import rbridge
 from rbridge.errors import InputError
 from rbridge.scoring import cache
 from rbridge.scoring.baselines import baseline_scores
-from rbridge.proxy.peak import native_bf16
+from rbridge.proxy.precision import machine_name
 from rbridge.scoring.requests import PRECISIONS, precision_name, scoring_dtype
 from rbridge.scoring.scorer import AGGREGATES, CONTEXTS, MINMAX, BenchmarkScore, score_benchmarks, scores_to_json
 from rbridge.scoring.traces import group_by_benchmark, load_traces
@@ -112,8 +112,8 @@ def score_file(model_path, traces_path, *, context: str = "question", minmax: st
                "fewshot_k": fewshot_k, "max_length": max_length, "baselines": baselines,
                "accuracy": accuracy, "max_new_tokens": max_new_tokens if accuracy else None,
                "per_trace": per_trace, "device": dev.split(":")[0], "rbridge": rbridge.__version__}
-    if precision == "auto":  # what auto computes in depends on the machine (requests.scoring_dtype)
-        options["native_bf16"] = native_bf16(options["device"])
+    if precision == "auto":  # what auto computes in depends on the machine and threads (requests.scoring_dtype)
+        options["auto_on"] = f"{machine_name(options['device'])}; {torch.get_num_threads()} threads"
     key = mfp = tfp = opts = None
     if use_cache:
         mfp, tfp = cache.model_fingerprint(model_path), cache.traces_fingerprint(traces_path)

@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rbridge.proxy.peak import native_bf16
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -133,8 +132,10 @@ def _windows(n_ctx: int, total: int, max_len: int | None) -> list[tuple[int, int
 
 def scoring_dtype(precision: str, model) -> torch.dtype:
     """The dtype a scoring pass computes in: ``fp32`` -> float32, ``bf16`` -> bfloat16, ``auto`` ->
-    bfloat16 for a float32 model on a device that computes bf16 natively (CUDA with bf16 support,
-    a CPU with rbridge.proxy.peak.cpu_has_bf16), else the model's own dtype."""
+    bfloat16 for a float32 model where forward passes of this model in bf16 measured at least
+    rbridge.proxy.rates.THRESHOLD times fp32's tokens/s on its device at the current thread count
+    (rbridge.proxy.precision.scoring_rates: once per machine and model shape, cached), else the
+    model's own dtype."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "fp32":
@@ -144,7 +145,16 @@ def scoring_dtype(precision: str, model) -> torch.dtype:
     param = next(model.parameters())
     if param.dtype != torch.float32:
         return param.dtype  # a model loaded in bf16 or fp16 is scored as it is
-    return torch.bfloat16 if native_bf16(param.device.type) else torch.float32
+    return torch.bfloat16 if auto_scoring_precision(model) == "bf16" else torch.float32
+
+
+def auto_scoring_precision(model) -> str:
+    """What ``--precision auto`` computes a float32 ``model`` in here: "bf16" or "fp32" (measured)."""
+    from rbridge.proxy.precision import bf16_possible, scoring_rates
+
+    if not bf16_possible(next(model.parameters()).device.type):
+        return "fp32"
+    return scoring_rates(model, _parameters_in).choice
 
 
 def precision_name(dtype: torch.dtype) -> str:

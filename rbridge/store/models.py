@@ -28,6 +28,8 @@ from sqlmodel import Field, SQLModel
 # 7: runs.precision ('fp32' | 'bf16': what the run trains in, recorded with its threads; the first
 #    run of a stage fixes it for the stage, as its threads; '' on a run not started, and on runs
 #    started before 7, whose stage keeps the old rule: auto = fp32 on CPUs).
+# 8: runs.precision_rates (JSON: the fp32 and bf16 rates that `precision: auto` measured to choose
+#    the run's precision, rbridge.proxy.precision.Rates; '' where nothing was measured).
 # The number itself lives in rbridge.store.version (read without SQLAlchemy); bump it there.
 from rbridge.store.version import SCHEMA_VERSION  # noqa: E402
 
@@ -105,6 +107,7 @@ class Run(SQLModel, table=True):
     threads: int = Field(default=0, sa_column_kwargs={"server_default": "0"})  # torch CPU threads; 0: not started
     device: str = Field(default="", sa_column_kwargs={"server_default": ""})   # "cpu", "cuda: NVIDIA H100 ..."
     precision: str = Field(default="", sa_column_kwargs={"server_default": ""})  # fp32 | bf16; "": not started
+    precision_rates: str = Field(default="", sa_column_kwargs={"server_default": ""})  # JSON: what auto measured
     mfu: float = Field(default=0.0, sa_column_kwargs={"server_default": "0"})  # model FLOPs utilisation
     role: str = Field(default="proxy", sa_column_kwargs={"server_default": "proxy"})  # proxy | target
     stage_group: str = Field(default="", sa_column_kwargs={"server_default": ""})  # the stage as written

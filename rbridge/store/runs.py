@@ -105,12 +105,15 @@ def stage_compute(store: Store, plan_id: int, stage: str) -> tuple[int, str]:
     return int(threads or 0), precision or ""
 
 
-def set_compute(store: Store, run_id: int, lease: int, worker: str, threads: int, precision: str) -> None:
-    """Record the CPU threads and precision of a held run that has none yet (a run keeps its first ones)."""
+def set_compute(store: Store, run_id: int, lease: int, worker: str, threads: int, precision: str,
+                rates: str = "") -> None:
+    """Record the CPU threads and precision of a held run that has none yet (a run keeps its first ones),
+    with ``rates``, the JSON of the measurement that chose the precision ('' where none did)."""
     with store.session() as s:
         held = _held(run_id, lease, worker)
         s.execute(update(Run).where(held & (Run.threads == 0)).values(threads=threads))
-        s.execute(update(Run).where(held & (Run.precision == "")).values(precision=precision))
+        s.execute(update(Run).where(held & (Run.precision == "")).values(precision=precision,
+                                                                         precision_rates=rates))
 
 
 def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,

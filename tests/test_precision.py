@@ -1,0 +1,95 @@
+"""``precision: auto`` by measurement (rbridge.proxy.precision): the rule on injected rates (bf16 slower,
+equal, faster), the real measurement on this machine, the per-machine cache, and a bad override."""
+
+import json
+
+import pytest
+import torch
+
+from rbridge.errors import InputError
+from rbridge.proxy import precision as P
+from rbridge.proxy.presets import proxy_config
+from rbridge.proxy.rates import THRESHOLD, Rates
+from rbridge.proxy.train import TrainShape, planned_precision, resolve_precision
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RBRIDGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RBRIDGE_BF16_SPEEDUP", raising=False)
+    monkeypatch.setattr(P, "_MEMO", {})
+
+
+def tiny(preset="0.5M", vocab=512):
+    return proxy_config({"preset": preset}, vocab_size=vocab, seq_len=64)
+
+
+@pytest.mark.parametrize("bf16, want", [(50.0, "fp32"), (100.0, "fp32"), (114.0, "fp32"), (115.0, "bf16"),
+                                        (300.0, "bf16")])
+def test_the_rule_on_injected_rates(monkeypatch, bf16, want):
+    """bf16 slower, equal, just under and at the threshold, faster: measured rates decide, through the trainer's
+    resolution, with the measurement recorded in the cache and reused."""
+    calls = []
+
+    def fake(config, micro_batch, seq_len, device):
+        calls.append((micro_batch, seq_len))
+        return 100.0, bf16, "training steps (injected)"
+
+    monkeypatch.setattr(P, "_step_rates", fake)
+    shape = TrainShape(tiny(), 4, 64, threads=1)
+    assert resolve_precision("auto", torch.device("cpu"), shape) == want
+    assert planned_precision("auto", shape=shape) == want
+    assert resolve_precision("fp32", torch.device("cpu"), shape) == "fp32"   # asked for: never measured
+    assert resolve_precision("bf16", torch.device("cpu"), shape) == "bf16"
+    assert calls == [(4, 64)]  # once: the second resolution read it back
+    monkeypatch.setattr(P, "_MEMO", {})
+    assert resolve_precision("auto", torch.device("cpu"), shape) == want and len(calls) == 1  # from the file
+    entry = next(iter(json.loads((P._cache_path()).read_text()).values()))
+    assert entry["bf16"] == bf16 and entry["threads"] == 1 and "torch" in entry["machine"]
+    # another thread count or shape is another measurement
+    assert resolve_precision("auto", torch.device("cpu"), TrainShape(tiny(), 4, 64, threads=2)) == want
+    assert resolve_precision("auto", torch.device("cpu"), TrainShape(tiny(), 8, 64, threads=1)) == want
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("speedup, want", [("0.5", "fp32"), ("1", "fp32"), ("1.15", "bf16"), ("4", "bf16")])
+def test_the_override_injects_rates_for_training_and_scoring(monkeypatch, model, speedup, want):
+    from rbridge.scoring.requests import auto_scoring_precision
+
+    monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", speedup)
+    monkeypatch.setattr(P, "_step_rates", lambda *a: pytest.fail("measured despite the override"))
+    r = P.training_rates(tiny(), 4, 64, threads=1)
+    assert r.choice == want and r.how == "given by RBRIDGE_BF16_SPEEDUP" and not P._cache_path().exists()
+    assert auto_scoring_precision(model) == want
+
+
+def test_a_bad_override_names_the_variable(monkeypatch):
+    monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", "fast")
+    with pytest.raises(InputError, match="RBRIDGE_BF16_SPEEDUP"):
+        resolve_precision("auto", torch.device("cpu"), TrainShape(tiny(), 4, 64, threads=1))
+
+
+def test_the_real_measurement_on_this_machine(model):
+    """No injection: training steps of a small shape and matrix products of a large one, fp32 against bf16
+    on this CPU; whatever the machine, the choice follows the measured ratio and is cached."""
+    threads = torch.get_num_threads()
+    small = P.training_rates(tiny(), 4, 64, threads=1)
+    assert small.fp32 > 0 and small.bf16 > 0 and small.how.startswith("training steps of 4x64")
+    assert small.choice == ("bf16" if small.bf16 >= THRESHOLD * small.fp32 else "fp32")
+    assert torch.get_num_threads() == threads  # the measurement's threads are put back
+    big = P.training_rates(tiny("20M", vocab=256), 16, 64, threads=1)  # 19M non-embedding: matrix products
+    assert big.how.startswith("matrix products") and big.fp32 > 0 and big.bf16 > 0
+    from rbridge.scoring.requests import _parameters_in
+
+    scoring = P.scoring_rates(model, _parameters_in, threads=1)
+    assert scoring.how.startswith("forward passes") and scoring.fp32 > 0 and scoring.bf16 > 0
+    cached = json.loads(P._cache_path().read_text())
+    assert len(cached) == 3 and {Rates.from_json(json.dumps(v)) for v in cached.values()} == {small, big, scoring}
+    # the model the scorer measured is untouched
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_rates_text_round_trips():
+    r = Rates(100.0, 250.0, "training steps of 8x256 tokens", "some cpu", 2)
+    assert Rates.from_json(r.to_json()) == r and Rates.from_json("") is None and Rates.from_json("{bad") is None
+    assert r.describe().startswith("bf16 2.50x fp32 (training steps of 8x256 tokens, 2 threads")
