@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU, at most 5 minutes: is rbridge fast there?
+# One GPU, at most 9 minutes: is rbridge fast there, and does the 1B preset go through end to end?
 #
 #   bash benchmarks/gpu_check.sh          (from the repository root, on a machine with one NVIDIA GPU)
 #
@@ -9,6 +9,9 @@
 #    on the 200 GSM8K traces of specs/traces, whole process, rbridge score against lm-eval
 #    (benchmarks/score_throughput.py --whole-process), skipped when lm-eval is not installed.
 # 3. A 2-candidate plan (benchmarks/gpu_plan.yaml, runs_per_gpu: 4): four local processes share the GPU.
+# 4. The 1B preset end to end on the GPU (benchmarks/big_proxy.py --device cuda): build, train at
+#    micro_batch_size 1, checkpoint, SIGKILL, resume, score 20 traces, export, rbridge score the export;
+#    peak host and GPU memory, checkpoint size, seconds per step, and live vs exported scores.
 #
 # Needs python3 with torch (CUDA), transformers and accelerate; rbridge's other dependencies are
 # installed from wheels in .whl/ when that folder exists (a machine without network access: download
@@ -48,4 +51,8 @@ if python3 -c "import lm_eval" 2>/dev/null; then
 else
     echo "lm-eval is not installed: scoring compared with nothing (carry its wheels in .whl/)"
 fi
+
+stamp "4. the 1B preset end to end: train, checkpoint, kill, resume, score, export, rescore"
+timeout 240 python3 benchmarks/big_proxy.py --preset 1B --device cuda --steps 4 --kill-at 2 \
+    --micro-batch-size 1 --traces 20 --workdir /tmp/rbridge-big-proxy-1B
 stamp "done"
