@@ -138,3 +138,27 @@ def test_accuracy_paths_get_the_context_rule(tokenizer):
         assert accuracy_items(m, tokenizer, traces, checker="number") == [0.0, 0.0]
     with pytest.warns(decoding.ContextWarning, match=f"a prompt of {width} tokens"):
         greedy_generate(m, tokenizer, prompts, max_new_tokens=64, pad_id=2)
+
+
+def test_a_plan_says_up_front_when_greedy_answers_would_be_cut(tokenizer, tmp_path):
+    """rbridge.scoring.task.cut_answers: the longest prompt plus the answer budget against a context (what a
+    plan prints for each stage that measures accuracy, rbridge.planner.steps.warn_cut_answers)."""
+    import json
+
+    from rbridge.scoring.task import answer_budget, cut_answers, number_prompts
+    from rbridge.scoring.traces import load_traces
+
+    path = tmp_path / "t.jsonl"
+    rows = [{"id": f"q{i}", "benchmark": "gsm8k", "question": "Natalia sold 48 clips in May." * (i + 1),
+             "reasoning": "She sold 24 clips.", "answer": "24", "label": "48/2 = 24\n#### 24",
+             "frontier": {"model": "m", "tokens": [{"text": "She sold", "logprob": -0.5},
+                                                   {"text": " 24 clips.", "logprob": -0.1}]}}
+            for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    traces = load_traces(path)
+    longest = max(len(p) for p in number_prompts(tokenizer, traces))
+    need = longest + answer_budget(tokenizer, traces)
+    assert cut_answers(tokenizer, traces, need) is None
+    why = cut_answers(tokenizer, traces, need - 5)
+    assert why and f"up to {longest} tokens" in why and f"seq_len of {need}" in why
+    assert f"cut to {need - 5 - longest} tokens" in why

@@ -193,8 +193,9 @@ class Planner:
                 data = prepare_data(self.spec, self.report)
                 # Check everything, then change anything: every stage's model is built (on the meta device)
                 # before the store is created or a recorded row is touched.
-                from rbridge.planner.steps import check_proxies
+                from rbridge.planner.steps import check_proxies, warn_cut_answers
                 check_proxies(self.stages, data, self.spec.path)
+                warn_cut_answers(self.stages, self.spec, data, traces, self.report)
                 failpoint("data-prepared")
                 self.store = open_store(self.store_arg)
                 try:

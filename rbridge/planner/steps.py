@@ -114,6 +114,22 @@ def check_proxies(stages: list[Stage], data: PlanData, spec_path: Path | None = 
                              field=f"stages[{stage.index}].proxy") from None
 
 
+def warn_cut_answers(stages: list[Stage], spec: Spec, data: PlanData, traces: dict, report: Reporter) -> None:
+    """Say at the start which stages measure greedy accuracy with answers their context cuts
+    (rbridge.scoring.task.cut_answers): such accuracy is lower than the model's, not an error."""
+    from rbridge.scoring.task import cut_answers
+
+    for stage in stages:
+        if "accuracy" not in stage.evaluate:
+            continue
+        context = stage_config(stage, data).max_position_embeddings
+        for bench in spec.benchmarks:
+            why = bench.answer_checker == "number" and cut_answers(data.tokenizer, traces[bench.name], context)
+            if why:
+                report.say(f"[yellow]warning[/]: stage {stage.name}, benchmark {bench.name}: {why}; "
+                           f"set stages[{stage.index}].seq_len")
+
+
 def describe_proxy(stage: Stage, data: PlanData) -> dict[str, Any]:
     """The run's stored config: the LlamaConfig plus training settings, and parameter counts."""
     cfg = stage_config(stage, data)

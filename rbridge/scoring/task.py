@@ -41,13 +41,32 @@ def answer_budget(tokenizer, traces: Sequence[Trace]) -> int:
     return min(MAX_ANSWER_TOKENS, longest + 16)
 
 
+def number_prompts(tokenizer, traces: Sequence[Trace]) -> list[list[int]]:
+    """The greedy-answer prompts of checker ``number``: ``[BOS] + question + "\\n"`` as token ids."""
+    bos = start_token_id(tokenizer)
+    return [[bos] + text_ids(tokenizer, context_text(t, "question", traces)) for t in traces]
+
+
+def cut_answers(tokenizer, traces: Sequence[Trace], context: int) -> str | None:
+    """Why greedy answers (checker ``number``) on ``traces`` would be cut by a model of ``context`` positions
+    (rbridge.scoring.decoding cuts a batch's budget to what its longest prompt leaves), or None."""
+    if not traces:
+        return None
+    longest, budget = max(len(p) for p in number_prompts(tokenizer, traces)), answer_budget(tokenizer, traces)
+    if longest + budget <= context:
+        return None
+    return (f"greedy answers take up to {budget} tokens after prompts of up to {longest} tokens, but the model's "
+            f"context is {context} positions: answers after the longest prompts are cut to "
+            f"{max(0, context - longest)} tokens (a seq_len of {longest + budget} avoids it)")
+
+
 def accuracy_items(model, tokenizer, traces: Sequence[Trace], *, checker: str, batch_size: int = 32,
                    precision: str = "auto") -> list[float | None]:
     """1.0 / 0.0 per trace (None: a trace the checker cannot grade, e.g. no choices)."""
     bos = start_token_id(tokenizer)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos)
     if checker == "number":
-        prompts = [[bos] + text_ids(tokenizer, context_text(t, "question", traces)) for t in traces]
+        prompts = number_prompts(tokenizer, traces)
         gens = greedy_generate(model, tokenizer, prompts, max_new_tokens=answer_budget(tokenizer, traces),
                                batch_size=batch_size, pad_id=pad)
         return [1.0 if gsm8k_check(g, t) else 0.0 for g, t in zip(gens, traces)]
