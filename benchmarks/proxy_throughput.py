@@ -15,7 +15,13 @@ Variants, each the trainer as rbridge runs it with one thing changed:
   (rbridge uses the fused one where torch has it for the device; so
   ``fused-adamw`` equals ``rbridge`` there);
 - ``loop-adamw``: AdamW's plain for-loop over tensors (torch's default on CPUs);
-- ``compile``: the model wrapped in ``torch.compile`` (inductor).
+- ``compile``: the model wrapped in ``torch.compile`` (inductor);
+- ``plain``: no rbridge at all, the loop a user would write (LlamaForCausalLM and its loss,
+  AdamW's defaults, bf16 autocast in bf16, no clipping or schedule).
+
+``--precisions auto fp32 bf16 --variants rbridge plain`` also prints, per preset and threads,
+rbridge at ``auto`` (which measures fp32 against bf16, rbridge.proxy.precision) against the
+faster of the plain loop's fp32 and bf16.
 
 Ratios are against the ``rbridge`` variant at the same preset, threads and
 precision, measured in the same process. MFU is model FLOPs (PaLM's 6N + 12LdT,
@@ -39,10 +45,36 @@ from rbridge.proxy import ProxyTrainer, param_counts, proxy_config
 from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 
 VOCAB, SEQ_LEN = 4096, 256
-VARIANTS = ("rbridge", "hf-loss", "loop-adamw", "foreach-adamw", "fused-adamw", "compile")
+VARIANTS = ("rbridge", "hf-loss", "loop-adamw", "foreach-adamw", "fused-adamw", "compile", "plain")
 
 
-def make_trainer(preset: str, precision: str, batch_size: int, variant: str) -> ProxyTrainer:
+class PlainLoop:
+    """The ``plain`` variant: what a user would write without rbridge (LlamaForCausalLM and its own loss,
+    AdamW with torch's defaults, bf16 autocast when asked, no accelerate, clipping or schedule), with the
+    two methods ``measure`` calls."""
+
+    def __init__(self, preset: str, precision: str, batch_size: int):
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(proxy_config({"preset": preset}, VOCAB, SEQ_LEN))
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+        self.x = torch.from_numpy(np.random.default_rng(0).integers(0, VOCAB, size=(batch_size, SEQ_LEN)))
+        self.bf16 = precision == "bf16"
+        self.tokens_per_step, self.tokens_seen = batch_size * SEQ_LEN, 0
+
+    def train_to(self, tokens: int) -> None:
+        while self.tokens_seen < tokens:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.model(input_ids=self.x, labels=self.x).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.tokens_seen += self.tokens_per_step
+
+
+def make_trainer(preset: str, precision: str, batch_size: int, variant: str) -> ProxyTrainer | PlainLoop:
+    if variant == "plain":
+        return PlainLoop(preset, precision, batch_size)
     config = proxy_config({"preset": preset}, VOCAB, SEQ_LEN)
     data = np.random.default_rng(0).integers(0, VOCAB, size=(256, SEQ_LEN), dtype=np.int32)
     trainer = ProxyTrainer(config, data, total_tokens=10**12, batch_size=batch_size, lr=1e-3, seed=0,
@@ -99,6 +131,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'preset':>6} {'non-emb':>8} {'threads':>7} {'precision':>9} {'variant':>13} {'1st step':>8} "
           f"{'tokens/s':>10} {'vs rbridge':>10} {'MFU':>6} {'cpu/wall':>8}")
+    rates: dict[tuple, tuple[float, str]] = {}
     for preset in args.presets:
         config = proxy_config({"preset": preset}, VOCAB, SEQ_LEN)
         _, non_emb = param_counts(config)
@@ -106,18 +139,28 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             for precision in args.precisions:
-                peak = peak_flops(device, precision, threads)
                 baseline = None
                 for variant in args.variants:
+                    if variant == "plain" and precision == "auto":
+                        continue  # a plain loop has no auto: its fp32 and bf16 rows are the comparison
                     trainer = make_trainer(preset, precision, args.batch_size, variant)
+                    computed = getattr(trainer, "precision", None) or precision  # auto: what it resolved to
+                    peak = peak_flops(device, computed if computed != "auto" else "fp32", threads)
                     first, tps, cpu_per_wall = measure(trainer, args.seconds, args.steps)
                     del trainer
                     if variant == "rbridge":
                         baseline = tps
                     ratio = f"{tps / baseline:9.2f}x" if baseline else "         -"
+                    rates[(preset, threads, precision, variant)] = (tps, computed)
                     print(f"{preset:>6} {non_emb / 1e6:7.2f}M {threads:>7} {precision:>9} {variant:>13} "
                           f"{first:7.2f}s {tps:10.0f} {ratio} {per_token * tps / peak:6.1%} {cpu_per_wall:8.2f}",
                           flush=True)
+    # rbridge's auto against the faster plain loop at the same threads (issue 24: >= 0.95x)
+    for (preset, threads, precision, variant), (tps, computed) in rates.items():
+        plain = [rates[k][0] for k in ((preset, threads, p, "plain") for p in ("fp32", "bf16")) if k in rates]
+        if precision == "auto" and variant == "rbridge" and plain:
+            print(f"{preset:>6} {threads} thread(s): rbridge auto (computed in {computed}) {tps:,.0f} tokens/s = "
+                  f"{tps / max(plain):.2f}x the faster plain loop ({max(plain):,.0f} tokens/s)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -27,8 +27,9 @@ _PATH = click.Path(path_type=Path)
 @click.option("--minmax", type=click.Choice(MINMAX), default=ScoreOptions().minmax, show_default=True)
 @click.option("--aggregate", type=click.Choice(AGGREGATES), default=ScoreOptions().aggregate, show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="auto: bf16 where the device computes it natively (CUDA with bf16, a CPU with AVX512_BF16 "
-                   "or AMX), else the model's own dtype; fp32 for exact comparisons.")
+              help="auto: bf16 where forward passes of this model measured at least 1.15x fp32's speed on "
+                   "this machine (measured once per machine and model shape, cached; RBRIDGE_BF16_SPEEDUP=X "
+                   "gives the ratio instead), else the model's own dtype; fp32 for exact comparisons.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Window length for long traces (default: the model's maximum positions).")

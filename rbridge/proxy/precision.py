@@ -37,6 +37,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -181,7 +182,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved(fns: dict[str, callable], device: torch.device, budget_s: float = BUDGET_S,
+def _interleaved(fns: dict[str, Callable[[], object]], device: torch.device, budget_s: float = BUDGET_S,
                  rounds: tuple[int, int] = (MIN_ROUNDS, 12)) -> dict[str, float]:
     """Median seconds of each function, called in turns (each once to warm up, then at least
     rounds[0] and at most rounds[1] times each, stopping once ``budget_s`` per function is spent):
