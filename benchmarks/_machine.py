@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 
 # The flags that matter for torch on CPUs: AVX2/AVX-512 vector units, and bf16/fp16/int8 units (oneDNN).
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni")
@@ -36,35 +35,11 @@ def _cpuinfo() -> dict[str, str]:
     return out
 
 
-def _mm_rate(device, n: int, dtype, threads: int) -> float:
-    """Best FLOP/s of 5 n x n matrix products. rbridge.proxy.peak._measured does the same but at a fixed
-    n (1024 on a CPU, 8192 on a GPU) and it is reused for that size; this is for the other, smaller one."""
-    import torch
-
-    from rbridge.proxy.peak import _sync
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        best = float("inf")
-        for _ in range(5):
-            _sync(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            _sync(device)
-            best = min(best, time.perf_counter() - t0)
-        return 2.0 * n ** 3 / best
-    finally:
-        torch.set_num_threads(before)
-
-
 def machine_info(threads: int | None = None) -> dict:
     """The machine as a dict (JSON-ready). ``threads``: the run's thread count (default torch's)."""
     import torch
 
-    from rbridge.proxy.peak import _measured
+    from rbridge.proxy.peak import _measured, mm_rate
 
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", "").split())
@@ -86,7 +61,7 @@ def machine_info(threads: int | None = None) -> dict:
             row: dict = {"n": n, "threads": t}
             for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
                 flops = (_measured(device.type, device.index, precision, t) if n == large
-                         else _mm_rate(device, n, dtype, t))
+                         else mm_rate(device, n, dtype, t))
                 row[precision] = round(flops / 1e9, 1)
             row["bf16_over_fp32"] = round(row["bf16"] / row["fp32"], 2)
             rates.append(row)

@@ -74,7 +74,11 @@ def _measured(kind: str, index: int | None, precision: str, threads: int) -> flo
     """Best FLOP/s of n x n matrix products on the device (n = 1024 on a CPU, 8192 on a GPU)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     device = torch.device(kind, index) if index is not None else torch.device(kind)
-    n = 8192 if kind == "cuda" else 1024
+    return mm_rate(device, 8192 if kind == "cuda" else 1024, dtype, threads)
+
+
+def mm_rate(device: torch.device, n: int, dtype: torch.dtype, threads: int) -> float:
+    """Best FLOP/s of 5 n x n matrix products in ``dtype`` on ``device`` at ``threads`` CPU threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
