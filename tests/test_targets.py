@@ -78,7 +78,9 @@ def plan(tmp_path_factory):
     lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:24]
     (d / "traces.jsonl").write_text("\n".join(_with_choices(x, i) for i, x in enumerate(lines)) + "\n")
     (d / "tgt.yaml").write_text(SPEC)
-    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # bf16 injected as 4x fp32 (rbridge.proxy.precision): proxy stages take it, target stages stay in fp32
+    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RBRIDGE_BF16_SPEEDUP="4")
     res = _rbridge("plan", "tgt.yaml", cwd=d, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     return d, env, res
@@ -96,6 +98,10 @@ def test_target_stage_trains_every_candidate_per_seed_and_never_prunes(plan):
     assert {(r[0], r[3]) for r in target} == {("target.s0", 0), ("target.s1", 1)}
     assert {r[2] for r in target} == {"target"} and {r[4] for r in target} == {"done"}
     assert [r[4] for r in runs if r[0] == "filter"].count("pruned") == 2
+    # precision auto: the proxies take bf16 (injected at 4x fp32), the targets stay in fp32
+    precisions = dict(con.execute("select role, group_concat(distinct precision) from runs group by role"))
+    assert precisions == {"proxy": "bf16", "target": "fp32"}, precisions
+    assert "stage target.s0 trains in fp32 (precision auto on a target stage" in res.stdout
     kept = con.execute("select count(*), sum(kept) from decisions where stage like 'target%'").fetchone()
     assert kept == (8, 8)  # decided, and nobody dropped
     # the two seeds trained different models: their accuracy items differ somewhere
