@@ -166,24 +166,27 @@ class PlanWorker:
         # fp16 (accelerate launch --mixed_precision fp16) is the launcher's to give, not a stage's to ask
         if fixed in ("fp32", "bf16"):
             return fixed, None
-        if asked == "auto" and stage.role == "target":
+        from accelerate import Accelerator
+
+        acc = Accelerator()
+        launched = acc.mixed_precision != "no"  # accelerate launch --mixed_precision: the launcher decides
+        if asked == "auto" and stage.role == "target" and not launched:
             # Targets stand for the large run whose accuracy the proxies must predict: never traded for
             # speed. bf16 autocast took the ladder's clean-80 target (specs/ladder.yaml, lr 1e-2, same
-            # seed and data) from 87.8% to 8.8% greedy accuracy; fp32 learned it.
+            # seed and data) from 87.8% to 8.8% greedy accuracy; fp32 learned it. (A launcher's own mixed
+            # precision, accelerate launch --mixed_precision, still rules: it was asked for explicitly.)
             if stage.name not in self._told_precision:
                 self._told_precision.add(stage.name)
                 self.report.say(f"  stage {stage.name} trains in fp32 (precision auto on a target stage; "
                                 "precision: bf16 asks for bf16)")
-            return planned_precision("fp32"), None
+            return "fp32", None
         train = stage.training
         shape = TrainShape(stage_config(stage, self.state.data), train.micro_batch_size or train.batch_size,
                            train.seq_len, threads)
         precision = planned_precision(asked, shape=shape)
         rates = None
-        if asked == "auto" and precision in ("fp32", "bf16"):  # not an accelerate launch's fp16
-            from accelerate import Accelerator
-
-            rates = auto_rates(Accelerator().device, shape)  # the measurement planned_precision used
+        if asked == "auto" and not launched:
+            rates = auto_rates(acc.device, shape)  # the measurement planned_precision used (memoised)
             if rates is not None and stage.name not in self._told_precision:
                 self._told_precision.add(stage.name)
                 self.report.say(f"  stage {stage.name} trains in {precision}: {rates.describe()}")
