@@ -145,7 +145,7 @@ def test_a_plan_says_up_front_when_greedy_answers_would_be_cut(tokenizer, tmp_pa
     plan prints for each stage that measures accuracy, rbridge.planner.steps.warn_cut_answers)."""
     import json
 
-    from rbridge.scoring.task import answer_budget, cut_answers, number_prompts
+    from rbridge.scoring.task import answer_budget, answer_room, cut_answers, number_prompts
     from rbridge.scoring.traces import load_traces
 
     path = tmp_path / "t.jsonl"
@@ -158,7 +158,8 @@ def test_a_plan_says_up_front_when_greedy_answers_would_be_cut(tokenizer, tmp_pa
     traces = load_traces(path)
     longest = max(len(p) for p in number_prompts(tokenizer, traces))
     need = longest + answer_budget(tokenizer, traces)
-    assert cut_answers(tokenizer, traces, need) is None
-    why = cut_answers(tokenizer, traces, need - 5)
+    assert answer_room(tokenizer, traces) == (longest, need - longest)
+    assert cut_answers(longest, need - longest, need) is None
+    why = cut_answers(longest, need - longest, need - 5)
     assert why and f"up to {longest} tokens" in why and f"seq_len of {need}" in why
     assert f"cut to {need - 5 - longest} tokens" in why

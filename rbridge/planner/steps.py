@@ -117,16 +117,24 @@ def check_proxies(stages: list[Stage], data: PlanData, spec_path: Path | None = 
 def warn_cut_answers(stages: list[Stage], spec: Spec, data: PlanData, traces: dict, report: Reporter) -> None:
     """Say at the start which stages measure greedy accuracy with answers their context cuts
     (rbridge.scoring.task.cut_answers): such accuracy is lower than the model's, not an error."""
-    from rbridge.scoring.task import cut_answers
+    from rbridge.scoring.task import answer_room, cut_answers
 
+    room: dict[str, tuple[int, int]] = {}  # benchmark -> (longest prompt, answer budget): tokenized once
+    told: set[tuple[str, str]] = set()     # a stage run once per seed is told once
     for stage in stages:
         if "accuracy" not in stage.evaluate:
             continue
         context = stage_config(stage, data).max_position_embeddings
+        name = stage.group or stage.name
         for bench in spec.benchmarks:
-            why = bench.answer_checker == "number" and cut_answers(data.tokenizer, traces[bench.name], context)
+            if bench.answer_checker != "number" or not traces[bench.name] or (name, bench.name) in told:
+                continue
+            if bench.name not in room:
+                room[bench.name] = answer_room(data.tokenizer, traces[bench.name])
+            why = cut_answers(*room[bench.name], context)
             if why:
-                report.say(f"[yellow]warning[/]: stage {stage.name}, benchmark {bench.name}: {why}; "
+                told.add((name, bench.name))
+                report.say(f"[yellow]warning[/]: stage {name}, benchmark {bench.name}: {why}; "
                            f"set stages[{stage.index}].seq_len")
 
 

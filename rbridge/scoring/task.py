@@ -47,12 +47,15 @@ def number_prompts(tokenizer, traces: Sequence[Trace]) -> list[list[int]]:
     return [[bos] + text_ids(tokenizer, context_text(t, "question", traces)) for t in traces]
 
 
-def cut_answers(tokenizer, traces: Sequence[Trace], context: int) -> str | None:
-    """Why greedy answers (checker ``number``) on ``traces`` would be cut by a model of ``context`` positions
-    (rbridge.scoring.decoding cuts a batch's budget to what its longest prompt leaves), or None."""
-    if not traces:
-        return None
-    longest, budget = max(len(p) for p in number_prompts(tokenizer, traces)), answer_budget(tokenizer, traces)
+def answer_room(tokenizer, traces: Sequence[Trace]) -> tuple[int, int]:
+    """(longest prompt, answer budget) in tokens of greedy answers (checker ``number``) on ``traces``."""
+    return max(len(p) for p in number_prompts(tokenizer, traces)), answer_budget(tokenizer, traces)
+
+
+def cut_answers(longest: int, budget: int, context: int) -> str | None:
+    """Why greedy answers after prompts of up to ``longest`` tokens, ``budget`` new tokens each, would be cut
+    by a model of ``context`` positions (rbridge.scoring.decoding cuts a batch's budget to what its longest
+    prompt leaves), or None."""
     if longest + budget <= context:
         return None
     return (f"greedy answers take up to {budget} tokens after prompts of up to {longest} tokens, but the model's "
