@@ -229,6 +229,13 @@ class Spec(BaseModel):
     targets: Path | None = None
     target_model: TargetModel | None = None
     checkpoint_minutes: float | None = Field(10.0, gt=0)
+    # Disk (rbridge.planner.disk): full checkpoints (weights, optimizer state, data position) a run keeps
+    # while it trains, the newest (2: a damaged newest one falls back to the one before, not to step 0);
+    # a pruned run keeps its newest one while the plan runs. And what a done or pruned run keeps once
+    # the plan no longer needs its training state: "model" (the exported Hugging Face folder alone) or
+    # "checkpoint" (its newest full checkpoint too). Neither changes any result.
+    keep_checkpoints: int = Field(2, ge=1, le=100)
+    finished_runs: Literal["model", "checkpoint"] = "model"
     max_attempts: int = Field(2, ge=1, le=100)  # tries of a run whose training or scoring raises, then failed
     runs_per_gpu: int = Field(1, ge=1, le=64)  # local processes per GPU: small proxies leave most of a GPU idle
 

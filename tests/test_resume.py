@@ -326,6 +326,8 @@ def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_pa
     This machine's auto is injected (bf16 measured 2x fp32), so both answers are tried on any CPU."""
     cache, _expected, _dec = baseline
     env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1", RBRIDGE_BF16_SPEEDUP="2")
+    with (tmp_path / "crash.yaml").open("a") as f:  # finished runs keep a checkpoint to read the identity from
+        f.write("finished_runs: checkpoint\n")
     # killed after the first step of the stage's first run: it recorded threads and precision, no checkpoint yet
     killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint="train-step:1")
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr

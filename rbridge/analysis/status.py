@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rbridge.analysis.compute import non_embedding_params, plan_compute
 from rbridge.analysis.separation import mark_ties, stage_items
 from rbridge.errors import InputError
+from rbridge.planner.disk import folder_bytes
 from rbridge.spec import stored_stages
 
 if TYPE_CHECKING:
@@ -146,6 +147,9 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
             "train_flops": sum(r["train_flops"] for r in rows),
             "score_flops": sum(r["score_flops"] for r in rows),
             "wall_s": sum(r["wall_s"] for r in rows),
+            # Bytes of the stage's run folders (checkpoints and exported models; rbridge.planner.disk),
+            # as this machine sees the folders the runs recorded.
+            "disk_bytes": sum(folder_bytes(r["checkpoint"]) for r in runs if r["stage"] == name and r["checkpoint"]),
             **_hardware(rows),
         })
     target = last = None
@@ -159,7 +163,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 stages.append({"name": name, "role": st.role, "group": st.group or name, "metric": st.pruning.metric,
                                "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
-                               "wall_s": 0.0, "threads": 0, "devices": [], "precisions": [],
+                               "wall_s": 0.0, "disk_bytes": 0, "threads": 0, "devices": [], "precisions": [],
                                "precision_rates": None, "mfu": None})
     _add_progress(stages, stage_specs)
     superseded = []  # runs an accepted spec edit set aside: kept, left out of the stages above
@@ -178,6 +182,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         "status": plan["status"],
         "revision": plan["revision"],
         "superseded": superseded,
+        "superseded_disk_bytes": sum(folder_bytes(r["checkpoint"]) for r in superseded if r["checkpoint"]),
         "spec_hash": plan["spec_hash"],
         "store": _shown_url(store.url),
         "candidates": [c["name"] for c in sorted(cands.values(), key=lambda c: c["position"])],

@@ -251,6 +251,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
     rest by status: a table of thousands of rows is slow to print and not read.
     """
     from rbridge.analysis.status import plan_status
+    from rbridge.planner.disk import human_bytes
 
     store = store_or_latest(store)
     st = open_for_reading(store)
@@ -298,7 +299,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         eta = "-" if stage["eta_s"] is None else f"{stage['eta_s']:.0f} s"
         console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
                       f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
-                      f"FLOPs, {stage['wall_s']:.0f} s of training")
+                      f"FLOPs, {stage['wall_s']:.0f} s of training; disk {human_bytes(stage['disk_bytes'])}")
         if stage["devices"]:
             on = ", ".join(stage["devices"])
             threads = f", {stage['threads']} CPU thread(s) per run" if stage["threads"] else ""
@@ -315,7 +316,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
             by_rev.setdefault(r["revision"], []).append(f"{r['stage']}/{r['candidate']} ({r['status']}, rung "
                                                         f"{r['rung']}{score})")
         console.print(f"[bold]superseded[/] by spec edits (kept; `rbridge plan OLD_SPEC --force` reuses them): "
-                      f"{len(info['superseded'])} runs")
+                      f"{len(info['superseded'])} runs, disk {human_bytes(info['superseded_disk_bytes'])}")
         for rev, rows in sorted(by_rev.items()):
             more = "" if limit is None or len(rows) <= limit else f", ... {len(rows) - limit:,} more (--all)"
             console.print(f"  revision {rev}: {', '.join(rows[:limit])}{more}")
@@ -340,6 +341,62 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         console.print(f"[bold]report[/]: {report_file} (charts; `rbridge report --store {where}` refreshes it)")
     else:
         console.print(f"[bold]report[/]: `rbridge report --store {where}` writes an HTML report with charts")
+
+
+@main.command()
+@click.option("--store", "store", default=None, help="Store whose runs to clean (default: the most recent under stores/).")
+@click.option("--plan", "plan_name", default=None, help="Only this plan (default: every plan in the store).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed and the sizes after; remove nothing.")
+@guard
+def clean(store: str | None, plan_name: str | None, dry_run: bool) -> None:
+    """Free disk: finished runs keep their exported model, not their training checkpoints.
+
+    \b
+    done runs      full checkpoints removed: nothing trains them again; model/ stays
+    pruned runs    their newest checkpoint while the plan runs (a --force edit that
+                   promotes one continues it from there); reduced to model/ once the
+                   plan is done (a later promotion trains it again from its start:
+                   the same result, its tokens again)
+    superseded     as live runs of the same status (their results stay in the store)
+    pending, running, failed runs: untouched (`rbridge resume` continues them)
+
+    Plans do this themselves as they go (spec: finished_runs: model, the default;
+    finished_runs: checkpoint keeps the checkpoints); clean applies it on demand,
+    whatever the spec says, and to plans run before it existed. Nothing in the
+    store changes.
+    """
+    from rbridge.planner.disk import clean_plan, human_bytes
+    from rbridge.store import open_store
+    from rbridge.store import plans as plan_ops
+
+    store = store_or_latest(store)
+    st = open_store(store, create=False, read_only=True)
+    try:
+        plans = plan_ops.list_plans(st, plan_name)
+        if not plans:
+            raise InputError(f"no plan {plan_name!r} in this store" if plan_name else "the store holds no plan",
+                             file=store)
+        table = Table(title=("would free (dry run)" if dry_run else "freed") + " per stage")
+        for col in ("plan", "stage", "runs", "before", "after", "freed"):
+            table.add_column(col, no_wrap=True, justify="left" if col in ("plan", "stage") else "right")
+        total_before = total_freed = 0
+        left: list = []
+        for plan in plans:
+            for row in clean_plan(st, plan, dry_run=dry_run):
+                left += row.damaged
+                table.add_row(plan.name, row.stage, str(row.runs), human_bytes(row.before), human_bytes(row.after),
+                              human_bytes(row.freed))
+                total_before += row.before
+                total_freed += row.freed
+        console.print(table)
+        verb = "would free" if dry_run else "freed"
+        console.print(f"{verb} {human_bytes(total_freed)}: {human_bytes(total_before)} before, "
+                      f"{human_bytes(total_before - total_freed)} after")
+        if left:
+            console.print(f"left in place: {len(left)} damaged checkpoint(s) a resume set aside (inspect, then "
+                          f"delete by hand): {', '.join(str(p) for p in left)}")
+    finally:
+        st.close()
 
 
 def _status_rows(rows: list[dict], limit: int | None) -> list[dict]:

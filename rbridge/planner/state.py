@@ -17,6 +17,7 @@ from pathlib import Path
 from rbridge._failpoints import failpoint
 from rbridge.planner import mirror
 from rbridge.planner.checkpoints import checkpoint_dir, move_checkpoints, superseded_dir
+from rbridge.planner.disk import human_bytes, reduce_to_model, trim_checkpoints
 from rbridge.planner.reconcile import run_fingerprint
 from rbridge.planner.schedule import RungDecision, decide, rung_tokens, survivors_at
 from rbridge.reporting import SILENT, Reporter
@@ -117,7 +118,8 @@ class PlanState:
                 entrants = active
         if plan_ops.get_plan(self.store, self.plan_id).status != "done":
             self.record_compute()
-            plan_ops.mark_plan_done(self.store, self.plan_id)
+            if plan_ops.mark_plan_done(self.store, self.plan_id):
+                self.reduce_finished()
         return SyncResult(True)
 
     def _open_stage(self, stage: Stage, entrants: list[str], cands: dict[str, Candidate]) -> dict[str, Run]:
@@ -203,6 +205,8 @@ class PlanState:
             return sorted(by_id[d.candidate_id] for d in plan_ops.decisions(self.store, self.plan_id, stage.name, rung)
                           if d.kept)
         dropped = [d.candidate for d in decisions if not d.kept and d.candidate not in failed]
+        for n in dropped:  # a --force edit that promotes it continues it from its newest checkpoint
+            trim_checkpoints(checkpoint_dir(self.store.url, self.name, stage.name, n), 1)
         if dropped or failed:
             self.report.say(f"  {stage.name} rung {rung} decision: keep {n_keep}/{len(active)}; "
                             f"dropped {', '.join(dropped) or 'none'}" + (f"; failed {', '.join(failed)}" if failed else ""))
@@ -210,6 +214,25 @@ class PlanState:
             mirror.fail_orphans(self.store.url, self.name, stage.name, {r.trial_number for r in runs.values()}, rev)
             self.record_compute()
         return sorted(d.candidate for d in decisions if d.kept)
+
+    def reduce_finished(self) -> int:
+        """The plan is done: every done or pruned run, live or superseded, keeps its exported model alone
+        (``finished_runs: model``, rbridge.planner.disk); the bytes freed."""
+        if self.spec.finished_runs != "model":
+            return 0
+        freed = 0
+        names = {c.id: n for n, c in plan_ops.candidates(self.store, self.plan_id).items()}
+        for run in plan_ops.plan_runs(self.store, self.plan_id):
+            if run.status in ("done", "pruned"):
+                freed += reduce_to_model(checkpoint_dir(self.store.url, self.name, run.stage,
+                                                        names.get(run.candidate_id, str(run.candidate_id))))
+        for run, _name in plan_ops.superseded(self.store, self.plan_id):
+            if run.status in ("done", "pruned") and run.checkpoint:
+                freed += reduce_to_model(run.checkpoint)
+        if freed:
+            self.report.say(f"finished runs reduced to their exported models: {human_bytes(freed)} of training "
+                            "checkpoints removed (finished_runs: checkpoint keeps them)")
+        return freed
 
     def record_compute(self) -> None:
         """Store the plan's compute so far (spent, naive, reduction) on its row."""

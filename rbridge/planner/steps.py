@@ -233,10 +233,14 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
                            warmup_frac=train.warmup, seed=ctx.model_seed, precision=ctx.precision or train.precision,
                            checkpoint_dir=ctx.checkpoint_dir,
                            save_every_s=ctx.spec.checkpoint_minutes * 60 if ctx.spec.checkpoint_minutes else None,
-                           run_key=ctx.run_key or None, **micro)
+                           run_key=ctx.run_key or None, keep_checkpoints=ctx.spec.keep_checkpoints, **micro)
     for was, now, why in trainer.set_aside:
         report.say(f"  {stage.name}/{ctx.candidate}: checkpoint {was.name} set aside ({why}) as "
                    f"{now.name}, resuming from " + (f"step {trainer.step}" if trainer.step else "the start"))
+    if trainer.step == 0 and (ctx.checkpoint_dir / EXPORT_DIR / "config.json").is_file():
+        report.say(f"  {stage.name}/{ctx.candidate}: trained before, but its training checkpoints were removed "
+                   "when it finished (finished_runs: model; rbridge clean): it trains again from the start, "
+                   "with the same result")
     if trainer.tokens_seen < tokens:
         # Live bars only where the reporter draws them; logs get the one line per rung the worker reports.
         with report.progress(f"  train {stage.name}/{ctx.candidate}", total=tokens,

@@ -38,6 +38,7 @@ from rbridge.planner.claims import (DEFAULT_HEARTBEAT_TIMEOUT_S, Claim, ClaimLos
 from rbridge.planner.ranks import Ranks, follow, run_message
 from rbridge.planner.state import PlanState, SyncResult, Task
 from rbridge.planner.checkpoints import checkpoint_dir
+from rbridge.planner.disk import reduce_to_model
 from rbridge.planner.local import threads_for
 from rbridge.planner.steps import RunContext, score_run, train_run
 from rbridge.proxy.rates import Rates
@@ -226,6 +227,9 @@ class PlanWorker:
                                   score_flops=scored.flops, scores=scores, mfu=trained.mfu, device=trained.device,
                                   intervals=scored.intervals, items=scored.items):
                 raise ClaimLost(f"run {task.run.id} was taken over by another worker")
+            if trained.tokens_seen >= task.run.tokens_target and state.spec.finished_runs == "model":
+                # Done: nothing trains this run again; model/ (exported above) is all that is read from now on.
+                reduce_to_model(ctx.checkpoint_dir)
         except ClaimLost as exc:
             claim.stop()
             self.report.say(f"  {stage.name}/{name}: {exc}; its result is discarded")

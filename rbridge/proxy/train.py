@@ -93,7 +93,7 @@ logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNotice())
 
 MARKER = "COMPLETE"          # written last; a step_<n>/ without it is ignored
 STATE_FILE = "trainer.json"  # step, tokens, wall time and the run's identity
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2  # default keep_checkpoints: a damaged newest checkpoint falls back to the one before
 LOSS_READ_EVERY = 16  # steps between reads of the loss on an accelerator (each read waits for the device)
 
 
@@ -255,7 +255,8 @@ class ProxyTrainer:
                  betas: tuple[float, float] = (0.9, 0.95), grad_clip: float | None = 1.0, seed: int,
                  precision: str = "auto", checkpoint_dir: str | Path | None = None,
                  save_every_s: float | None = None, accelerator: Accelerator | None = None,
-                 micro_batch_size: int | None = None, run_key: str | None = None):
+                 micro_batch_size: int | None = None, run_key: str | None = None,
+                 keep_checkpoints: int = KEEP_CHECKPOINTS):
         _check_data(data, model_config)
         _check_positive(total_tokens=total_tokens, batch_size=batch_size, lr=lr)
         if not 0.0 <= warmup_frac < 1.0:
@@ -266,6 +267,9 @@ class ProxyTrainer:
             raise InputError(f"must be positive (got {save_every_s})", field="save_every_s")
         if save_every_s is not None and checkpoint_dir is None:
             raise InputError("needs checkpoint_dir", field="save_every_s")
+        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+            raise InputError(f"must be a whole number >= 1 (got {keep_checkpoints!r})", field="keep_checkpoints")
+        self.keep_checkpoints = keep_checkpoints
 
         self.accelerator = accelerator if accelerator is not None else Accelerator()
         acc = self.accelerator
@@ -483,7 +487,7 @@ class ProxyTrainer:
     # ---- checkpoints -----------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint_dir/step_<n>/`` atomically and keep the last two; return its path.
+        """Write ``checkpoint_dir/step_<n>/`` atomically and keep the newest ``keep_checkpoints``; return its path.
 
         Accelerate's ``save_state`` writes model, optimizer, scheduler and every rank's
         RNG states into ``step_<n>.tmp/``; then ``trainer.json`` (with every file's size
@@ -516,7 +520,7 @@ class ProxyTrainer:
             _write_synced(tmp / STATE_FILE, json.dumps(state, indent=1))
             _write_synced(tmp / MARKER, "")
             os.replace(tmp, final)
-            for old in _complete_checkpoints(self.checkpoint_dir)[:-KEEP_CHECKPOINTS]:
+            for old in _complete_checkpoints(self.checkpoint_dir)[:-self.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from sqlalchemy import case, update
+from sqlalchemy import and_, case, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
@@ -137,6 +137,13 @@ def superseded_runs(store: Store, plan_id: int, stage: str, candidate_ids: list[
     return out
 
 
+def _unpruned():
+    """A run's status when its stage is decided afresh: a pruned run that trained all its tokens (dropped at
+    the last rung) is done, one dropped earlier is pending (it trains on if kept); others keep theirs."""
+    return case((and_(Run.status == "pruned", Run.tokens_seen >= Run.tokens_target), "done"),
+                (Run.status == "pruned", "pending"), else_=Run.status)
+
+
 def open_runs(store: Store, runs: list[Run], revive: dict[int, str] | None = None) -> bool:
     """Open a stage's missing runs in one transaction: create ``runs``, and revive the superseded runs
     ``revive`` names ({run id: its checkpoint folder}) whose inputs the spec asks for again.
@@ -149,7 +156,7 @@ def open_runs(store: Store, runs: list[Run], revive: dict[int, str] | None = Non
             for run_id, checkpoint in (revive or {}).items():
                 res = s.execute(update(Run).where(Run.id == run_id, Run.superseded_by != 0).values(
                     superseded_by=0, trial_number=None, checkpoint=checkpoint,
-                    status=case((Run.status == "pruned", "pending"), else_=Run.status)))
+                    status=_unpruned()))
                 if res.rowcount != 1:  # revived by another worker
                     raise IntegrityError("revive", {}, None)
             s.add_all(runs)
@@ -267,8 +274,7 @@ def apply_spec_change(store: Store, plan_id: int, change: SpecChange, revision: 
             # Live runs of those stages get fresh Optuna trials (in the revision's new studies) and may run again.
             s.execute(update(Run).where(Run.plan_id == plan_id, Run.superseded_by == 0,
                                         Run.stage.in_(change.redecide_stages))
-                      .values(trial_number=None, status=case((Run.status == "pruned", "pending"),
-                                                             else_=Run.status)))
+                      .values(trial_number=None, status=_unpruned()))
             studies.update({stage: revision for stage in change.redecide_stages})
         row.spec_text, row.spec_hash, row.status, row.updated_at = change.spec_text, change.spec_hash, "running", \
             utcnow()
