@@ -33,7 +33,7 @@ def _shown_url(url: str) -> str:
 # 10,000 runs and 30,000 evaluations loads in a tenth of the time).
 _RUN_COLUMNS = ("id", "stage", "stage_index", "candidate_id", "status", "worker", "tokens_seen", "tokens_target",
                 "params", "non_embedding_params", "train_flops", "score_flops", "wall_s", "tokens_per_s",
-                "superseded_by", "checkpoint", "threads", "device", "precision", "precision_rates", "mfu")
+                "superseded_by", "checkpoint", "threads", "device", "precision", "precision_rates", "mfu", "config")
 _PLAN_COLUMNS = ("id", "name", "status", "revision", "spec_hash", "spec_text", "spec_path")
 
 
@@ -149,6 +149,9 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
             "wall_s": sum(r["wall_s"] for r in rows),
             # Bytes of the stage's run folders (checkpoints and exported models; rbridge.planner.disk),
             # as this machine sees the folders the runs recorded.
+            # Sources a run trains on more than once: {candidate: {source: epochs}} (recorded when it opened).
+            "repeats": {cands[r["candidate_id"]]["name"]: rep for r in runs if r["stage"] == name
+                        for rep in [_repeats(r["config"])] if rep},
             "disk_bytes": sum(folder_bytes(r["checkpoint"]) for r in runs if r["stage"] == name and r["checkpoint"]),
             **_hardware(rows),
         })
@@ -163,7 +166,7 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                 stages.append({"name": name, "role": st.role, "group": st.group or name, "metric": st.pruning.metric,
                                "evals": st.pruning.evals, "tokens": st.training.tokens,
                                "candidates": [], "survivors": [], "train_flops": 0.0, "score_flops": 0.0,
-                               "wall_s": 0.0, "disk_bytes": 0, "threads": 0, "devices": [], "precisions": [],
+                               "wall_s": 0.0, "disk_bytes": 0, "repeats": {}, "threads": 0, "devices": [], "precisions": [],
                                "precision_rates": None, "mfu": None})
     _add_progress(stages, stage_specs)
     superseded = []  # runs an accepted spec edit set aside: kept, left out of the stages above
@@ -190,6 +193,15 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         "stages": stages,
         "compute": plan_compute(stages, len(cands), last, target),
     }
+
+
+def _repeats(config: str | None) -> dict[str, float]:
+    """{source: epochs} of the sources a run's recorded config says it trains on more than once."""
+    try:
+        epochs = json.loads(config or "{}").get("epochs") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {src: round(float(e), 3) for src, e in sorted(epochs.items()) if float(e) > 1.0}
 
 
 PAIRED_MAX_ROWS = 2000  # larger stages keep the unpaired tie rule: parsing every run's items costs seconds

@@ -300,6 +300,15 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
                       f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
                       f"FLOPs, {stage['wall_s']:.0f} s of training; disk {human_bytes(stage['disk_bytes'])}")
+        if stage.get("repeats"):
+            by_source: dict[str, list[str]] = {}
+            for cand, reps in stage["repeats"].items():
+                for src, epochs in reps.items():
+                    by_source.setdefault(src, []).append(f"{cand} {epochs:.1f}x")
+            console.print("  [yellow]data repeated[/] (a source trained on more than once): " + "; ".join(
+                f"{src}: {', '.join(v[:limit] if limit else v)}" + (f" and {len(v) - limit} more"
+                                                                    if limit and len(v) > limit else "")
+                for src, v in sorted(by_source.items())))
         if stage["devices"]:
             on = ", ".join(stage["devices"])
             threads = f", {stage['threads']} CPU thread(s) per run" if stage["threads"] else ""

@@ -92,6 +92,16 @@ def _validate(mix: Mapping[str, float], shards: Mapping[str, SourceShards], n_to
     return weights
 
 
+def planned_epochs(mix: Mapping[str, float], train_tokens: Mapping[str, int], n_tokens: int,
+                   seq_len: int) -> dict[str, float]:
+    """{source: tokens a run of ``n_tokens`` draws from it / its training tokens} for a mixture, by the
+    rows ``build_mixture`` allocates (> 1: the source repeats). ``train_tokens``: {source: training tokens}."""
+    total = sum(mix.values())
+    n_rows = -(-n_tokens // seq_len)
+    rows = allocate_rows({k: v / total for k, v in mix.items()}, n_rows)
+    return {src: rows[src] * seq_len / max(1, train_tokens[src]) for src in sorted(rows)}
+
+
 def allocate_rows(weights: Mapping[str, float], n_rows: int) -> dict[str, int]:
     """Rows per source by largest-remainder rounding of ``weight * n_rows`` (ties in name order)."""
     names = sorted(weights)

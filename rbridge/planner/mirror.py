@@ -10,6 +10,8 @@ after telling, changes nothing.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -79,7 +81,12 @@ def _tell_rung(st: optuna.Study, results: list[tuple[int | None, float, bool]], 
         trial = optuna.trial.Trial(st, frozen._trial_id)
         try:
             if step not in frozen.intermediate_values:
-                trial.report(score, step=step)
+                # Two deciders of the same rung (local processes, workers on several machines) report the
+                # same value; the second is a no-op that Optuna warns about. Its warning would be the only
+                # third-party line in a plan's output, and says nothing true about the plan.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The reported value is ignored")
+                    trial.report(score, step=step)
             if not kept:
                 st.tell(frozen.number, state=TrialState.PRUNED, skip_if_finished=True)
             elif final:

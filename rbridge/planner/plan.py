@@ -133,6 +133,7 @@ class Planner:
         """Refuse a store that holds another plan, or this plan with another spec; changes nothing."""
         url = store_url(self.store_arg)
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+            self._announce_new_store(Path(url[len("sqlite:///"):]))
             return
         st = open_store(self.store_arg)
         try:
@@ -154,12 +155,34 @@ class Planner:
             raise InputError("the spec changed since this plan began; rerun with --force to accept, "
                              f"or use another --store. Changes:\n{diff}", file=self.spec.path)
 
+    def _announce_new_store(self, path: Path) -> None:
+        """Say, before anything trains, that this plan starts a new store while another store of the same
+        plan name exists (the same spec run from another folder: the default store is relative to the
+        current folder, rbridge.store.registry)."""
+        from rbridge.store import registry
+
+        found = registry.others(self.spec.name, path)
+        if not found:
+            self.report.say(f"new store: {path}")
+            return
+        other = found[0]
+        spec = self.spec.path if self.spec.path else "SPEC.yaml"
+        self.report.say(f"[yellow]note:[/] new store {path.resolve()}: plan '{self.spec.name}' starts from nothing "
+                        f"here, but it already has a store at {other['store']}"
+                        + (f" (spec {other['spec']})" if other.get("spec") else "")
+                        + f". The default store is stores/{self.spec.name}.db under the current folder; to continue "
+                        f"that plan instead, stop now (Ctrl-C) and run `rbridge plan {spec} --store {other['store']}`")
+
     def _plan_row(self, data):
         spec = self.spec
         candidates = [(c.name, c.mix) for c in spec.candidates]
         spec_path = str(spec.path.resolve() if spec.path else "")
         plan = plan_ops.find_plan(self.store, spec.name)
         if plan is None:
+            if self.store.url.startswith("sqlite:///"):
+                from rbridge.store import registry
+
+                registry.record(spec.name, Path(self.store.url[len("sqlite:///"):]), spec.path)
             return plan_ops.create_plan(self.store, name=spec.name, spec_text=spec.text, spec_hash=spec.spec_hash,
                                         spec_path=spec_path, seed=spec.seed, candidates=candidates)
         if not plan.spec_hash:  # imported results only: this spec now runs it
@@ -193,9 +216,10 @@ class Planner:
                 data = prepare_data(self.spec, self.report)
                 # Check everything, then change anything: every stage's model is built (on the meta device)
                 # before the store is created or a recorded row is touched.
-                from rbridge.planner.steps import check_proxies, warn_cut_answers
+                from rbridge.planner.steps import check_proxies, warn_cut_answers, warn_repeated_sources
                 check_proxies(self.stages, data, self.spec.path)
                 warn_cut_answers(self.stages, self.spec, data, traces, self.report)
+                warn_repeated_sources(self.stages, self.spec, data, self.report)
                 failpoint("data-prepared")
                 self.store = open_store(self.store_arg)
                 try:

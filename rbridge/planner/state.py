@@ -128,7 +128,7 @@ class PlanState:
         A missing run whose inputs a superseded run of the same candidate had (a spec edit
         undone) is revived with its evaluations and checkpoints instead of trained again.
         """
-        from rbridge.planner.steps import describe_proxy
+        from rbridge.planner.steps import describe_proxy, run_epochs
 
         runs = plan_ops.stage_runs(self.store, self.plan_id, stage.name)
         wanted = {cands[n].id for n in entrants}
@@ -160,7 +160,9 @@ class PlanState:
             info = describe_proxy(stage, self.data) if new else None
             if plan_ops.open_runs(self.store, [
                     Run(plan_id=self.plan_id, stage=stage.name, stage_index=stage.index, candidate_id=cands[n].id,
-                        config=json.dumps(info["config"], sort_keys=True), params=info["params"],
+                        config=json.dumps({**info["config"], "epochs": run_epochs(stage, json.loads(cands[n].mix),
+                                                                                  self.data)}, sort_keys=True),
+                        params=info["params"],
                         non_embedding_params=info["non_embedding_params"], tokens_target=stage.training.tokens,
                         fingerprint=fingerprints[n], role=stage.role, stage_group=stage.group or stage.name,
                         seed=stage.seed)

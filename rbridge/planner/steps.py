@@ -138,6 +138,40 @@ def warn_cut_answers(stages: list[Stage], spec: Spec, data: PlanData, traces: di
                            f"set stages[{stage.index}].seq_len")
 
 
+def run_epochs(stage: Stage, mix: dict[str, float], data: PlanData) -> dict[str, float]:
+    """{source: times a run of ``stage`` on ``mix`` goes through the source's training tokens}."""
+    from rbridge.data.mixture import planned_epochs
+
+    return planned_epochs(mix, {n: sh.n_train_tokens for n, sh in data.shards.items()}, stage.training.tokens,
+                          stage.training.seq_len)
+
+
+def warn_repeated_sources(stages: list[Stage], spec: Spec, data: PlanData, report: Reporter) -> None:
+    """Say at the start which sources a candidate would train on more than once (epochs > 1): repeated
+    tokens are worth less than new ones (Muennighoff et al. 2023, "Scaling Data-Constrained Language
+    Models"), so such a candidate is judged on less data than its mixture suggests. A later stage's
+    candidates are not known yet: every candidate that could reach it is counted."""
+    worst: dict[str, tuple[float, str, list[str]]] = {}  # source -> (epochs, stage, candidates at that)
+    for stage in stages:
+        names = stage.candidates or [c.name for c in spec.candidates]
+        mixes = {c.name: c.mix for c in spec.candidates}
+        for name in names:
+            for src, epochs in run_epochs(stage, dict(mixes[name]), data).items():
+                if epochs <= 1.0:
+                    continue
+                best = worst.get(src)
+                if best is None or epochs > best[0] + 1e-9:
+                    worst[src] = (epochs, stage.group or stage.name, [name])
+                elif abs(epochs - best[0]) <= 1e-9 and name not in best[2] and best[1] == (stage.group or stage.name):
+                    best[2].append(name)
+    for src, (epochs, stage_name, names) in sorted(worst.items()):
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        report.say(f"[yellow]warning[/]: source {src} has {data.shards[src].n_train_tokens:,} training tokens; "
+                   f"stage {stage_name} trains on it {epochs:.1f} times ({shown}): repeated tokens teach less than "
+                   "new ones, so more data in the source, or fewer tokens in the stage, judges the mixture fairly "
+                   "(`rbridge status` lists the repeats)")
+
+
 def describe_proxy(stage: Stage, data: PlanData) -> dict[str, Any]:
     """The run's stored config: the LlamaConfig plus training settings, and parameter counts."""
     cfg = stage_config(stage, data)

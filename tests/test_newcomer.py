@@ -1,0 +1,94 @@
+"""What a newcomer meets in a plan's output (issue 25): a source that repeats is named at the start and in
+`rbridge status`, a second store of the same plan is announced before anything trains, and no third-party
+warning reaches the output. Real plans in subprocesses, real SQLite files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = f"""\
+name: newcomer
+seed: 4
+tokenizer: {{train: {{vocab_size: 300}}}}
+sources:
+  small: {{path: small.jsonl}}
+  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
+candidates:
+  - {{name: kjv, mix: {{kjv: 1.0}}}}
+  - {{name: half, mix: {{kjv: 0.5, small: 0.5}}}}
+  - {{name: small, mix: {{small: 1.0}}}}
+benchmarks:
+  - {{name: gsm8k, traces: traces.jsonl}}
+stages:
+  - name: filter
+    proxy: {{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2}}
+    tokens: 2048
+    seq_len: 32
+    batch_size: 8
+    lr: 0.01
+    evals: 2
+    keep: 2
+"""
+
+
+def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def spec_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("newcomer")
+    # three worked solutions: a few hundred tokens, far fewer than a 2,048-token run draws
+    rows = gzip.open(REPO / "specs/data/cot.jsonl.gz", "rt").read().splitlines()[:3]
+    (d / "small.jsonl").write_text("\n".join(rows) + "\n")
+    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:6]
+    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "newcomer.yaml").write_text(SPEC)
+    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RBRIDGE_WORKERS="2")
+    first = _rbridge("plan", "newcomer.yaml", cwd=d, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    return d, env, first
+
+
+def test_a_repeated_source_is_named_at_the_start_and_in_status(spec_dir):
+    d, env, first = spec_dir
+    out = first.stdout + first.stderr
+    warning = next(line for line in out.splitlines() if "source small" in line and "times" in line)
+    assert "stage filter trains on it" in warning and "small" in warning, warning
+    assert out.index(warning) < out.index("rung 1:")  # before anything trained
+    status = _rbridge("status", cwd=d, env=env)
+    assert status.returncode == 0, status.stderr
+    line = next(line for line in status.stdout.splitlines() if "data repeated" in line)
+    assert "small: " in line and "half " in line and "kjv " not in line.split("small: ", 1)[1], line
+
+
+def test_no_third_party_warning_in_a_plans_output(spec_dir):
+    _d, _env, first = spec_dir
+    out = first.stdout + first.stderr
+    for noise in ("UserWarning", "optuna_warn", "FutureWarning", "DeprecationWarning", "Traceback"):
+        assert noise not in out, out
+
+
+def test_a_new_store_beside_another_of_the_same_plan_is_announced_before_training(spec_dir, tmp_path):
+    d, env, _first = spec_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    again = _rbridge("plan", str(d / "newcomer.yaml"), cwd=elsewhere, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    out = again.stdout
+    note = next(line for line in out.splitlines() if line.startswith("note: new store"))
+    assert str(d / "stores" / "newcomer.db") in note and f"--store {d / 'stores' / 'newcomer.db'}" in note, note
+    assert out.index(note) < out.index("rung 1:")
+    # the first store's own folder: no note, it continues (everything reused)
+    same = _rbridge("plan", "newcomer.yaml", cwd=d, env=env)
+    assert same.returncode == 0 and "note: new store" not in same.stdout, same.stdout
