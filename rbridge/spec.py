@@ -9,6 +9,8 @@ changes (usually ``proxy`` and ``tokens``).
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 from collections import Counter
 from pathlib import Path
@@ -386,23 +388,23 @@ def _loc_str(loc: tuple) -> str:
 
 def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     """Line (1-based) of the YAML node at a pydantic error location, or its nearest parent."""
-    node, line = root, None
+    node, line, via_key = root, None, False
     for part in loc:
         if node is None:
             break
-        line = node.start_mark.line + 1
+        line, via_key = node.start_mark.line + 1, False
         if isinstance(node, yaml.MappingNode):
             nxt = None
             for key, value in node.value:
                 if key.value == str(part):
-                    nxt, line = value, key.start_mark.line + 1
+                    nxt, line, via_key = value, key.start_mark.line + 1, True
                     break
             node = nxt
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
             node = node.value[part]
         else:
             node = None
-    if node is not None:
+    if node is not None and not via_key:  # a key's own line, not the first line of the block under it
         line = node.start_mark.line + 1
     return line
 
@@ -474,6 +476,34 @@ def _nodes(text: str) -> yaml.Node | None:
     return yaml.compose(text)
 
 
+@functools.lru_cache(maxsize=1)
+def _known_keys() -> frozenset[str]:
+    """Every field name of the spec's models (suggestions for an unknown key)."""
+    seen, names, todo = set(), set(), [Spec]
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, f in model.model_fields.items():
+            names.add(f.alias or name)
+            for arg in _model_args(f.annotation):
+                todo.append(arg)
+    return frozenset(names)
+
+
+def _model_args(annotation) -> list:
+    import typing
+
+    out, todo = [], [annotation]
+    while todo:
+        a = todo.pop()
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            out.append(a)
+        todo.extend(typing.get_args(a))
+    return out
+
+
 def parse_spec(text: str, path: Path, check_files: bool = True) -> Spec:
     """Validate spec text that came from ``path`` (used for messages and relative paths)."""
     try:
@@ -491,7 +521,10 @@ def parse_spec(text: str, path: Path, check_files: bool = True) -> Spec:
     except FieldError as exc:
         raise InputError(str(exc), file=path, line=_line_of(_nodes(text), exc.loc), field=_loc_str(exc.loc)) from None
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # An unknown key first: a typo (`candidate:`) also makes the field it misspells missing, and the
+        # unknown key is the one that names the typo.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        err = errors[0]
         loc = tuple(err["loc"])
         ctx_err = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_err, FieldError):
@@ -499,11 +532,14 @@ def parse_spec(text: str, path: Path, check_files: bool = True) -> Spec:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+            near = difflib.get_close_matches(str(loc[-1]), sorted(_known_keys()), n=1, cutoff=0.75)
+            if near:
+                msg += f" (did you mean {near[0]!r}?)"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         # Union types add the member's name to the path; drop those parts.
         clean = tuple(p for p in loc if isinstance(p, int) or not p[:1].isupper() and p not in ("int", "float"))
-        more = f" (and {len(exc.errors()) - 1} more errors)" if len(exc.errors()) > 1 else ""
+        more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
         raise InputError(msg + more, file=path, line=_line_of(_nodes(text), clean), field=_loc_str(clean)) from None
     spec.path = path
     spec.text = text

@@ -92,3 +92,25 @@ def test_a_new_store_beside_another_of_the_same_plan_is_announced_before_trainin
     # the first store's own folder: no note, it continues (everything reused)
     same = _rbridge("plan", "newcomer.yaml", cwd=d, env=env)
     assert same.returncode == 0 and "note: new store" not in same.stdout, same.stdout
+
+
+def test_a_top_level_typo_is_named_with_the_key_it_misspells(spec_dir, tmp_path):
+    d, env, _ = spec_dir
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((d / "newcomer.yaml").read_text().replace("candidates:", "candidate:")
+                   .replace("small.jsonl", str(d / "small.jsonl")).replace("traces.jsonl", str(d / "traces.jsonl")))
+    out = _rbridge("validate", str(bad), cwd=d, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "candidate: unknown key (did you mean 'candidates'?)" in out.stderr, out.stderr
+    assert "typo.yaml:7:" in out.stderr, out.stderr  # the line of the typo
+
+
+def test_score_names_a_runs_exported_model_by_its_run_and_draws_no_library_bar(spec_dir):
+    import json
+
+    d, env, _ = spec_dir
+    model = next((d / "stores" / "newcomer.runs" / "filter").glob("*/model"))
+    out = _rbridge("score", "--model", str(model), "--traces", str(d / "traces.jsonl"), "--json", cwd=d, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["model"] == f"filter/{model.parent.name}"
+    assert "Loading weights" not in out.stderr + out.stdout, out.stderr

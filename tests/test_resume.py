@@ -309,13 +309,21 @@ def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + sig, out + err
     assert f"stopped by {sig.name}" in out and "rbridge resume" in out, out
+    assert "rbridge worker" not in out, out  # the plan's own processes leave the advice to the plan
     con = sqlite3.connect(db)
     assert con.execute("select count(*) from runs where status = 'running'").fetchone() == (0,)  # given back
     con.close()
+    status = _rbridge(["status"], tmp_path, env)
+    assert "(interrupted)" in status.stdout and "rbridge resume --store" in status.stdout, status.stdout
+    assert "ETA -" in status.stdout, status.stdout
     again = _rbridge(["resume"], tmp_path, env)
     assert again.returncode == 0, again.stdout + again.stderr
     _same(_ranking(db), expected)
     assert _decisions(db) == expected_decisions
+    done = _rbridge(["resume"], tmp_path, env)  # a finished plan: its ranking from the store, nothing loaded
+    assert done.returncode == 0 and "is done: nothing to continue" in done.stdout, done.stdout + done.stderr
+    assert "tokenizer:" not in done.stdout and "ranking - stage rank" in done.stdout, done.stdout
+    assert "(done)" in _rbridge(["status"], tmp_path, env).stdout
 
 
 @pytest.mark.parametrize("recorded", ["other", "legacy"])

@@ -33,7 +33,8 @@ def _shown_url(url: str) -> str:
 # 10,000 runs and 30,000 evaluations loads in a tenth of the time).
 _RUN_COLUMNS = ("id", "stage", "stage_index", "candidate_id", "status", "worker", "tokens_seen", "tokens_target",
                 "params", "non_embedding_params", "train_flops", "score_flops", "wall_s", "tokens_per_s",
-                "superseded_by", "checkpoint", "threads", "device", "precision", "precision_rates", "mfu", "config")
+                "superseded_by", "checkpoint", "threads", "device", "precision", "precision_rates", "mfu", "config",
+                "heartbeat_at", "beat_every_s")
 _PLAN_COLUMNS = ("id", "name", "status", "revision", "spec_hash", "spec_text", "spec_path")
 
 
@@ -180,9 +181,12 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                            "candidate": every[run["candidate_id"]]["name"], "status": run["status"], "rung": rung,
                            "tokens_seen": run["tokens_seen"], "score": sum(vals) / len(vals) if vals else None,
                            "checkpoint": run["checkpoint"]})
+    status = plan["status"]
+    if status == "running" and _nobody_runs(store.url, runs):
+        status = "interrupted"
     return {
         "plan": plan["name"],
-        "status": plan["status"],
+        "status": status,
         "revision": plan["revision"],
         "superseded": superseded,
         "superseded_disk_bytes": sum(folder_bytes(r["checkpoint"]) for r in superseded if r["checkpoint"]),
@@ -193,6 +197,43 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
         "stages": stages,
         "compute": plan_compute(stages, len(cands), last, target),
     }
+
+
+def _nobody_runs(url: str, runs: list[dict]) -> bool:
+    """Whether a plan the store calls running has nobody running it: no `rbridge plan` holds its SQLite
+    store's lock (the kernel drops the lock when the process dies, even by SIGKILL) and no run has a
+    heartbeat younger than three beat intervals (a `rbridge worker` training it). Stores on a server
+    (PostgreSQL) have workers this machine cannot see between runs: never judged interrupted here."""
+    if not url.startswith("sqlite:///"):
+        return False
+    import fcntl
+    from datetime import datetime, timezone
+
+    lock = Path(url[len("sqlite:///"):] + ".lock")
+    try:
+        with open(lock) as fh:  # read only: status creates nothing
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a plan process holds it
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        pass  # no lock file: no plan process
+    now = datetime.now(timezone.utc)
+    for r in runs:
+        if r["status"] != "running" or not r.get("heartbeat_at"):
+            continue
+        at = r["heartbeat_at"]
+        if isinstance(at, str):
+            try:
+                at = datetime.fromisoformat(at)
+            except ValueError:
+                return False
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=timezone.utc)
+        if (now - at).total_seconds() < 3 * max(float(r.get("beat_every_s") or 0), 20.0):
+            return False
+    return True
 
 
 def _repeats(config: str | None) -> dict[str, float]:
@@ -258,4 +299,4 @@ def _add_progress(stages: list[dict[str, Any]], specs: dict) -> None:
         st["rung"] = max((r["rung"] for r in rows), default=0)
         st["progress"] = seen / total if total else 0.0
         st["remaining_tokens"] = remaining
-        st["eta_s"] = (remaining / rate) if rate and remaining else (0.0 if not live else None)
+        st["eta_s"] = (remaining / rate) if rate and remaining else (0.0 if rows and not live else None)

@@ -92,6 +92,21 @@ def resume(store: str | None, force: bool, threads: int | None, no_local: bool, 
                          "start it again with `rbridge plan SPEC.yaml`", file=store)
     # The stored spec text is the plan; paths in it resolve against where it was written.
     spec = parse_spec(row.spec_text, Path(row.spec_path or "spec.yaml"))
+    if row.status == "done":  # nothing to continue: its ranking, from the store alone (no torch, no data)
+        import time
+
+        from rbridge.planner.plan import PlanResult, final_ranking
+
+        t0 = time.perf_counter()
+        try:
+            ranking, per_trace = final_ranking(st, spec.name, row.id, spec.resolved_stages())
+        finally:
+            st.close()
+        result = PlanResult(row.id, st.url, 0.0, ranking, per_trace=per_trace)
+        console.print(f"[bold]plan {spec.name}[/] is done: nothing to continue (`rbridge status` for details)")
+        _print_ranking(result.ranking, spec.resolved_stages(), result.items)
+        console.print(f"done in {time.perf_counter() - t0:.1f} s")
+        return
     st.close()
     _run(spec, store, force, threads, local=not no_local, workers=workers)
 
@@ -115,7 +130,7 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
             result = run_plan(spec, store, report=RichReporter(console), force=force, threads=threads, local=local,
                               poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout(), workers=workers)
     except stop.Stopped as exc:
-        _stopped(exc, "rbridge resume")
+        _stopped(exc, "rbridge resume" + (f" --store {store}" if store else ""))
     from rbridge.store.db import safe_url
 
     console.print(f"store: {safe_url(result.store_url)}")
@@ -183,7 +198,10 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
         with stop.polite_signals():
             done = w.run()
     except stop.Stopped as exc:
-        _stopped(exc, "rbridge worker again")
+        if ready_on_stdin:  # one of `rbridge plan`'s own processes: the plan gives the advice
+            console.print(f"{exc}: its run was checkpointed and given back")
+            sys.exit(exc.exit_code)
+        _stopped(exc, f"rbridge worker --store {store}" + (f" --plan {plan_name}" if plan_name else ""))
     if w.ranks.main:
         console.print(f"worker idle: no unfinished plan left; rungs trained and scored by this worker: {done}")
     else:
@@ -265,6 +283,11 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
     limit = None if show_all else top
     revision = f", spec revision {info['revision']}" if info["revision"] else ""
     console.print(f"[bold]plan {info['plan']}[/] ({info['status']}{revision}) in {info['store']}")
+    interrupted = info["status"] == "interrupted"
+    if interrupted:
+        where = info["store"][len("sqlite:///"):] if info["store"].startswith("sqlite:///") else info["store"]
+        console.print(f"  [yellow]interrupted[/]: no process is running this plan (it was stopped or killed); "
+                      f"nothing trained is lost: continue with `rbridge resume --store {where}`")
     for stage in info["stages"]:
         rows = stage["candidates"]
         shown = _status_rows(rows, limit)
@@ -296,7 +319,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
             console.print(f"  {len(rows) - len(shown):,} more of {len(rows):,} candidates not listed "
                           f"({_status_counts(rows, shown)}); --all lists them, --json "
                           "gives every field")
-        eta = "-" if stage["eta_s"] is None else f"{stage['eta_s']:.0f} s"
+        eta = "-" if stage["eta_s"] is None or (interrupted and stage["eta_s"]) else f"{stage['eta_s']:.0f} s"
         console.print(f"  rung {stage['rung']}/{stage['evals']}, {stage['progress']:.0%} of the stage's tokens, "
                       f"ETA {eta}; compute: train {stage['train_flops']:.2e} + scoring {stage['score_flops']:.2e} "
                       f"FLOPs, {stage['wall_s']:.0f} s of training; disk {human_bytes(stage['disk_bytes'])}")
@@ -430,7 +453,8 @@ def _stopped(exc, how: str) -> None:
     """Exit 143 (SIGTERM) or 130 (SIGINT) after a polite stop: the running proxy was checkpointed."""
     import sys
 
-    console.print(f"{exc}: the running proxy was checkpointed and given back; continue with `{how}`")
+    console.print(f"{exc}: the running proxy was checkpointed and given back; continue with `{how}` (nothing "
+                  "trained is lost)")
     sys.exit(exc.exit_code)
 
 

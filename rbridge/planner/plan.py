@@ -263,18 +263,25 @@ class Planner:
             self.report.say(f"coordinating only (--no-local): start workers with "
                             f"`rbridge worker --store {safe_url(self.store.url)}`")
             wait_for_plan(state, self.poll_s)
-        ranking = plan_ops.ranking(self.store, self.spec.name)
-        per_trace = {}
-        for st in self.stages:
-            last: dict[str, int] = {}
-            found = stage_items(self.store.rows, plan.id, st.name, st.pruning.metric)
-            for cand, rung in found:
-                last[cand] = max(last.get(cand, 0), rung)
-            per_trace[(st.name, st.pruning.metric)] = {(cand, bench): values
-                                                       for (cand, rung), by in found.items() if rung == last[cand]
-                                                       for bench, values in by.items()}
+        ranking, per_trace = final_ranking(self.store, self.spec.name, plan.id, self.stages)
         return PlanResult(plan.id, self.store.url, time.perf_counter() - t0, ranking,
                           self.reused_runs, self.trained_runs, per_trace)
+
+
+def final_ranking(store: Store, name: str, plan_id: int, stages) -> tuple[list[dict], dict]:
+    """A plan's ranking view rows and, per (stage, metric), each candidate's per-trace values at its last
+    rung (the paired tie rule): what the plan prints at its end, read from the store alone."""
+    ranking = plan_ops.ranking(store, name)
+    per_trace = {}
+    for st in stages:
+        last: dict[str, int] = {}
+        found = stage_items(store.rows, plan_id, st.name, st.pruning.metric)
+        for cand, rung in found:
+            last[cand] = max(last.get(cand, 0), rung)
+        per_trace[(st.name, st.pruning.metric)] = {(cand, bench): values
+                                                   for (cand, rung), by in found.items() if rung == last[cand]
+                                                   for bench, values in by.items()}
+    return ranking, per_trace
 
 
 def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,

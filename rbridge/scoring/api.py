@@ -53,6 +53,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
         directory, kwargs["gguf_file"], name = path.parent, path.name, path.stem
     else:
         directory, name = path, path.name
+        name = display_name(path)
         if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
             # a plan's run folder (stores/<plan>.runs/<stage>/<candidate>): its exported proxy
             directory, name = path / "model", f"{path.parent.name}/{path.name}"
@@ -63,17 +64,42 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
                                  "folder (no model/config.json) and not exactly one .gguf file in it "
                                  f"(found {len(ggufs)})", file=path)
             kwargs["gguf_file"], name = ggufs[0].name, ggufs[0].stem
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: noise in rbridge's output
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             directory, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load a causal LM and tokenizer from it: {e}", file=path) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     model.eval()
     return model, tokenizer, name
+
+
+def display_name(path: str | Path) -> str:
+    """How `rbridge score` names a model folder: a plan's run folder, or the ``model/`` exported in one,
+    as ``<stage>/<candidate>``; a .gguf file by its stem; any other folder by its name."""
+    path = Path(path)
+    resolved = path.resolve()
+    if path.is_file():
+        return path.stem
+    if resolved.name == "model" and resolved.parent.parent.parent.name.endswith(".runs"):
+        return f"{resolved.parent.parent.name}/{resolved.parent.name}"
+    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return f"{resolved.parent.name}/{resolved.name}"
+    if not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0].stem
+    return resolved.name
 
 
 def score_model_dir(path: str | Path, traces_path: str | Path, *, device: str = "auto",
@@ -120,6 +146,7 @@ def score_file(model_path, traces_path, *, context: str = "question", minmax: st
         key, opts = cache.cache_key(mfp, tfp, options)
         hit = cache.get(key, cache_file)
         if hit is not None:
+            hit["model"] = display_name(model_path)  # the same model under another path or name
             return hit, True
     t0 = time.perf_counter()
     model, tokenizer, name = load_model(model_path, device=dev)
