@@ -216,3 +216,54 @@ def test_out_onto_a_directory_exits_2_before_reading(tmp_path):
                                   "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2 and "is a directory" in r.output and "o.jsonl" in r.output, r.output
     assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # no .tmp left beside it
+
+
+def _pieces(text: str, size: int = 5) -> list[tuple[str, float]]:
+    """``text`` cut into tokens of ``size`` characters with distinct probabilities."""
+    return [(text[i:i + size], 0.5 + 0.4 * ((i // size) % 5) / 5) for i in range(0, len(text), size)]
+
+
+def _tokens_concatenate(trace) -> bool:
+    return "".join(t.text for t in trace.frontier.tokens) == trace.reasoning
+
+
+def test_openai_free_text_completion_reasoning_is_the_content_answer_by_the_checker(tmp_path):
+    """Ordinary chat completions (no JSON asked for): the reasoning is the content without surrounding
+    whitespace, the answer GSM8K's #### line, else the last number (number checker), every token's
+    log-probability kept on the characters it completes."""
+    text = "\nNatalia sold 48/2 = 24 clips in May.\nAltogether she sold 48+24 = 72 clips.\n#### 72\n"
+    plain = "Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples."
+    p = write_jsonl(tmp_path / "gsm8k.jsonl", [completion(_pieces(text)), completion(_pieces(plain, 3))])
+    first, second = import_openai([p])
+    assert first.reasoning == text.strip() and first.answer == "72" and _tokens_concatenate(first)
+    assert second.reasoning == plain and second.answer == "7" and _tokens_concatenate(second)
+    assert first.metadata["reasoning_span"] == "text"
+    # each frontier token keeps the log-probability of the server's token that completes it
+    assert first.frontier.tokens[0].text == "Natal"[: len(first.frontier.tokens[0].text)]
+    lps = {round(t.logprob, 9) for t in first.frontier.tokens}
+    assert lps <= {round(math.log(p), 9) for _, p in _pieces(text)}
+
+
+def test_openai_think_block_and_reasoning_content(tmp_path):
+    think = "<think>\nAdd 2 and 3 to get 5.\n</think>\n\nThe answer is 5."
+    rc_reasoning, rc_content = "Add 2 and 3 to get 5.", "\\boxed{5}"
+    rc = completion(_pieces(rc_reasoning + rc_content, 4))
+    rc["choices"][0]["message"] = {"role": "assistant", "content": rc_content, "reasoning_content": rc_reasoning}
+    p = write_jsonl(tmp_path / "arith.jsonl", [completion(_pieces(think, 4)), rc])
+    a, b = import_openai([p])
+    assert (a.reasoning, a.answer, a.metadata["reasoning_span"]) == ("Add 2 and 3 to get 5.", "The answer is 5.",
+                                                                      "think")
+    assert (b.reasoning, b.answer, b.metadata["reasoning_span"]) == (rc_reasoning, "5", "reasoning_content")
+    assert _tokens_concatenate(a) and _tokens_concatenate(b)
+
+
+def test_openai_reasoning_without_logprobs_and_empty_content_are_refused(tmp_path):
+    only_answer = completion(_pieces("The answer is 5.", 4))
+    only_answer["choices"][0]["message"]["reasoning_content"] = "Add 2 and 3."
+    empty = completion([("  ", 0.5), ("\n", 0.9)])
+    for bad, words in ((only_answer, "do not cover the reasoning"), (empty, "no reasoning text")):
+        p = write_jsonl(tmp_path / "in.jsonl", [completion(_pieces("1 + 1 = 2", 3)), bad])
+        r = CliRunner().invoke(main, ["traces", "import", "--format", "openai", str(p), "--out",
+                                      str(tmp_path / "o.jsonl")])
+        assert r.exit_code == 2 and "in.jsonl:2" in r.output and words in r.output, r.output
+        assert not (tmp_path / "o.jsonl").exists()

@@ -129,7 +129,25 @@ def traces_generate(model_path: Path, questions_path: Path, out_path: Path, resc
 @guard
 def traces_import(fmt: str, files: tuple[Path, ...], out_path: Path, benchmark: str | None,
                   model_name: str | None, options: tuple[str, ...]) -> None:
-    """Convert OpenAI logprob output, the paper's per-token layout, or rbridge files to rbridge JSONL."""
+    """Convert OpenAI logprob output, the paper's per-token layout, or rbridge files to rbridge JSONL.
+
+    \b
+    --format openai: chat completions requested with logprobs: true (a JSONL file, a JSON
+    array or one object; Batch API output lines too). The frontier tokens are the
+    completion's logprobs.content; the reasoning span is, in order:
+      json               the "reasoning" string of the paper's JSON answer
+                         ({"reasoning": ..., "final_answer": ...}), answer its final_answer
+      reasoning_content  a server's separate reasoning field (vLLM, SGLang reasoning
+                         parsers) when the logprobs cover it followed by the content;
+                         the answer is found in the content
+      think              the text inside <think>...</think>; answer found after it
+      text               otherwise the whole content, without whitespace at its ends
+    The answer is found as: the text after the last ####, else the last \\boxed{...},
+    else (benchmarks named gsm8k...) the last number, else the answer text itself
+    (reasoning_content and think, up to 200 characters), else empty. Each trace
+    records its rule in metadata.reasoning_span. A completion whose tokens do not
+    concatenate to its content, or whose logprobs miss the reasoning, is refused.
+    """
     from rbridge.scoring.importers import import_traces
 
     opts = {}

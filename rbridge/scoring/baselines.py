@@ -53,29 +53,17 @@ still importable from here.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from rbridge.scoring import decoding, forward_attr
+from rbridge.scoring.answers import last_number  # noqa: F401 - the checkers' rule (torch-free), importable here
 from rbridge.scoring.requests import Request, loglikelihood
 from rbridge.scoring.scorer import context_text, start_token_id, text_ids
 from rbridge.scoring.traces import Trace
 
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number(text: str) -> float | None:
-    """The last number in ``text`` (commas as thousands separators), or None."""
-    found = _NUM.findall(text or "")
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
 
 
 def gsm8k_gold(trace: Trace) -> float | None:

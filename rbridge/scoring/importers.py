@@ -20,7 +20,11 @@ Three formats (every error is an :class:`InputError` naming the file, the
     with the character's last byte adds the whole character -- the
     completing-token rule of ``completions.py``); without ``bytes`` the ``token``
     string is used. The completion text must equal ``message.content`` when
-    that is given. The value of ``"reasoning"`` is found in it with
+    that is given (or, with a server's reasoning parser, ``reasoning_content``
+    followed by ``content``). Free-text completions (no JSON asked for) are
+    taken as they are: ``reasoning_span`` says where their reasoning lies and
+    ``rbridge.scoring.answers.free_text_answer`` finds their answer. In the
+    paper's JSON, the value of ``"reasoning"`` is found with
     :func:`rbridge.scoring.completions.find_reasoning`, JSON escapes (``\\n \\t
     \\" \\\\ \\/ \\uXXXX``, surrogate pairs) are mapped back to characters, and
     every reasoning character is given to the token that completes it
@@ -57,6 +61,7 @@ from typing import Any
 
 from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
+from rbridge.scoring.answers import free_text_answer
 from rbridge.scoring.completions import INSTRUCTION, answer_text, find_reasoning, reasoning_tokens
 from rbridge.scoring.traces import Trace, check_out_path, parse_trace, write_traces
 
@@ -196,16 +201,76 @@ def _check_logprob(v: Any, *, file: Path, line: int, field: str) -> float:
     return v
 
 
-def _frontier_from_completion(texts: list[str], lps: list[float], *, file: Path, line: int,
-                              where: str) -> tuple[str, list[dict[str, Any]], Any]:
-    """(reasoning, frontier token dicts, final answer) from a JSON completion's tokens."""
-    found = find_reasoning("".join(texts))
-    if found is None:
-        raise InputError('the completion holds no JSON object with a non-empty string "reasoning" '
-                         'and a "final_answer"', file=file, line=line, field=where)
-    chars, ends, final = found
+_THINK = ("<think>", "</think>")
+
+
+def _span(text: str, a: int, b: int) -> tuple[int, int]:
+    """[a, b) without the whitespace at its ends."""
+    while a < b and text[a].isspace():
+        a += 1
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
+def reasoning_span(text: str, reasoning_chars: int | None = None) -> tuple[int, int, str, str]:
+    """Where a free-text completion's reasoning lies: (start, end, answer text, rule).
+
+    ``reasoning_chars``: the tokens cover a server's separate reasoning field (``reasoning_content``)
+    followed by the message content; the reasoning is those first characters, the content is the
+    answer text (rule ``reasoning_content``). Else the text inside ``<think>...</think>`` when the
+    completion has one, the answer text after it (rule ``think``); else the whole completion,
+    which is also where the answer is looked for (rule ``text``). Whitespace at a span's ends is
+    not reasoning.
+    """
+    if reasoning_chars is not None:
+        a, b = _span(text, 0, reasoning_chars)
+        if text[a:].startswith(_THINK[0]) and text[a:b].endswith(_THINK[1]):
+            a, b = _span(text, a + len(_THINK[0]), b - len(_THINK[1]))
+        return a, b, text[reasoning_chars:], "reasoning_content"
+    open_at = text.find(_THINK[0])
+    close_at = text.find(_THINK[1], open_at + 1 if open_at >= 0 else 0)
+    if close_at >= 0:  # some servers strip the opening tag from the output
+        a = open_at + len(_THINK[0]) if 0 <= open_at < close_at else 0
+        a, b = _span(text, a, close_at)
+        return a, b, text[close_at + len(_THINK[1]):], "think"
+    a, b = _span(text, 0, len(text))
+    return a, b, text, "text"
+
+
+def _frontier_from_completion(texts: list[str], lps: list[float], *, file: Path, line: int, where: str,
+                              checker: str | None = None, reasoning_chars: int | None = None
+                              ) -> tuple[str, list[dict[str, Any]], Any, str]:
+    """(reasoning, frontier token dicts, final answer, rule) from a completion's tokens: the paper's JSON
+    (``{"reasoning": ..., "final_answer": ...}``) where the completion holds it, else free text
+    (``reasoning_span``; the answer by ``rbridge.scoring.answers.free_text_answer``)."""
+    text = "".join(texts)
+    found = find_reasoning(text) if reasoning_chars is None else None
+    if found is not None:
+        chars, ends, final = found
+        rule = "json"
+    elif reasoning_chars is None and text.lstrip().startswith("{") and '"reasoning"' in text:
+        # the paper's JSON was asked for and came back broken: not free text to score
+        raise InputError('the completion starts as the paper\'s JSON but holds no object with a non-empty string '
+                         '"reasoning" and a "final_answer"', file=file, line=line, field=where)
+    else:
+        a, b, answer_from, rule = reasoning_span(text, reasoning_chars)
+        if a >= b:
+            raise InputError(f"the completion holds no reasoning text (rule {rule}: the reasoning is the "
+                             "text inside <think>...</think>, else the whole completion)", file=file, line=line,
+                             field=where)
+        chars, ends = list(text[a:b]), list(range(a + 1, b + 1))
+        final = free_text_answer(answer_from, checker)
+        if not final and rule != "text":
+            final = answer_from.strip() if len(answer_from.strip()) <= 200 else ""
     toks = reasoning_tokens(texts, lps, (chars, ends), digits=None)
-    return "".join(chars), [t.model_dump() for t in toks], final
+    return "".join(chars), [t.model_dump() for t in toks], final, rule
+
+
+def default_checker(benchmark: str) -> str | None:
+    """The answer rule of a benchmark as the spec's default (BenchmarkSpec.answer_checker): ``number`` for
+    benchmarks named gsm8k..., else none."""
+    return "number" if benchmark.lower().startswith("gsm8k") else None
 
 
 # ---------------------------------------------------------------- openai
@@ -260,15 +325,29 @@ def import_openai(paths: Sequence[str | Path], *, benchmark: str | None = None,
             texts, lps = decode_tokens(content, file=path, line=line, where="choices[0].logprobs.content")
             message = choice.get("message") or {}
             text = "".join(texts)
-            if isinstance(message.get("content"), str) and message["content"] != text:
-                c = message["content"]
+            # A server's reasoning parser (vLLM, SGLang) moves the reasoning out of content into
+            # reasoning_content (or reasoning); the log-probabilities then cover both, reasoning first.
+            said = next((message[k] for k in ("reasoning_content", "reasoning")
+                         if isinstance(message.get(k), str) and message[k]), None)
+            c = message.get("content")
+            reasoning_chars = None
+            if said is not None and isinstance(c, str):
+                if text != c and text.endswith(c) and said.strip() in text[:len(text) - len(c)]:
+                    reasoning_chars = len(text) - len(c)  # the reasoning, then the content
+                elif said.strip() not in text:
+                    raise InputError("the log-probabilities do not cover the reasoning the server returned apart "
+                                     "(message.reasoning_content): ask the server for log-probabilities of the "
+                                     "reasoning too, or turn its reasoning parser off", file=path, line=line,
+                                     field="choices[0].logprobs.content")
+            if reasoning_chars is None and isinstance(c, str) and c != text:
                 k = next((j for j, (a, b) in enumerate(zip(text, c)) if a != b), min(len(text), len(c)))
                 raise InputError(f"the logprob tokens do not concatenate to the message content: they "
                                  f"differ at character {k} (tokens give {text[k:k + 20]!r}, content has "
                                  f"{c[k:k + 20]!r})", file=path, line=line, field="choices[0].message.content")
-            reasoning, ftoks, final = _frontier_from_completion(texts, lps, file=path, line=line,
-                                                                where="choices[0].logprobs.content")
             bench = rec.get("benchmark") or benchmark or path.stem
+            reasoning, ftoks, final, rule = _frontier_from_completion(
+                texts, lps, file=path, line=line, where="choices[0].logprobs.content",
+                checker=default_checker(bench), reasoning_chars=reasoning_chars)
             qid = rec.get("id") if comp is not rec else None   # a completion's own id is chatcmpl-...
             qid = qid or rec.get("custom_id") or f"{bench}-{i}"
             question = rec.get("question") if isinstance(rec.get("question"), str) else None
@@ -277,7 +356,7 @@ def import_openai(paths: Sequence[str | Path], *, benchmark: str | None = None,
             obj = {"id": qid, "benchmark": bench, "question": question, "reasoning": reasoning,
                    "answer": answer_text(final),
                    "frontier": {"model": model or comp.get("model") or "openai", "tokens": ftoks},
-                   "metadata": {"method": "imported", "format": "openai",
+                   "metadata": {"method": "imported", "format": "openai", "reasoning_span": rule,
                                 "source": f"{path.name}:{line}"}}
             if comp is not rec:
                 for k in ("label", "choices", "gold"):
