@@ -239,15 +239,15 @@ def report(plan):
     res = _rbridge("report", "--store", "stores/tgt.db", "--out", "out/report.html", "--png", "out/png",
                    cwd=d, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
-    return d, d / "out/report.html", res
+    return d, d / "out/report.html", res, env
 
 
 def test_report_writes_every_chart_and_draws_the_stores_numbers(report):
-    d, page, res = report
+    d, page, res, _env = report
     text = page.read_text()
     data = json.loads(text.split('id="rbridge-data">', 1)[1].split("</script>", 1)[0])
     names = set(data)
-    assert {"halving-filter", "curves-filter", "halving-target.s0", "halving-target.s1", "compute",
+    assert {"ranking-filter", "halving-filter", "curves-filter", "halving-target.s0", "halving-target.s1", "compute",
             "accuracy-vs-compute"} <= names
     assert {p.stem for p in (d / "out/png").glob("*.png")} == names
     assert "http://" not in text and "https://" not in text  # nothing to fetch
@@ -260,6 +260,18 @@ def test_report_writes_every_chart_and_draws_the_stores_numbers(report):
     dropped = dict(con.execute("select c.name, d.rung from decisions d join candidates c on c.id = d.candidate_id "
                                "where d.stage = 'filter' and d.kept = 0"))
     assert data["halving-filter"]["dropped"] == dropped
+    # ... each with its 95% interval (one benchmark: the evaluation's own bounds)
+    for cand, rung, low, high in con.execute(
+            "select c.name, e.rung, e.ci_low, e.ci_high from evaluations e join runs r on r.id = e.run_id "
+            "join candidates c on c.id = r.candidate_id where r.stage = 'filter' and e.metric = 'rbridge'"):
+        assert data["halving-filter"]["intervals"][cand][rung - 1] == [pytest.approx(low), pytest.approx(high)]
+    # the ranking chart: the stage's scores, intervals and ties as `rbridge status` has them
+    ranked = data["ranking-filter"]
+    assert len(ranked["candidates"]) == 4 and all(lo < v < hi for v, (lo, hi) in zip(ranked["score"], ranked["ci"]))
+    status = json.loads(_rbridge("status", "--store", "stores/tgt.db", "--json", cwd=d, env=_env).stdout)
+    filt = next(st for st in status["stages"] if st["name"] == "filter")
+    assert ranked["separated_from_next"] == [r["separated_from_next"] for r in filt["candidates"]]
+    assert data["compute"]["flops"][-1] > 0  # drawn on a linear axis with its value
     # the decision-accuracy curve: the view's final numbers at each stage's last rung
     view = {(r[0], r[1]): r[2] for r in con.execute(
         "select stage, proxy_metric, decision_accuracy from decision_accuracy")}
@@ -287,7 +299,7 @@ def _browser():
 
 
 def test_report_opens_in_a_real_browser_offline_on_a_laptop_and_a_phone(report):
-    d, page, _res = report
+    d, page, _res, env = report
     driver = _browser()
     try:
         for width, height in ((1280, 900), (390, 844)):
@@ -314,15 +326,21 @@ def test_report_opens_in_a_real_browser_offline_on_a_laptop_and_a_phone(report):
             if msg["method"] == "Network.requestWillBeSent":
                 urls.append(msg["params"]["request"]["url"])
         assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
-        # the ranking tables show the view's values
-        con = sqlite3.connect(d / "stores/tgt.db")
-        want = [(c, f"{v:.6g}") for c, v in con.execute(
-            "select candidate, value from ranking where stage = 'filter' and metric = 'rbridge' "
-            "order by rank, candidate")]
+        # the ranking tables show what `rbridge status --json` says: scores, intervals, the tie column
+        status = json.loads(_rbridge("status", "--store", "stores/tgt.db", "--json", cwd=d, env=env).stdout)
+        filt = next(st for st in status["stages"] if st["name"] == "filter")
+        want = [[str(r["rank"]), r["candidate"], f"{r['score']:.6g}", f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]",
+                 {None: "", True: "separated", False: "tie"}[r["separated_from_next"]]]
+                for r in filt["candidates"]]
         rows = driver.execute_script(
             "return Array.from(document.querySelectorAll('#ranking-filter tbody tr'))"
             ".map(r => Array.from(r.cells).map(c => c.textContent));")
-        assert [(r[1], r[3]) for r in rows] == want
+        assert [r[:5] for r in rows] == want
+        heads = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#ranking-filter thead th')).map(c => c.textContent);")
+        assert heads[:5] == ["Rank", "Candidate", "Score", "95% interval", "vs next"], heads
+        assert not any("_" in h for h in driver.execute_script(
+            "return Array.from(document.querySelectorAll('th')).map(c => c.textContent);"))
     finally:
         driver.quit()
 
@@ -354,7 +372,7 @@ def test_optuna_dashboard_reads_the_plans_studies(plan):
 
 
 def test_report_refuses_bad_arguments_and_status_names_it(report):
-    d, page, _res = report
+    d, page, _res, _env = report
     env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1")
     bad = _rbridge("report", "--store", "stores/tgt.db", "--plan", "nope", cwd=d, env=env)
     assert bad.returncode == 2 and "no plan 'nope'" in bad.stderr

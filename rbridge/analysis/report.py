@@ -80,11 +80,11 @@ def _png(fig) -> bytes:
 
 # ---------------------------------------------------------------------------- data
 def _rung_values(store, plan: str) -> list[tuple]:
-    """(stage, stage_index, candidate, rung, tokens, benchmark, metric, value, higher_is_better) of every
-    live planner evaluation, in recording order."""
+    """(stage, stage_index, candidate, rung, tokens, benchmark, metric, value, higher_is_better, ci_low,
+    ci_high) of every live planner evaluation, in recording order."""
     return store.rows(
         "SELECT r.stage, r.stage_index, c.name, e.rung, e.tokens_seen, e.benchmark, e.metric, e.value, "
-        "e.higher_is_better FROM evaluations e JOIN runs r ON r.id = e.run_id "
+        "e.higher_is_better, e.ci_low, e.ci_high FROM evaluations e JOIN runs r ON r.id = e.run_id "
         "JOIN candidates c ON c.id = r.candidate_id JOIN plans p ON p.id = r.plan_id "
         "WHERE p.name = :plan AND r.superseded_by = 0 ORDER BY e.id", plan=plan)
 
@@ -128,13 +128,17 @@ def _halving(stage: dict, values: list[tuple], colors: dict) -> Chart:
     import matplotlib.pyplot as plt
 
     metric = stage["metric"]
-    per: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    for st, _i, cand, rung, tokens, _b, m, value, _h in values:
+    per: dict[str, dict[int, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+    for st, _i, cand, rung, tokens, _b, m, value, _h, lo, hi in values:
         if st == stage["name"] and m == metric:
-            per[cand][rung].append((tokens, value))
-    series = {}
+            per[cand][rung].append((tokens, value, lo, hi))
+    series, intervals = {}, {}
     for cand, rungs in per.items():  # the decision score: the metric's mean over benchmarks at each rung
-        series[cand] = [(max(t for t, _ in pts), sum(v for _, v in pts) / len(pts)) for _r, pts in sorted(rungs.items())]
+        series[cand] = [(max(p[0] for p in pts), sum(p[1] for p in pts) / len(pts)) for _r, pts in sorted(rungs.items())]
+        # its 95% interval: the benchmarks' bounds averaged as their scores are (as `rbridge status`)
+        intervals[cand] = [[sum(p[2] for p in pts) / len(pts), sum(p[3] for p in pts) / len(pts)]
+                           if all(p[2] is not None and p[3] is not None for p in pts) else None
+                           for _r, pts in sorted(rungs.items())]
     dropped = {r["candidate"]: r["decision"]["rung"] for r in stage["candidates"]
                if r.get("decision") and not r["decision"]["kept"]}
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -142,6 +146,12 @@ def _halving(stage: dict, values: list[tuple], colors: dict) -> Chart:
         pts = series[cand]
         ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", ms=3, lw=1.2, color=colors.get(cand),
                 alpha=0.55 if cand in dropped else 1.0, label=cand)
+        bounds = intervals[cand]
+        have = [(t, v, b) for (t, v), b in zip(pts, bounds) if b is not None]
+        if have:
+            ax.errorbar([t for t, _, _ in have], [v for _, v, _ in have],
+                        yerr=[[v - b[0] for _, v, b in have], [b[1] - v for _, v, b in have]], fmt="none",
+                        ecolor=colors.get(cand), elinewidth=0.8, capsize=2, alpha=0.35 if cand in dropped else 0.7)
         if cand in dropped:
             ax.plot([pts[-1][0]], [pts[-1][1]], marker="x", ms=8, color=colors.get(cand))
     ax.set_xlabel("training tokens")
@@ -151,9 +161,45 @@ def _halving(stage: dict, values: list[tuple], colors: dict) -> Chart:
         ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return Chart(f"halving-{_safe(stage['name'])}", f"Stage {stage['name']}: score per rung",
-                 f"{metric} of every candidate at every rung (mean over benchmarks); an x marks the rung a "
-                 "candidate was dropped at.", _png(fig),
-                 {"metric": metric, "series": series, "dropped": dropped})
+                 f"{metric} of every candidate at every rung (mean over benchmarks) with its 95% bootstrap "
+                 "interval over the traces; an x marks the rung a candidate was dropped at.", _png(fig),
+                 {"metric": metric, "series": series, "intervals": intervals, "dropped": dropped})
+
+
+def _ranking_chart(stage: dict, colors: dict) -> Chart:
+    """The stage's final scores with their 95% intervals, best at the top; a bracket joins neighbours the
+    paired bootstrap calls tied."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in stage["candidates"] if r["score"] is not None]
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(7, 0.32 * n + 1.4))
+    ys = list(range(n))[::-1]
+    for y, r in zip(ys, rows):
+        lo, hi = r.get("ci_low"), r.get("ci_high")
+        err = [[r["score"] - lo], [hi - r["score"]]] if lo is not None and hi is not None else None
+        ax.errorbar([r["score"]], [y], xerr=err, fmt="o", ms=4, capsize=3, color=colors.get(r["candidate"]),
+                    alpha=0.55 if r["status"] == "pruned" else 1.0)
+    lo_x = min((r.get("ci_low") if r.get("ci_low") is not None else r["score"]) for r in rows) if rows else 0
+    for k, r in enumerate(rows[:-1]):
+        if r.get("separated_from_next") is False:
+            ax.annotate("tie", xy=(lo_x, ys[k] - 0.5), xytext=(-4, 0), textcoords="offset points", ha="right",
+                        va="center", fontsize=7, color="#b5651d")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([f"{r['rank']}. {r['candidate']}" + (" (pruned)" if r["status"] == "pruned" else "")
+                        for r in rows], fontsize=8)
+    ax.set_xlabel(f"{stage['metric']} at the last rung each reached ({LOWER_IS_BETTER_NOTE}); bars: 95% interval "
+                  "over traces", fontsize=8)
+    ax.set_title(f"stage {stage['name']}: ranking", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return Chart(f"ranking-{_safe(stage['name'])}", f"Stage {stage['name']}: ranking with intervals",
+                 f"Each candidate's {stage['metric']} with its 95% bootstrap interval over the traces, in rank order "
+                 "(candidates that trained more tokens first); 'tie' marks a pair the paired bootstrap cannot "
+                 "separate.", _png(fig),
+                 {"candidates": [r["candidate"] for r in rows], "score": [r["score"] for r in rows],
+                  "ci": [[r.get("ci_low"), r.get("ci_high")] for r in rows],
+                  "separated_from_next": [r.get("separated_from_next") for r in rows]})
 
 
 def _curves(stage: dict, values: list[tuple], colors: dict) -> Chart:
@@ -161,7 +207,7 @@ def _curves(stage: dict, values: list[tuple], colors: dict) -> Chart:
 
     by_metric: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     hib: dict[str, bool] = {}
-    for st, _i, cand, _rung, tokens, _b, m, value, h in values:
+    for st, _i, cand, _rung, tokens, _b, m, value, h, _lo, _hi in values:
         if st == stage["name"]:
             by_metric[m][cand][tokens].append(value)
             hib[m] = bool(h)
@@ -210,9 +256,11 @@ def _compute(compute: dict) -> Chart:
         vals.append(compute["naive_flops"])
         colors.append("#e76f51")
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(labels) + 1.5))
-    ax.barh(labels[::-1], [max(v, 1.0) for v in vals[::-1]], color=colors[::-1])
-    ax.set_xscale("log")
-    ax.set_xlabel("FLOPs (6 N D, plus scoring)")
+    bars = ax.barh(labels[::-1], vals[::-1], color=colors[::-1])
+    # A linear axis: bar lengths compare as the numbers do (a log axis made 2.4x look like 10x).
+    ax.bar_label(bars, labels=[f"{v:.2e}" for v in vals[::-1]], fontsize=7, padding=2)
+    ax.set_xlim(0, max(vals + [1.0]) * 1.18)
+    ax.set_xlabel("FLOPs (6 N D, plus scoring), linear axis")
     red = compute.get("reduction")
     ax.set_title("compute: spent per stage and in all, against the naive cost"
                  + (f" (reduction {red:.1f}x)" if red else ""))
@@ -310,10 +358,45 @@ def _cell(v: Any) -> str:
     return f"<td>{html.escape(str(v))}</td>"
 
 
+# Column keys -> the heading a reader sees (keys not listed are shown as they are).
+LABELS = {"rank": "Rank", "candidate": "Candidate", "benchmark": "Benchmark", "value": "Score",
+          "ci": "95% interval", "vs_next": "vs next", "tokens_seen": "Tokens trained",
+          "tokens_target": "Token budget", "status": "Status", "stopped": "Stopped at", "rung": "Rung",
+          "why": "Why", "stage": "Stage", "attempts": "Attempts", "tokens_per_s": "Tokens/s",
+          "wall_s": "Training seconds", "mfu": "MFU", "device": "Device", "threads": "CPU threads",
+          "error": "Last error", "proxy_metric": "Proxy metric", "target_metric": "Target metric",
+          "n_candidates": "Candidates", "n_pairs": "Pairs", "decision_accuracy": "Decision accuracy",
+          "ci_low": "95% CI low", "ci_high": "95% CI high", "kendall_tau": "Kendall tau", "what": "What",
+          "version": "Version", "disk": "Disk", "runs": "Runs"}
+
+
 def _table(rows: list[dict], cols: list[str], table_id: str) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f"<th>{html.escape(LABELS.get(c, c))}</th>" for c in cols)
     body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in cols) + "</tr>" for r in rows)
     return f'<div class="scroll"><table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+TIE_NOTE = ("tie: the 95% paired-bootstrap interval of the difference between this candidate's score and the "
+            "next one's (the benchmark's traces resampled together) contains 0: resampling the traces could swap "
+            "them; not a decision")
+
+
+def _interval(low, high) -> str | None:
+    return None if low is None or high is None else f"[{low:.4f}, {high:.4f}]"
+
+
+def _ranking_rows(stage: dict) -> list[dict]:
+    """The stage's candidates as `rbridge status` lists them: decision score, interval, tie mark."""
+    out = []
+    for r in stage["candidates"]:
+        sep = r.get("separated_from_next")
+        d = r.get("decision")
+        out.append({"rank": r["rank"], "candidate": r["candidate"], "value": r["score"],
+                    "ci": _interval(r.get("ci_low"), r.get("ci_high")),
+                    "vs_next": "" if sep is None else ("separated" if sep else "tie"),
+                    "tokens_seen": r["tokens_seen"], "status": r["status"],
+                    "stopped": f"rung {d['rung']}" if d and not d["kept"] else None})
+    return out
 
 
 def _figure(c: Chart) -> str:
@@ -346,6 +429,7 @@ def build_report(store, plan: str | None = None) -> Report:
     for stage in info["stages"]:
         if not stage["candidates"]:
             continue
+        charts.append(_ranking_chart(stage, colors))
         charts.append(_halving(stage, values, colors))
         charts.append(_curves(stage, values, colors))
     charts.append(_compute(info["compute"]))
@@ -370,21 +454,41 @@ def build_report(store, plan: str | None = None) -> Report:
     for stage in info["stages"]:
         if not stage["candidates"]:
             continue
-        rows = [r for r in ranking if r["stage"] == stage["name"] and r["metric"] == stage["metric"]]
         role = " (target stage: never prunes)" if stage.get("role") == "target" else ""
         parts.append(f"<h3>Stage {html.escape(stage['name'])}{role}: {html.escape(stage['metric'])}, "
                      f"{LOWER_IS_BETTER_NOTE}</h3>")
-        parts.append(_table(rows, ["rank", "candidate", "benchmark", "value", "ci_low", "ci_high", "tokens_seen",
-                                   "status"], f"ranking-{_safe(stage['name'])}"))
+        parts.append(_table(_ranking_rows(stage), ["rank", "candidate", "value", "ci", "vs_next", "tokens_seen",
+                                                   "status", "stopped"], f"ranking-{_safe(stage['name'])}"))
+        if any(r.get("separated_from_next") is False for r in stage["candidates"]):
+            parts.append(f"<p class=note>{html.escape(TIE_NOTE)}</p>")
+        per_bench = [r for r in ranking if r["stage"] == stage["name"] and r["metric"] == stage["metric"]]
+        if len({r["benchmark"] for r in per_bench}) > 1:
+            for r in per_bench:
+                r["ci"] = _interval(r.get("ci_low"), r.get("ci_high"))
+            parts.append("<p class=note>per benchmark:</p>")
+            parts.append(_table(per_bench, ["rank", "candidate", "benchmark", "value", "ci", "tokens_seen",
+                                            "status"], f"ranking-{_safe(stage['name'])}-benchmarks"))
         stopped = [{"candidate": r["candidate"], "rung": r["decision"]["rung"], "why": r["decision"]["why"]}
                    for r in stage["candidates"] if r.get("decision") and not r["decision"]["kept"]]
         if stopped:
             parts.append("<p class=note>where candidates stopped:</p>")
             parts.append(_table(stopped, ["candidate", "rung", "why"], f"stopped-{_safe(stage['name'])}"))
+        parts.append(_figure(by_name[f"ranking-{_safe(stage['name'])}"]))
         parts.append(_figure(by_name[f"halving-{_safe(stage['name'])}"]))
         parts.append(_figure(by_name[f"curves-{_safe(stage['name'])}"]))
     parts.append("<h2>Compute</h2>")
     parts.append(_figure(by_name["compute"]))
+    from rbridge.planner.disk import human_bytes
+
+    disk = [{"stage": st["name"], "runs": len(st["candidates"]), "disk": human_bytes(st.get("disk_bytes") or 0)}
+            for st in info["stages"] if st["candidates"]]
+    if info.get("superseded"):
+        disk.append({"stage": "superseded", "runs": len(info["superseded"]),
+                     "disk": human_bytes(info.get("superseded_disk_bytes") or 0)})
+    parts.append("<h2>Disk</h2><p class=note>checkpoints and exported models of each stage's runs, as this "
+                 "machine sees them; done and pruned runs keep their exported model only once the plan is done "
+                 "(`rbridge clean` applies it to older plans)</p>")
+    parts.append(_table(disk, ["stage", "runs", "disk"], "disk"))
     if c.get("target_fraction"):
         parts.append(f"<p>With the target model: {c['target_total_flops']:.3g} FLOPs against "
                      f"{c['target_naive_flops']:.3g} for training every candidate at target size: "
