@@ -18,7 +18,7 @@ from rbridge.commands._base import console, err_console, guard, main
 # pay for the imports of the others.
 main.every_module = ("rbridge.commands.plan", "rbridge.commands.score", "rbridge.commands.analysis")
 main.modules = {
-    **dict.fromkeys(("validate", "plan", "resume", "worker", "status", "clean"), "rbridge.commands.plan"),
+    **dict.fromkeys(("validate", "plan", "resume", "worker", "status", "clean", "presets"), "rbridge.commands.plan"),
     **dict.fromkeys(("score", "traces"), "rbridge.commands.score"),
     **dict.fromkeys(("targets", "results", "fit", "predict", "accuracy", "report"), "rbridge.commands.analysis"),
 }

@@ -54,6 +54,8 @@ _plan_opt = click.option("--plan", "plan_name", default=None,
                               "the store file).")
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _store_req = click.option("--store", "store", required=True, help="SQLite path or SQLAlchemy URL.")
+_store_opt = click.option("--store", "store", default=None,
+                          help="SQLite path or SQLAlchemy URL (default: the most recent store under stores/).")
 _new_opt = click.option("--new-candidates", is_flag=True,
                         help="Accept candidates the plan's spec does not have (default: refused as typos).")
 
@@ -98,22 +100,24 @@ def results_import(file: Path, store: str, stage: str, plan_name: str | None, se
 
 
 @main.command()
-@_store_req
+@_store_opt
 @_plan_opt
 @click.option("--benchmark", default=None, help="Only this benchmark.")
 @click.option("--x", "x_metric", default=None, help="Only this proxy metric as the x-axis (default: every one).")
 @click.option("--stage", default=None, help="Only the proxy values of this stage.")
 @click.option("--y", "target_metric", default=None, help="Only this target metric.")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Cross-validation folds (fewer when there are fewer candidates with targets).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the cross-validation folds.")
 @_json_opt
 @guard
-def fit(store: str, plan_name: str | None, benchmark: str | None, x_metric: str | None, stage: str | None,
+def fit(store: str | None, plan_name: str | None, benchmark: str | None, x_metric: str | None, stage: str | None,
         target_metric: str | None, folds: int, seed: int, as_json: bool) -> None:
     """Fit target = g(proxy metric) per benchmark; g chosen by train R^2, k-fold cross-validated, stored."""
     from rbridge.analysis.fit import fit_store
     from rbridge.store import open_store
 
+    store = store_or_latest(store)
     st = open_store(store, create=False)
     try:
         _ensure_views(st)
@@ -159,7 +163,7 @@ def fit(store: str, plan_name: str | None, benchmark: str | None, x_metric: str 
 
 
 @main.command()
-@_store_req
+@_store_opt
 @_plan_opt
 @click.option("--benchmark", default=None, help="Only fits of this benchmark.")
 @click.option("--x", "x_metric", default=None, help="Only fits on this proxy metric.")
@@ -168,12 +172,13 @@ def fit(store: str, plan_name: str | None, benchmark: str | None, x_metric: str 
               help="Coverage of the interval from the out-of-fold residuals.")
 @_json_opt
 @guard
-def predict(store: str, plan_name: str | None, benchmark: str | None, x_metric: str | None, stage: str | None,
+def predict(store: str | None, plan_name: str | None, benchmark: str | None, x_metric: str | None, stage: str | None,
             level: float, as_json: bool) -> None:
     """Predict the target of candidates without target results from a stored fit, ranked."""
     from rbridge.analysis.fit import predict_store
     from rbridge.store import open_store
 
+    store = store_or_latest(store)
     st = open_store(store, create=False, read_only=True)
     try:
         _require_plan(st, plan_name)

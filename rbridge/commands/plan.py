@@ -431,6 +431,46 @@ def clean(store: str | None, plan_name: str | None, dry_run: bool) -> None:
         st.close()
 
 
+@main.command()
+@click.option("--vocab", type=click.IntRange(min=2), default=8192, show_default=True,
+              help="Vocabulary size for the totals (the spec's tokenizer; 8,192 is its default).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Sequence length for the attention term of the FLOPs per token.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@guard
+def presets(vocab: int, seq_len: int, as_json: bool) -> None:
+    """The proxy presets (`proxy: {preset: NAME}`): shapes, parameters and training FLOPs per token.
+
+    A preset is named by its non-embedding parameters (Kaplan et al.'s convention, the
+    N of the plan's compute figures: 6·N·D training FLOPs); the total adds the token
+    embedding, tied with the output layer, which dominates the small presets. "with
+    output & attention" adds the output layer and attention's 12·L·d·T (PaLM's count,
+    used for MFU).
+    """
+    from rbridge.proxy.config import PRESETS, count_params
+
+    rows = []
+    for name, shape in PRESETS.items():
+        total, non_emb = count_params(shape, vocab)
+        h, layers = shape["hidden_size"], shape["num_hidden_layers"]
+        full = 6.0 * (non_emb + vocab * h) + 12.0 * layers * h * seq_len
+        rows.append({"preset": name, **shape, "non_embedding_params": non_emb, "total_params": total,
+                     "train_flops_per_token": 6.0 * non_emb, "train_flops_per_token_full": full})
+    if as_json:
+        click.echo(json.dumps({"vocab_size": vocab, "seq_len": seq_len, "presets": rows}, indent=2))
+        return
+    table = Table(title=f"proxy presets (vocab {vocab:,}, seq_len {seq_len})")
+    for col in ("preset", "hidden", "layers", "heads", "kv heads", "intermediate", "non-embedding",
+                f"total (vocab {vocab:,})", "train FLOPs/token (6N)", "with output & attention"):
+        table.add_column(col, justify="left" if col == "preset" else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(r["preset"], str(r["hidden_size"]), str(r["num_hidden_layers"]), str(r["num_attention_heads"]),
+                      str(r["num_key_value_heads"]), str(r["intermediate_size"]), si(r["non_embedding_params"]),
+                      si(r["total_params"]), f"{r['train_flops_per_token']:.2e}",
+                      f"{r['train_flops_per_token_full']:.2e}")
+    console.print(table)
+
+
 def _status_rows(rows: list[dict], limit: int | None) -> list[dict]:
     """The rows `rbridge status` lists, in ranking order: the first ``limit`` (all when None), then up to
     ``limit`` more that are running or failed (what someone watching a plan looks for)."""

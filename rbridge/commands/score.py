@@ -24,13 +24,19 @@ _PATH = click.Path(path_type=Path)
               show_default=True, help="What the proxy sees before the reasoning (after BOS).")
 @click.option("--fewshot-k", type=click.IntRange(min=0), default=3, show_default=True,
               help="Solved examples in the fewshot context (same benchmark, never the scored trace).")
-@click.option("--minmax", type=click.Choice(MINMAX), default=ScoreOptions().minmax, show_default=True)
-@click.option("--aggregate", type=click.Choice(AGGREGATES), default=ScoreOptions().aggregate, show_default=True)
+@click.option("--minmax", type=click.Choice(MINMAX), default=ScoreOptions().minmax, show_default=True,
+              help="How the frontier's token weights are scaled to [0, 1] before weighting the NLL: per trace "
+                   "(the paper's algorithm), over the whole benchmark (a draft of the paper), or none (raw "
+                   "weights). METHOD.md section 2.")
+@click.option("--aggregate", type=click.Choice(AGGREGATES), default=ScoreOptions().aggregate, show_default=True,
+              help="A trace's score: mean (sum of weighted NLLs over the number of tokens: the paper's) or "
+                   "weighted (over the sum of the weights).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 where forward passes of this model measured at least 1.15x fp32's speed on "
                    "this machine (measured once per machine and model shape, cached; RBRIDGE_BF16_SPEEDUP=X "
                    "gives the ratio instead), else the model's own dtype; fp32 for exact comparisons.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Traces per forward pass (memory, not results: scores do not depend on it).")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,
               help="Window length for long traces (default: the model's maximum positions).")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
@@ -93,10 +99,11 @@ def traces() -> None:
 @click.option("--task", default="grade school math", show_default=True,
               help="The [task] of the paper's system prompt.")
 @click.option("--benchmark", default=None, help="Benchmark name (default: from the questions file name).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Longest completion generated per question (tokens).")
 @click.option("--assistant-format", type=click.Choice(["plain", "json"]), default="plain", show_default=True,
               help="With --rescore: the assistant turn is the solution, or the paper's JSON object.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @guard
 def traces_generate(model_path: Path, questions_path: Path, out_path: Path, rescore: bool, limit: int | None,
                     task: str, benchmark: str | None, max_new_tokens: int, assistant_format: str,

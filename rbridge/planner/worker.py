@@ -122,9 +122,14 @@ class PlanWorker:
         if (stage.name, 0) not in self._announced:
             self._announced.add((stage.name, 0))
             threads = self.threads_of(task)
-            self.report.say(f"[bold]stage {stage.name}[/]: {task.n_entrants} candidates, proxy "
-                            f"{_fmt_params(task.run.params)} params ({_fmt_params(task.run.non_embedding_params)}"
-                            f" non-embedding), {stage.training.tokens:,} tokens each, {stage.pruning.evals} rungs, "
+            preset = stage.proxy.root.get("preset")
+            # A preset is named by its non-embedding parameters (as `rbridge presets` lists them); the
+            # total adds the (tied) embedding, which dominates small proxies.
+            size = (f"preset {preset}: " if preset else "") + (
+                f"{_fmt_params(task.run.non_embedding_params)} non-embedding params "
+                f"({_fmt_params(task.run.params)} with the embedding)")
+            self.report.say(f"[bold]stage {stage.name}[/]: {task.n_entrants} candidates, proxy {size}, "
+                            f"{stage.training.tokens:,} tokens each, {stage.pruning.evals} rungs, "
                             f"{threads} CPU thread{'s' if threads > 1 else ''}")
         if (stage.name, task.rung) not in self._announced:
             self._announced.add((stage.name, task.rung))
