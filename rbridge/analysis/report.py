@@ -478,7 +478,7 @@ def build_report(store, plan: str | None = None) -> Report:
         parts.append(_figure(by_name[f"curves-{_safe(stage['name'])}"]))
     parts.append("<h2>Compute</h2>")
     parts.append(_figure(by_name["compute"]))
-    from rbridge.planner.disk import human_bytes
+    from rbridge._du import human_bytes
 
     disk = [{"stage": st["name"], "runs": len(st["candidates"]), "disk": human_bytes(st.get("disk_bytes") or 0)}
             for st in info["stages"] if st["candidates"]]

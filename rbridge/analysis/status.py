@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rbridge.analysis.compute import non_embedding_params, plan_compute
 from rbridge.analysis.separation import mark_ties, stage_items
 from rbridge.errors import InputError
-from rbridge.planner.disk import folder_bytes
+from rbridge._du import folder_bytes
 from rbridge.spec import stored_stages
 
 if TYPE_CHECKING:

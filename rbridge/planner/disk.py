@@ -24,28 +24,13 @@ the rule existed.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rbridge._du import folder_bytes, human_bytes  # noqa: F401 - re-exported: the planner's callers use them here
+
 EXPORT_DIR = "model"  # as rbridge.planner.steps.EXPORT_DIR (that module imports torch)
-
-
-def folder_bytes(path: str | Path) -> int:
-    """Bytes of the files under ``path`` (0 when it does not exist); hard links counted once."""
-    total, seen = 0, set()
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(root, f))
-            except OSError:  # removed while we walked
-                continue
-            key = (st.st_dev, st.st_ino)
-            if key not in seen:
-                seen.add(key)
-                total += st.st_size
-    return total
 
 
 def training_state(run_folder: str | Path) -> list[Path]:
@@ -112,11 +97,6 @@ def stage_bytes(runs_folder: str | Path) -> dict[str, int]:
     return {p.name: folder_bytes(p) for p in sorted(root.iterdir()) if p.is_dir()}
 
 
-def human_bytes(n: float) -> str:
-    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def trim_checkpoints(run_folder: str | Path, keep: int) -> int:
