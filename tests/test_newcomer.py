@@ -114,3 +114,26 @@ def test_score_names_a_runs_exported_model_by_its_run_and_draws_no_library_bar(s
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["model"] == f"filter/{model.parent.name}"
     assert "Loading weights" not in out.stderr + out.stdout, out.stderr
+
+
+def test_an_import_into_a_read_only_store_and_resume_of_imported_results_exit_2_naming_the_store(spec_dir, tmp_path):
+    import hashlib
+    import shutil
+
+    d, env, _ = spec_dir
+    csv = tmp_path / "targets.csv"
+    csv.write_text("candidate,benchmark,metric,value\nkjv,gsm8k,accuracy,0.25\n")
+    ro = tmp_path / "ro.db"
+    shutil.copy(d / "stores" / "newcomer.db", ro)
+    ro.chmod(0o444)
+    before = hashlib.sha256(ro.read_bytes()).hexdigest()
+    out = _rbridge("targets", "import", str(csv), "--store", str(ro), cwd=tmp_path, env=env)
+    assert out.returncode == 2 and str(ro) in out.stderr and "read-only" in out.stderr, out.stdout + out.stderr
+    assert hashlib.sha256(ro.read_bytes()).hexdigest() == before
+    done = _rbridge("resume", "--store", str(ro), cwd=tmp_path, env=env)  # reads only: a finished plan
+    assert done.returncode == 0 and "is done" in done.stdout, done.stdout + done.stderr
+    imported = tmp_path / "imported.db"
+    assert _rbridge("targets", "import", str(csv), "--store", str(imported), cwd=tmp_path, env=env).returncode == 0
+    again = _rbridge("resume", "--store", str(imported), cwd=tmp_path, env=env)
+    assert again.returncode == 2 and "holds no plan to resume" in again.stderr, again.stdout + again.stderr
+    assert f"--store {imported}" in again.stderr

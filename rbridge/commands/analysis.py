@@ -26,11 +26,18 @@ def _import(file: Path, store: str, stage: str | None, plan_name: str | None, se
     from rbridge.analysis.results_io import import_results, read_results
     from rbridge.store import open_store
 
+    from sqlalchemy.exc import OperationalError
+
     rows = read_results(file, seed=seed)  # the whole file is checked before the store is touched
     st = open_store(store)
     try:
         rep = import_results(st, file, stage=stage, plan_name=plan_name, seed=seed, rows=rows,
                              new_candidates=new_candidates)
+    except OperationalError as exc:
+        if "readonly" not in str(exc).lower() and "read-only" not in str(exc).lower():
+            raise
+        raise InputError("the store is read-only (its file, or the folder its journal goes in, cannot be "
+                         "written): an import writes to it; nothing was changed", file=store) from None
     finally:
         st.close()
     if as_json:

@@ -84,10 +84,16 @@ def resume(store: str | None, force: bool, threads: int | None, no_local: bool, 
     from sqlmodel import select
 
     store = store_or_latest(store)
-    st = open_store(store, create=False)
+    st = open_store(store, create=False, read_only=True)  # the plan it holds; _run opens it for writing
     with st.session() as s:
-        row = s.exec(select(Plan).order_by(Plan.updated_at.desc())).first()
+        row = s.exec(select(Plan).where(Plan.spec_hash != "").order_by(Plan.updated_at.desc())).first()
+        imported = s.exec(select(Plan).where(Plan.spec_hash == "")).first() if row is None else None
     if row is None:
+        st.close()
+        if imported is not None:
+            raise InputError(f"the store holds no plan to resume, only results imported for plan "
+                             f"'{imported.name}' (rbridge targets/results import); start the plan with "
+                             f"`rbridge plan SPEC.yaml --store {store}`", file=store)
         raise InputError("the store holds no plan yet (a plan killed before it was recorded); "
                          "start it again with `rbridge plan SPEC.yaml`", file=store)
     # The stored spec text is the plan; paths in it resolve against where it was written.

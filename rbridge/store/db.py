@@ -367,6 +367,11 @@ def open_store(store: str | Path, create: bool = True, read_only: bool = False) 
             engine = create_engine(f"sqlite:///file:{path}?mode=ro{quiet}&uri=true", connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_read_only)
             return Store(url, engine)
+        if path.exists() and not path.stat().st_mode & 0o200:
+            # Permission bits, not os.access (root may write anything): a 0444 store says "do not write".
+            raise InputError("the store file is read-only (no write permission) and this command writes to it; "
+                             "make it writable (chmod u+w) or give another --store; nothing was changed",
+                             file=path)
         path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
