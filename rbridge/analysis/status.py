@@ -65,6 +65,9 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                      "WHERE run_id IN (SELECT id FROM runs WHERE plan_id = :p) ORDER BY run_id, id", p=plan["id"])
         decisions = rows("SELECT stage, candidate_id, rung, kept, rank, why FROM decisions "
                          "WHERE plan_id = :p AND superseded_by = 0 ORDER BY rung, id", p=plan["id"])
+        launched = [dict(zip(("scheduler", "job_id", "tasks", "submitted_at", "cancelled_at"), r)) for r in rows(
+            "SELECT scheduler, job_id, tasks, submitted_at, cancelled_at FROM launches WHERE plan_id = :p "
+            "ORDER BY id", p=plan["id"])]
     try:  # the stages only: the candidates, nearly all of a large spec, are rows read above
         resolved, target_model = stored_stages(plan["spec_text"], Path(plan["spec_path"] or "spec.yaml"))
         stage_specs, has_spec = {st.name: st for st in resolved}, True
@@ -182,13 +185,16 @@ def plan_status(store: Store | SQLiteReader, plan_name: str | None = None) -> di
                            "tokens_seen": run["tokens_seen"], "score": sum(vals) / len(vals) if vals else None,
                            "checkpoint": run["checkpoint"]})
     status = plan["status"]
-    if status == "running" and _nobody_runs(store.url, runs):
+    live_launch = any(not launch["cancelled_at"] for launch in launched)  # a scheduler may start workers
+    if status == "running" and not live_launch and _nobody_runs(store.url, runs):
         status = "interrupted"
     return {
         "plan": plan["name"],
         "status": status,
         "revision": plan["revision"],
         "superseded": superseded,
+        "launches": [{k: (str(v) if k.endswith("_at") and v is not None else v) for k, v in launch.items()}
+                     for launch in launched],
         "superseded_disk_bytes": sum(folder_bytes(r["checkpoint"]) for r in superseded if r["checkpoint"]),
         "spec_hash": plan["spec_hash"],
         "store": _shown_url(store.url),

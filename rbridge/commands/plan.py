@@ -44,6 +44,12 @@ def validate(spec_path: Path) -> None:
                   f"stages {' -> '.join(s.name for s in stages)}")
 
 
+def _slurm_options(f):
+    from rbridge.commands._launching import slurm_options
+
+    return slurm_options(f, workers=False)
+
+
 @main.command()
 @click.argument("spec_path", metavar="SPEC.yaml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--store", "store", default=None, help="SQLite path or SQLAlchemy URL (default stores/<name>.db).")
@@ -55,17 +61,36 @@ def validate(spec_path: Path) -> None:
               help="Only coordinate: record the plan and wait while `rbridge worker` processes do the runs.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_WORKERS",
               help="Local processes training runs at once, this one included (default: the whole machine: "
-                   "cores / threads per run, or GPUs x runs_per_gpu).")
+                   "cores / threads per run, or GPUs x runs_per_gpu); with --launch slurm: the array's tasks.")
+@click.option("--launch", "launcher", type=click.Choice(["slurm"]), default=None,
+              help="Record the plan, submit its workers as a SLURM job array (see `rbridge launch slurm --help` "
+                   "for the options below) and return.")
+@_slurm_options
 @guard
 def plan(spec_path: Path, store: str | None, force: bool, threads: int | None, no_local: bool,
-         workers: int | None) -> None:
+         workers: int | None, launcher: str | None, **slurm) -> None:
     """Run the plan declared in SPEC; continues it if the store already holds it.
 
     Any `rbridge worker --store` processes on the same store share the work.
     """
     from rbridge.spec import load_spec
 
-    _run(load_spec(spec_path), store, force, threads, local=not no_local, workers=workers)
+    spec = load_spec(spec_path)
+    if launcher is None:
+        given = [k for k, v in slurm.items() if v not in (None, 0, 1, ())]
+        if given:
+            raise InputError("applies with --launch slurm only", field="--" + given[0].replace("_", "-")
+                             .replace("time-minutes", "time").replace("sbatch-args", "sbatch-arg"))
+        _run(spec, store, force, threads, local=not no_local, workers=workers)
+        return
+    from rbridge.commands._launching import check_launch, launch_workers, make_options
+    from rbridge.planner.plan import default_store_path
+
+    opts = make_options(workers, **slurm)
+    where = store or default_store_path(spec)
+    check_launch(where, opts)  # before the plan is recorded or anything submitted
+    _run(spec, where, force, threads, local=False, record_only=True)
+    launch_workers(where, spec.name, [], opts, dry_run=False)
 
 
 @main.command()
@@ -118,7 +143,7 @@ def resume(store: str | None, force: bool, threads: int | None, no_local: bool, 
 
 
 def _run(spec, store: str | None, force: bool, threads: int | None = None, local: bool = True,
-         workers: int | None = None) -> None:
+         workers: int | None = None, record_only: bool = False) -> None:
     from rbridge.planner.plan import run_plan
 
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
@@ -134,11 +159,15 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
     try:
         with stop.polite_signals():
             result = run_plan(spec, store, report=RichReporter(console), force=force, threads=threads, local=local,
-                              poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout(), workers=workers)
+                              poll_s=_poll_s(), heartbeat_timeout=_heartbeat_timeout(), workers=workers,
+                              record_only=record_only)
     except stop.Stopped as exc:
         _stopped(exc, "rbridge resume" + (f" --store {store}" if store else ""))
     from rbridge.store.db import safe_url
 
+    if record_only:
+        console.print(f"plan recorded in {safe_url(result.store_url)}")
+        return
     console.print(f"store: {safe_url(result.store_url)}")
     console.print(f"rungs trained and scored this time: {result.trained_runs}; already done and reused: "
                   f"{result.reused_runs}")
@@ -316,7 +345,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
                           "-" if r["score"] is None else f"{r['score']:.4f}", *acc, _ci(r),
                           _vs_next(r.get("separated_from_next")),
                           f"{si(r['tokens_seen'])}/{si(r['tokens_target'])}",
-                          r["status"] + (f" ({r['worker'].rsplit(':', 1)[0]})" if r.get("worker") else ""), dec,
+                          r["status"] + (f" ({_holder(r['worker'])})" if r.get("worker") else ""), dec,
                           si(r["params"]), f"{r['train_flops']:.1e}", f"{r['tokens_per_s']:,.0f}",
                           f"{r['mfu']:.0%}" if r["mfu"] else "-")
         console.print(table)
@@ -358,6 +387,7 @@ def status(store: str | None, plan_name: str | None, as_json: bool, top: int, sh
         for rev, rows in sorted(by_rev.items()):
             more = "" if limit is None or len(rows) <= limit else f", ... {len(rows) - limit:,} more (--all)"
             console.print(f"  revision {rev}: {', '.join(rows[:limit])}{more}")
+    _print_launches(info)
     c = info["compute"]
     console.print(f"[bold]compute[/]: spent {c['spent_flops']:.2e} FLOPs "
                   f"(train {c['train_flops']:.2e}, scoring {c['score_flops']:.2e}), {c['wall_s']:.0f} s")
@@ -475,6 +505,43 @@ def presets(vocab: int, seq_len: int, as_json: bool) -> None:
                       si(r["total_params"]), f"{r['train_flops_per_token']:.2e}",
                       f"{r['train_flops_per_token_full']:.2e}")
     console.print(table)
+
+
+def _print_launches(info: dict) -> None:
+    """The plan's job arrays and what SLURM says of their tasks now (finished tasks have left its queue)."""
+    live = [launch for launch in info.get("launches", []) if not launch["cancelled_at"]]
+    if not info.get("launches"):
+        return
+    from rbridge.launch.slurm import slurm_task, task_states
+
+    states = task_states([launch["job_id"] for launch in live])
+    holds = {slurm_task(r["worker"]): f"{st['name']}/{r['candidate']}" for st in info["stages"]
+             for r in st["candidates"] if r.get("worker") and slurm_task(r["worker"])}
+    for launch in info["launches"]:
+        job = launch["job_id"]
+        head = f"[bold]slurm job array {job}[/] ({launch['tasks']} task(s), submitted {launch['submitted_at'][:19]})"
+        if launch["cancelled_at"]:
+            console.print(f"{head}: cancelled")
+            continue
+        tasks = states.get(job, [])
+        if not tasks:
+            console.print(f"{head}: no task left in SLURM's queue (finished, or cancelled outside rbridge)")
+            continue
+        shown = []
+        for task, state, where in tasks:
+            held = holds.get(f"{job}_{task}")
+            shown.append(f"{job}_{task} {state}" + (f" on {where}" if state == "RUNNING" else f" ({where})")
+                         + (f", training {held}" if held else ""))
+        console.print(f"{head}: " + "; ".join(shown))
+
+
+def _holder(worker: str) -> str:
+    """A run's holder as status shows it: host:pid, and the SLURM array task it runs in."""
+    from rbridge.launch.slurm import slurm_task
+
+    host, _, rest = worker.partition(":")
+    task = slurm_task(worker)
+    return f"{host}:{rest.split(':', 1)[0]}" + (f", slurm {task}" if task else "")
 
 
 def _status_rows(rows: list[dict], limit: int | None) -> list[dict]:

@@ -35,14 +35,21 @@ def _host() -> str:
 
 
 def worker_id() -> str:
-    """host:pid:boot - enough to tell, on the same machine, whether the holder still lives."""
-    return f"{_host()}:{os.getpid()}:{_boot_id()}"
+    """host:pid:boot - enough to tell, on the same machine, whether the holder still lives; under SLURM
+    with ``:slurm=<job>_<task>`` (or ``:slurm=<job>``) after it, so `rbridge status` names the array task."""
+    wid = f"{_host()}:{os.getpid()}:{_boot_id()}"
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        wid += f":slurm={job}" + (f"_{task}" if task is not None and os.environ.get("SLURM_ARRAY_JOB_ID") else "")
+    return wid
 
 
 def holder_is_dead_here(worker: str) -> bool:
     """True when ``worker`` ran on this machine (same host and boot) and its process is gone."""
     host, _, rest = worker.partition(":")
     pid, _, boot = rest.partition(":")
+    boot = boot.split(":", 1)[0]  # ":slurm=..." may follow
     if host != _host() or boot != _boot_id() or not pid.isdigit():
         return False
     try:

@@ -113,8 +113,9 @@ class Planner:
 
     def __init__(self, spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
                  threads: int | None = None, local: bool = True, poll_s: float = 2.0,
-                 heartbeat_timeout: float | None = None, workers: int | None = None):
+                 heartbeat_timeout: float | None = None, workers: int | None = None, record_only: bool = False):
         self.spec = spec
+        self.record_only = record_only  # record the plan (data, plan row, studies) and return: a launcher serves it
         self.workers = workers
         self.store_arg = store or default_store_path(spec)
         self.store: Store | None = None
@@ -251,6 +252,8 @@ class Planner:
         plan = self._plan_row(data)
         self.reused_runs = plan_ops.evaluated_rungs(self.store, plan.id)
         state = PlanState(self.store, plan, self.spec, self.report, data=data, traces=traces)
+        if self.record_only:
+            return PlanResult(plan.id, self.store.url, time.perf_counter() - t0)
         if self.local:
             worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout,
                                 changed=local.nudge)
@@ -286,7 +289,8 @@ def final_ranking(store: Store, name: str, plan_id: int, stages) -> tuple[list[d
 
 def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, force: bool = False,
              threads: int | None = None, local: bool = True, poll_s: float = 2.0,
-             heartbeat_timeout: float | None = None, workers: int | None = None) -> PlanResult:
+             heartbeat_timeout: float | None = None, workers: int | None = None,
+             record_only: bool = False) -> PlanResult:
     """Run (or continue) the plan a spec declares; returns the final ranking.
 
     ``report``: where news and progress go (silent by default; the CLI prints with rich).
@@ -295,4 +299,5 @@ def run_plan(spec: Spec, store: str | None = None, report: Reporter = SILENT, fo
     ``workers``: local processes serving the plan, this one included (rbridge.planner.local); None: the
     whole machine (cores / threads per run, or GPUs x ``runs_per_gpu``).
     """
-    return Planner(spec, store, report, force, threads, local, poll_s, heartbeat_timeout, workers).run()
+    return Planner(spec, store, report, force, threads, local, poll_s, heartbeat_timeout, workers,
+                   record_only).run()

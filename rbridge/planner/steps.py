@@ -21,6 +21,7 @@ from rbridge.data.tokenizer import check_tokenizer
 from rbridge.data.tokens import check_dtype
 from rbridge.errors import InputError
 from rbridge.planner import stop
+from rbridge.planner.schedule import rung_tokens
 from rbridge.proxy import ProxyTrainer, param_counts, proxy_config, proxy_train_flops
 from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 from rbridge.reporting import SILENT, Reporter
@@ -271,6 +272,10 @@ def train_run(ctx: RunContext, tokens: int, report: Reporter = SILENT,
     for was, now, why in trainer.set_aside:
         report.say(f"  {stage.name}/{ctx.candidate}: checkpoint {was.name} set aside ({why}) as "
                    f"{now.name}, resuming from " + (f"step {trainer.step}" if trainer.step else "the start"))
+    if trainer.step and trainer.tokens_seen < tokens and trainer.tokens_seen not in rung_tokens(stage):
+        # a checkpoint between rungs: a stopped, preempted or requeued worker's, or checkpoint_minutes'
+        report.say(f"  {stage.name}/{ctx.candidate}: resuming from its checkpoint at step {trainer.step} "
+                   f"({trainer.tokens_seen:,} tokens)")
     if trainer.step == 0 and (ctx.checkpoint_dir / EXPORT_DIR / "config.json").is_file():
         report.say(f"  {stage.name}/{ctx.candidate}: trained before, but its training checkpoints were removed "
                    "when it finished (finished_runs: model; rbridge clean): it trains again from the start, "

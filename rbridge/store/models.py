@@ -30,6 +30,8 @@ from sqlmodel import Field, SQLModel
 #    started before 7, whose stage keeps the old rule: auto = fp32 on CPUs).
 # 8: runs.precision_rates (JSON: the fp32 and bf16 rates that `precision: auto` measured to choose
 #    the run's precision, rbridge.proxy.precision.Rates; '' where nothing was measured).
+# 9: launches: job arrays submitted for a plan's workers (rbridge launch slurm): scheduler, job id,
+#    tasks, the script submitted, when; `rbridge status` asks the scheduler about them.
 # The number itself lives in rbridge.store.version (read without SQLAlchemy); bump it there.
 from rbridge.store.version import SCHEMA_VERSION  # noqa: E402
 
@@ -128,6 +130,20 @@ class Run(SQLModel, table=True):
     superseded_by: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     started_at: Optional[datetime] = None
     finished_at: Optional[datetime] = None
+
+
+class Launch(SQLModel, table=True):
+    """A job array submitted to serve a plan (``rbridge launch slurm``): what was submitted, and when."""
+
+    __tablename__ = "launches"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    plan_id: int = Field(foreign_key="plans.id", index=True)
+    scheduler: str = "slurm"
+    job_id: str
+    tasks: int
+    script: str
+    submitted_at: datetime = Field(default_factory=utcnow)
+    cancelled_at: Optional[datetime] = None
 
 
 class Evaluation(SQLModel, table=True):

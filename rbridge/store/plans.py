@@ -297,3 +297,29 @@ def plan_runs(store: Store, plan_id: int) -> list[Run]:
     """The plan's live runs."""
     with store.session() as s:
         return list(s.exec(select(Run).where(Run.plan_id == plan_id, Run.superseded_by == 0)).all())
+
+
+# ---------------------------------------------------------------------------- launches (job arrays)
+
+def record_launch(store: Store, plan_id: int, job_id: str, tasks: int, script: str, scheduler: str = "slurm") -> None:
+    from rbridge.store.models import Launch
+
+    with store.session() as s:
+        s.add(Launch(plan_id=plan_id, scheduler=scheduler, job_id=job_id, tasks=tasks, script=script))
+
+
+def launches(store: Store, plan_id: int, live_only: bool = False) -> list:
+    from rbridge.store.models import Launch
+
+    with store.session() as s:
+        q = select(Launch).where(Launch.plan_id == plan_id)
+        if live_only:
+            q = q.where(Launch.cancelled_at.is_(None))
+        return list(s.exec(q.order_by(Launch.id)).all())
+
+
+def mark_cancelled(store: Store, launch_ids: list[int]) -> None:
+    from rbridge.store.models import Launch
+
+    with store.session() as s:
+        s.execute(update(Launch).where(Launch.id.in_(launch_ids)).values(cancelled_at=utcnow()))

@@ -4,4 +4,4 @@ A module of its own so that reading it imports neither SQLAlchemy nor SQLModel: 
 commands that only read a SQLite store (rbridge.store.sqlite_read) check it first.
 """
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9

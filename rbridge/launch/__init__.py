@@ -1,0 +1,1 @@
+"""Launching workers on schedulers (rbridge.launch.slurm)."""
