@@ -68,7 +68,7 @@ class SlurmOptions:
         if self.time_minutes is not None and self.time_minutes < 1:
             raise InputError(f"must be at least 1 minute (got {self.time_minutes})", field="--time")
         if self.time_minutes is not None and self.time_minutes * 60 <= 2 * self.grace_s:
-            self.grace_s = max(10, self.time_minutes * 60 // 4)  # a short job still gets its warning
+            self.grace_s = self.time_minutes * 60 // 2  # a short job gets its warning at half its time
         if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
             raise InputError(f"must be a size SLURM reads, such as 4G or 16000M (got {self.mem!r})", field="--mem")
         if self.runs_per_gpu > 1 and not self.gpus_per_worker:

@@ -1,0 +1,288 @@
+"""rbridge launch slurm against a REAL single-node SLURM (Debian's slurm-wlm and munge, started here as root
+without systemd: munged, slurmctld and slurmd with a one-node slurm.conf on free ports, proctrack/linuxproc,
+task/none, no accounting). `.ci/run` installs the packages; elsewhere these tests skip, saying why.
+
+One test function, in phases, so that one cluster serves them all whatever pytest-xdist does:
+a 2-task array serves a plan score for score like a local plan; a task requeued mid-run (`scontrol
+requeue`) resumes its run from a checkpoint; a task killed (`scancel --full -s KILL`, as a lost node) leaves
+its run to the other task after the heartbeat timeout; a task that runs out of `--time` gives its run back; nothing is left in
+the queue. Wrong options and stores exit 2 naming them before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = f"""\
+name: NAME
+seed: 5
+tokenizer: {{train: {{vocab_size: 300}}}}
+sources:
+  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
+  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
+  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
+candidates:
+  - {{name: spam, mix: {{spam: 1.0}}}}
+  - {{name: kjv, mix: {{kjv: 1.0}}}}
+  - {{name: cot, mix: {{cot: 1.0}}}}
+  - {{name: kjv-cot, mix: {{kjv: 0.5, cot: 0.5}}}}
+benchmarks:
+  - {{name: gsm8k, traces: {{TRACES}}}}
+stages:
+  - name: filter
+    proxy: {{hidden_size: 16, num_hidden_layers: 1, num_attention_heads: 2}}
+    tokens: TOKENS
+    seq_len: 32
+    batch_size: 8
+    lr: 0.01
+    evals: 2
+    keep: 2
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sh(*cmd, env=None, check=True, timeout=60) -> subprocess.CompletedProcess:
+    out = subprocess.run(list(cmd), env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd}: {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = [b for b in ("munged", "munge", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo",
+                           "scancel") if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed here ({', '.join(missing)} missing; .ci/run installs Debian's "
+                    "slurm-wlm and munge)")
+    if os.geteuid() != 0:
+        pytest.skip("the test starts munged, slurmctld and slurmd itself, which needs root")
+    d = tmp_path_factory.mktemp("slurm")
+    if _sh("munge", "-n", check=False).returncode != 0:  # no munged answering: start one
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            key.write_bytes(os.urandom(1024))
+            key.chmod(0o400)
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        _sh("munged", "--force")
+        for _ in range(50):
+            if _sh("munge", "-n", check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+    host = socket.gethostname().split(".")[0]
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    conf = d / "slurm.conf"
+    conf.write_text(f"""ClusterName=rbtest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+MpiDefault=none
+KillWait=10
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName={host} CPUs={os.cpu_count() or 1} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+""")
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    _sh("slurmctld", "-f", str(conf), "-i", env=env)
+    _sh("slurmd", "-f", str(conf), env=env)
+    for _ in range(100):
+        if "idle" in _sh("sinfo", "-h", "-o", "%t", env=env, check=False).stdout:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the test cluster's node never became idle: " + (d / "slurmctld.log").read_text()[-2000:])
+    yield d, env
+    _sh("scancel", "-u", "root", env=env, check=False)
+    for pid_file in ("slurmd.pid", "slurmctld.pid"):
+        try:
+            os.kill(int((d / pid_file).read_text().strip()), 15)
+        except (OSError, ValueError):
+            pass
+
+
+def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _plan_dir(root: Path, name: str, tokens: int) -> Path:
+    d = root / name
+    d.mkdir()
+    traces = d / "traces.jsonl"
+    traces.write_text("\n".join((REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:6]) + "\n")
+    (d / "plan.yaml").write_text(SPEC.replace("NAME", name).replace("{TRACES}", str(traces))
+                                 .replace("TOKENS", str(tokens)))
+    return d
+
+
+def _scores(db: Path) -> dict:
+    with sqlite3.connect(db) as con:
+        return {(c, r): v for c, r, v in con.execute(
+            "SELECT c.name, e.rung, e.value FROM evaluations e JOIN runs r ON r.id = e.run_id JOIN candidates c "
+            "ON c.id = r.candidate_id WHERE e.metric = 'rbridge'")}
+
+
+def _query(db: Path, sql: str):
+    try:
+        with sqlite3.connect(db, timeout=30) as con:
+            return con.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def _wait(cond, seconds: float, what: str, env=None):
+    end = time.time() + seconds
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.3)
+    queue = _sh("squeue", env=env, check=False).stdout if env else ""
+    raise AssertionError(f"timed out waiting for {what}\n{queue}")
+
+
+def _queue_empty(env) -> bool:
+    return _sh("squeue", "-h", env=env, check=False).stdout.strip() == ""
+
+
+def _logs(d: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((d / "stores").glob("*.slurm-logs/*.out")))
+
+
+def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
+    conf_dir, slurm_env = cluster
+    env = dict(slurm_env, RBRIDGE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               RBRIDGE_BF16_SPEEDUP="1", RBRIDGE_HEARTBEAT_TIMEOUT="4", RBRIDGE_POLL_S="0.3")
+
+    # wrong inputs: exit 2 naming them, nothing submitted
+    ref = _plan_dir(tmp_path, "ref", 2048)
+    for args, words in ((["--workers", "0"], "--workers"), (["--workers", "2", "--partition", "nope"], "nope"),
+                        (["--workers", "2", "--mem", "lots"], "--mem"),
+                        (["--workers", "2", "--runs-per-gpu", "2"], "--runs-per-gpu")):
+        bad = _rbridge("plan", "plan.yaml", "--launch", "slurm", *args, cwd=ref, env=env)
+        assert bad.returncode == 2 and words in bad.stderr, (args, bad.stdout + bad.stderr)
+    assert _queue_empty(slurm_env) and not (ref / "stores" / "ref.db").exists()
+    missing = _rbridge("launch", "slurm", "--store", str(ref / "stores" / "none.db"), "--workers", "1", cwd=ref,
+                       env=env)
+    assert missing.returncode == 2 and "none.db" in missing.stderr, missing.stderr
+
+    # 1. a 2-task array equals a local plan of the same spec, score for score
+    local = _rbridge("plan", "plan.yaml", "--workers", "1", cwd=ref, env=env)
+    assert local.returncode == 0, local.stdout + local.stderr
+    arr = _plan_dir(tmp_path, "arr", 2048)
+    (arr / "plan.yaml").write_text((ref / "plan.yaml").read_text().replace("name: ref", "name: arr"))
+    dry = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", "--time", "30", cwd=arr, env=env)
+    assert dry.returncode == 0 and "submitted job array" in dry.stdout, dry.stdout + dry.stderr
+    db = arr / "stores" / "arr.db"
+    _wait(lambda: _query(db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
+          "the array to finish the plan", slurm_env)
+    assert _scores(db) == _scores(ref / "stores" / "ref.db")
+    status = _rbridge("status", "--store", str(db), cwd=arr, env=env)
+    assert "slurm job array" in status.stdout and "(done)" in status.stdout, status.stdout
+    script = _rbridge("launch", "slurm", "--store", str(ref / "stores" / "ref.db"), "--workers", "2", "--dry-run",
+                      cwd=ref, env=env)
+    assert script.returncode == 2 and "no unfinished plan" in script.stderr  # ref is done: nothing to serve
+
+    # 2. a task requeued mid-run resumes its run from a checkpoint, not from step 0
+    env_slow = dict(env, RBRIDGE_SLOW_STEP_S="0.15")
+    rq = _plan_dir(tmp_path, "rq", 4096)
+    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "1", cwd=rq, env=env_slow)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
+    rq_db = rq / "stores" / "rq.db"
+    _wait(lambda: _query(rq_db, "SELECT count(*) FROM evaluations") not in ([], [(0,)])
+          and _query(rq_db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(1,)], 120,
+          "a run in training after the first rung", slurm_env)
+    time.sleep(2)
+    _sh("scontrol", "requeue", f"{job}_0", env=slurm_env)
+    _wait(lambda: "PENDING" in _sh("squeue", "-h", "-o", "%T", env=slurm_env, check=False).stdout, 60,
+          "the requeued task to wait", slurm_env)
+    # SLURM holds a requeued batch job back for about two minutes; let it start now
+    _sh("scontrol", "update", f"jobid={job}_0", "StartTime=now", env=slurm_env, check=False)
+    _wait(lambda: _query(rq_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
+          "the requeued task to finish the plan", slurm_env)
+    logs = _logs(rq)
+    assert "stopped by SIGTERM" in logs and "resuming from its checkpoint at step" in logs, logs[-3000:]
+
+    # 3. a task cancelled (scancel) gives its run back; the other task finishes it
+    kl = _plan_dir(tmp_path, "kl", 4096)
+    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", cwd=kl, env=env_slow)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
+    kl_db = kl / "stores" / "kl.db"
+    held_sql = ("SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.status = "
+                f"'running' AND r.worker LIKE '%slurm={job}_1%'")
+    _wait(lambda: len(_query(kl_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env)
+    [(held, _worker)] = _query(kl_db, held_sql)
+    time.sleep(1)
+    _sh("scancel", f"{job}_1", env=slurm_env)
+    _wait(lambda: _query(kl_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
+          "task 0 to finish the plan alone", slurm_env)
+    task0 = (kl / "stores" / "kl.slurm-logs" / f"rbridge-kl-{job}_0.out").read_text()
+    task1 = (kl / "stores" / "kl.slurm-logs" / f"rbridge-kl-{job}_1.out").read_text()
+    assert "stopped by SIGTERM: the running proxy was checkpointed and given back" in task1, task1[-2000:]
+    assert f"filter/{held} rung" in task0.split("rung 1 decision")[0], task0[-3000:]  # task 0 trained it
+
+    # 3b. a worker killed outright (a lost node): the other task takes its run over after the heartbeat timeout
+    lost = _plan_dir(tmp_path, "lost", 4096)
+    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", cwd=lost, env=env_slow)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
+    lost_db = lost / "stores" / "lost.db"
+    held_sql = ("SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.status = "
+                f"'running' AND r.worker LIKE '%slurm={job}_1%'")
+    _wait(lambda: len(_query(lost_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env)
+    [(held, worker)] = _query(lost_db, held_sql)
+    os.kill(int(worker.split(":")[1]), 9)
+    _wait(lambda: _query(lost_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
+          "task 0 to finish the plan alone", slurm_env)
+    assert f"taking over run filter/{held}" in _logs(lost), _logs(lost)[-3000:]
+
+    # 4. a task that runs out of --time gives its run back (SIGTERM before the limit) and leaves the queue
+    tm = _plan_dir(tmp_path, "tm", 65536)
+    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "1", "--time", "1", cwd=tm, env=env_slow)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "#SBATCH --signal=B:TERM@30" in _query(tm / "stores" / "tm.db", "SELECT script FROM launches")[0][0]
+    tm_db = tm / "stores" / "tm.db"
+    _wait(lambda: _queue_empty(slurm_env), 150, "the task to reach its time limit", slurm_env)
+    assert _query(tm_db, "SELECT status FROM plans") == [("running",)]
+    assert _query(tm_db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]  # given back
+    assert "stopped by SIGTERM" in _logs(tm)
+    assert list((tm / "stores" / "tm.runs" / "filter").glob("*/step_*"))  # its checkpoint, to resume from
+    cancel = _rbridge("launch", "slurm", "--cancel", "--store", str(tm_db), cwd=tm, env=env)
+    assert cancel.returncode == 0, cancel.stderr
+    assert _queue_empty(slurm_env)
