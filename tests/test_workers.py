@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,8 +110,31 @@ def test_three_workers_one_killed_equal_single_process(pg_server, single, tmp_pa
         procs[name] = subprocess.Popen(
             _cmd("worker", "--store", url_many, "--until-idle", "--heartbeat-timeout", HEARTBEAT_TIMEOUT),
             cwd=many, env=_env(cache), stdout=logs[name], stderr=subprocess.STDOUT)
+    samples: list[int] = []  # server connections of the plan and its workers, sampled while they run
+    done = threading.Event()
+
+    def sample() -> None:
+        import psycopg
+
+        with psycopg.connect(url_many.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as con:
+            while not done.wait(0.05):
+                # the plan's lock (one session-level advisory lock per plan, by design) is left out
+                samples.append(con.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> "
+                    "pg_backend_pid() AND application_name NOT LIKE 'rbridge plan pid%'").fetchone()[0])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     codes = {name: p.wait(timeout=600) for name, p in procs.items()}
+    done.set()
+    sampler.join(timeout=10)
     wall_many = time.perf_counter() - t0
+    # Four processes (the plan's lock connection aside), connected only while they talk to the store: on average
+    # well under one connection each, so 200 workers stay far below PostgreSQL's default max_connections of 100.
+    mean = sum(samples) / max(1, len(samples))
+    print(f"\nserver connections while 4 processes served the plan (besides the plan's lock): mean {mean:.2f}, max {max(samples, default=0)} "
+          f"({len(samples)} samples)")
+    assert samples and mean / 4 < 0.25 and max(samples) <= 8, (mean, max(samples))
     for f in logs.values():
         f.close()
     out = {name: (many / f"{name}.log").read_text() for name in procs}

@@ -376,7 +376,11 @@ def open_store(store: str | Path, create: bool = True, read_only: bool = False) 
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     elif is_postgres(url):
-        engine = _postgres_engine(url)
+        # No pool: a connection per transaction, closed after it. A worker then holds a server connection
+        # only while it talks to the store (claims, heartbeats, records: milliseconds every few seconds), not
+        # for its life, so hundreds of workers fit in PostgreSQL's default 100 connections
+        # (tests/test_workers.py measures them); a pooled engine kept 2 idle connections per worker.
+        engine = _postgres_engine(url, poolclass=NullPool)
     else:
         engine = create_engine(url, pool_pre_ping=True)
     st = Store(url, engine)
