@@ -114,7 +114,8 @@ MpiDefault=none
 KillWait=10
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName={host} CPUs={os.cpu_count() or 1} State=UNKNOWN
+SlurmdParameters=config_overrides
+NodeName={host} CPUs={2 * (os.cpu_count() or 1)} State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """)
     env = dict(os.environ, SLURM_CONF=str(conf))
@@ -165,18 +166,46 @@ def _query(db: Path, sql: str):
         return []
 
 
-def _wait(cond, seconds: float, what: str, env=None):
+def _wait(cond, seconds: float, what: str, env=None, plan_dir: Path | None = None):
     end = time.time() + seconds
     while time.time() < end:
         if cond():
             return
         time.sleep(0.3)
     queue = _sh("squeue", env=env, check=False).stdout if env else ""
-    raise AssertionError(f"timed out waiting for {what}\n{queue}")
+    said = ""
+    if plan_dir is not None:  # what the tasks printed and what the store holds, to see why
+        dbs = sorted((plan_dir / "stores").glob("*.db"))
+        runs = _query(dbs[0], "SELECT c.name, r.status, r.worker, r.tokens_seen FROM runs r JOIN candidates c ON "
+                              "c.id = r.candidate_id") if dbs else []
+        said = f"\nruns: {runs}\ntask logs:\n{_logs(plan_dir)[-4000:]}"
+    raise AssertionError(f"timed out waiting for {what}\n{queue}{said}")
 
 
-def _queue_empty(env) -> bool:
-    return _sh("squeue", "-h", env=env, check=False).stdout.strip() == ""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def _steps_of(job: str) -> list[str]:
+    """This node's slurmstepd processes of a job ("slurmstepd: [8.batch]"): its tasks still ending."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith(f"slurmstepd: [{job}."):
+            found.append(cmd)
+    return found
+
+
+def _queue_empty(env, job: str | None = None) -> bool:
+    """No task of the job (or of any job) left in the queue."""
+    return _sh("squeue", "-h", *(["-j", job] if job else []), env=env, check=False).stdout.strip() == ""
 
 
 def _logs(d: Path) -> str:
@@ -200,6 +229,16 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
                        env=env)
     assert missing.returncode == 2 and "none.db" in missing.stderr, missing.stderr
 
+    # 4 (started now, checked at the end: SLURM warns a 2-minute task 30 to 60 s after it starts). A task that
+    # runs out of --time gives its run back (SIGTERM before the limit) and leaves the queue
+    env_slow = dict(env, RBRIDGE_SLOW_STEP_S="0.15")
+    tm = _plan_dir(tmp_path, "tm", 65536)
+    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "1", "--time", "2", cwd=tm, env=env_slow)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tm_job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
+    tm_db = tm / "stores" / "tm.db"
+    assert "#SBATCH --signal=B:TERM@30" in _query(tm_db, "SELECT script FROM launches")[0][0]
+
     # 1. a 2-task array equals a local plan of the same spec, score for score
     local = _rbridge("plan", "plan.yaml", "--workers", "1", cwd=ref, env=env)
     assert local.returncode == 0, local.stdout + local.stderr
@@ -207,9 +246,10 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
     (arr / "plan.yaml").write_text((ref / "plan.yaml").read_text().replace("name: ref", "name: arr"))
     dry = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", "--time", "30", cwd=arr, env=env)
     assert dry.returncode == 0 and "submitted job array" in dry.stdout, dry.stdout + dry.stderr
+    job = dry.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
     db = arr / "stores" / "arr.db"
-    _wait(lambda: _query(db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
-          "the array to finish the plan", slurm_env)
+    _wait(lambda: _query(db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
+          "the array to finish the plan", slurm_env, arr)
     assert _scores(db) == _scores(ref / "stores" / "ref.db")
     status = _rbridge("status", "--store", str(db), cwd=arr, env=env)
     assert "slurm job array" in status.stdout and "(done)" in status.stdout, status.stdout
@@ -218,7 +258,6 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
     assert script.returncode == 2 and "no unfinished plan" in script.stderr  # ref is done: nothing to serve
 
     # 2. a task requeued mid-run resumes its run from a checkpoint, not from step 0
-    env_slow = dict(env, RBRIDGE_SLOW_STEP_S="0.15")
     rq = _plan_dir(tmp_path, "rq", 4096)
     out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "1", cwd=rq, env=env_slow)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -226,15 +265,18 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
     rq_db = rq / "stores" / "rq.db"
     _wait(lambda: _query(rq_db, "SELECT count(*) FROM evaluations") not in ([], [(0,)])
           and _query(rq_db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(1,)], 120,
-          "a run in training after the first rung", slurm_env)
+          "a run in training after the first rung", slurm_env, rq)
     time.sleep(2)
+    [(first_worker,)] = _query(rq_db, "SELECT worker FROM runs WHERE status = 'running'")
     _sh("scontrol", "requeue", f"{job}_0", env=slurm_env)
-    _wait(lambda: "PENDING" in _sh("squeue", "-h", "-o", "%T", env=slurm_env, check=False).stdout, 60,
-          "the requeued task to wait", slurm_env)
-    # SLURM holds a requeued batch job back for about two minutes; let it start now
+    # SLURM holds a requeued batch job back for about two minutes; once its first run has ended (its worker
+    # and its slurmstepd gone, so that the end of the first run cannot reach the second), let it start now
+    _wait(lambda: not _alive(int(first_worker.split(":")[1])) and not _steps_of(job) and _sh(
+          "squeue", "-h", "-j", job, "-o", "%T", env=slurm_env, check=False).stdout.strip() == "PENDING", 60,
+          "the requeued task to wait", slurm_env, rq)
     _sh("scontrol", "update", f"jobid={job}_0", "StartTime=now", env=slurm_env, check=False)
-    _wait(lambda: _query(rq_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
-          "the requeued task to finish the plan", slurm_env)
+    _wait(lambda: _query(rq_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
+          "the requeued task to finish the plan", slurm_env, rq)
     logs = _logs(rq)
     assert "stopped by SIGTERM" in logs and "resuming from its checkpoint at step" in logs, logs[-3000:]
 
@@ -246,12 +288,12 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
     kl_db = kl / "stores" / "kl.db"
     held_sql = ("SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.status = "
                 f"'running' AND r.worker LIKE '%slurm={job}_1%'")
-    _wait(lambda: len(_query(kl_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env)
+    _wait(lambda: len(_query(kl_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env, kl)
     [(held, _worker)] = _query(kl_db, held_sql)
     time.sleep(1)
     _sh("scancel", f"{job}_1", env=slurm_env)
-    _wait(lambda: _query(kl_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
-          "task 0 to finish the plan alone", slurm_env)
+    _wait(lambda: _query(kl_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
+          "task 0 to finish the plan alone", slurm_env, kl)
     task0 = (kl / "stores" / "kl.slurm-logs" / f"rbridge-kl-{job}_0.out").read_text()
     task1 = (kl / "stores" / "kl.slurm-logs" / f"rbridge-kl-{job}_1.out").read_text()
     assert "stopped by SIGTERM: the running proxy was checkpointed and given back" in task1, task1[-2000:]
@@ -265,23 +307,17 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
     lost_db = lost / "stores" / "lost.db"
     held_sql = ("SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.status = "
                 f"'running' AND r.worker LIKE '%slurm={job}_1%'")
-    _wait(lambda: len(_query(lost_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env)
+    _wait(lambda: len(_query(lost_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env, lost)
     [(held, worker)] = _query(lost_db, held_sql)
     os.kill(int(worker.split(":")[1]), 9)
-    _wait(lambda: _query(lost_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env), 240,
-          "task 0 to finish the plan alone", slurm_env)
+    _wait(lambda: _query(lost_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
+          "task 0 to finish the plan alone", slurm_env, lost)
     assert f"taking over run filter/{held}" in _logs(lost), _logs(lost)[-3000:]
 
-    # 4. a task that runs out of --time gives its run back (SIGTERM before the limit) and leaves the queue
-    tm = _plan_dir(tmp_path, "tm", 65536)
-    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "1", "--time", "1", cwd=tm, env=env_slow)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "#SBATCH --signal=B:TERM@30" in _query(tm / "stores" / "tm.db", "SELECT script FROM launches")[0][0]
-    tm_db = tm / "stores" / "tm.db"
-    _wait(lambda: _queue_empty(slurm_env), 150, "the task to reach its time limit", slurm_env)
+    _wait(lambda: _queue_empty(slurm_env, tm_job), 180, "the task to reach its time limit", slurm_env, tm)
     assert _query(tm_db, "SELECT status FROM plans") == [("running",)]
     assert _query(tm_db, "SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]  # given back
-    assert "stopped by SIGTERM" in _logs(tm)
+    assert "stopped by SIGTERM" in _logs(tm), _logs(tm)
     assert list((tm / "stores" / "tm.runs" / "filter").glob("*/step_*"))  # its checkpoint, to resume from
     cancel = _rbridge("launch", "slurm", "--cancel", "--store", str(tm_db), cwd=tm, env=env)
     assert cancel.returncode == 0, cancel.stderr

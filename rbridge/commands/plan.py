@@ -210,29 +210,37 @@ def worker(store: str, plan_name: str | None, stages: tuple[str, ...], until_idl
     A worker that dies has its run taken over by another after the heartbeat
     timeout. Under `accelerate launch`, all processes train each run together.
     """
-    from rbridge.planner.worker import Worker
-
     from rbridge.planner import stop
 
-    if ready_on_stdin:
-        import importlib
-
-        for module in ("rbridge.planner.steps", "rbridge.proxy.train", "rbridge.scoring.scorer"):
-            importlib.import_module(module)  # torch, transformers, Accelerate: seconds, spent while waiting
-
-        from rbridge.planner.local import read_line_from_stdin, stdin_waiter
-
-        if not read_line_from_stdin():
-            return  # the plan stopped before its store was ready
-        wait = {"wait": stdin_waiter()}  # the plan nudges it through stdin when the plan moves
-    else:
-        wait = {}
-    w = Worker(store, RichReporter(console), plan=plan_name, until_idle=until_idle, poll_s=_poll_s(), threads=threads,
-               heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout), stages=list(stages) or None, **wait)
+    w = None
     try:
+        # From the start, before the imports of torch and transformers (seconds): a SLURM task warned early
+        # (sbatch --signal may come up to a minute early) or preempted while starting exits politely too.
         with stop.polite_signals():
+            from rbridge.planner.worker import Worker
+
+            if ready_on_stdin:
+                import importlib
+
+                for module in ("rbridge.planner.steps", "rbridge.proxy.train", "rbridge.scoring.scorer"):
+                    importlib.import_module(module)  # torch, transformers, Accelerate: seconds, spent while waiting
+
+                from rbridge.planner.local import read_line_from_stdin, stdin_waiter
+
+                if not read_line_from_stdin():
+                    return  # the plan stopped before its store was ready
+                wait = {"wait": stdin_waiter()}  # the plan nudges it through stdin when the plan moves
+            else:
+                wait = {}
+            stop.check()
+            w = Worker(store, RichReporter(console), plan=plan_name, until_idle=until_idle, poll_s=_poll_s(),
+                       threads=threads, heartbeat_timeout=_heartbeat_timeout(heartbeat_timeout),
+                       stages=list(stages) or None, **wait)
             done = w.run()
     except stop.Stopped as exc:
+        if w is None or not w.claimed_any:
+            console.print(f"{exc} before it took a run: nothing to give back")
+            sys.exit(exc.exit_code)
         if ready_on_stdin:  # one of `rbridge plan`'s own processes: the plan gives the advice
             console.print(f"{exc}: its run was checkpointed and given back")
             sys.exit(exc.exit_code)

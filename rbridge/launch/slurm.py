@@ -65,10 +65,15 @@ class SlurmOptions:
                 raise InputError(f"must be at least {low} (got {value})", field=name)
         if self.parallelism is not None and self.parallelism < 1:
             raise InputError(f"must be at least 1 (got {self.parallelism})", field="--parallelism")
-        if self.time_minutes is not None and self.time_minutes < 1:
-            raise InputError(f"must be at least 1 minute (got {self.time_minutes})", field="--time")
-        if self.time_minutes is not None and self.time_minutes * 60 <= 2 * self.grace_s:
-            self.grace_s = self.time_minutes * 60 // 2  # a short job gets its warning at half its time
+        if self.time_minutes is not None and self.time_minutes < 2:
+            # SLURM may send the --signal warning up to 60 s before the time asked for (sbatch(1)): a
+            # 1-minute task could be told to stop before its worker has started.
+            raise InputError(f"must be at least 2 minutes (got {self.time_minutes}): SLURM may send the stop "
+                             "warning up to a minute early", field="--time")
+        if self.time_minutes is not None:
+            # warned at least 30 s before the limit, and never before 30 s of work even when SLURM warns a
+            # minute early: 2 minutes -> 30 s, 3 -> 90 s, 4 and more -> DEFAULT_GRACE_S
+            self.grace_s = min(self.grace_s, self.time_minutes * 60 - 90)
         if self.mem is not None and not re.fullmatch(r"\d+[KMGT]?", self.mem):
             raise InputError(f"must be a size SLURM reads, such as 4G or 16000M (got {self.mem!r})", field="--mem")
         if self.runs_per_gpu > 1 and not self.gpus_per_worker:

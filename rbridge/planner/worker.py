@@ -75,6 +75,7 @@ class PlanWorker:
         self.watch = StaleWatch(heartbeat_timeout)
         self.me = worker_id()
         self.trained = 0  # (run, rung) steps this process trained and recorded
+        self.claimed = 0  # runs this process claimed (a stop before any has nothing to give back)
         self._announced: set[tuple[str, int]] = set()
         self._told_threads: set[str] = set()
         self._told_precision: set[str] = set()
@@ -100,6 +101,7 @@ class PlanWorker:
         if lease is None:
             return None
         claim = Claim(self.store, run.id, lease, self.me, every)
+        self.claimed += 1
         if run_ops.rung_recorded(self.store, run.id, task.rung):  # recorded just before our read
             claim.release()
             return None
@@ -314,6 +316,10 @@ class Worker:
         self.kw = dict(threads=threads, heartbeat_timeout=heartbeat_timeout, stages=stages, ranks=self.ranks)
         self.workers: dict[str, PlanWorker] = {}
         self.trained = 0
+
+    @property
+    def claimed_any(self) -> bool:
+        return any(w.claimed for w in self.workers.values())
 
     def _worker(self, plan) -> PlanWorker:
         pw = self.workers.get(plan.name)
