@@ -69,7 +69,13 @@ def test_a_worker_stopped_while_it_starts_exits_politely(tmp_path):
 
     p = subprocess.Popen([sys.executable, "-m", "rbridge.cli", "worker", "--store", str(tmp_path / "s.db")],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.8)  # inside the command, before torch is loaded
+    def catches_sigterm() -> bool:  # its handler is in place (SigCgt bit 15): inside the command
+        line = next(x for x in open(f"/proc/{p.pid}/status") if x.startswith("SigCgt:"))
+        return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+
+    end = time.time() + 60
+    while not catches_sigterm() and time.time() < end:
+        time.sleep(0.01)
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 143, out
