@@ -301,6 +301,60 @@ def _completion_of(rec: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def trace_from_completion(rec: dict[str, Any], comp: dict[str, Any], *, index: int, benchmark: str | None,
+                          model: str | None, file: Path, line: int | None, source: str,
+                          metadata: dict[str, Any] | None = None) -> Trace:
+    """One trace from a chat completion with logprobs (``comp``) and the record that carries it (``rec``, the
+    completion itself or a wrapper with the trace's fields); shared by ``import_openai`` and the server
+    generation (rbridge.scoring.server). Raises InputError naming ``file``/``line`` and the field."""
+    choice = comp["choices"][0]
+    content = (choice.get("logprobs") or {}).get("content")
+    if not isinstance(content, list) or not content:
+        raise InputError("missing required field (request logprobs=true)", file=file, line=line,
+                         field="choices[0].logprobs.content")
+    texts, lps = decode_tokens(content, file=file, line=line, where="choices[0].logprobs.content")
+    message = choice.get("message") or {}
+    text = "".join(texts)
+    # A server's reasoning parser (vLLM, SGLang) moves the reasoning out of content into
+    # reasoning_content (or reasoning); the log-probabilities then cover both, reasoning first.
+    said = next((message[k] for k in ("reasoning_content", "reasoning")
+                 if isinstance(message.get(k), str) and message[k]), None)
+    c = message.get("content")
+    reasoning_chars = None
+    if said is not None and isinstance(c, str):
+        if text != c and text.endswith(c) and said.strip() in text[:len(text) - len(c)]:
+            reasoning_chars = len(text) - len(c)  # the reasoning, then the content
+        elif said.strip() not in text:
+            raise InputError("the log-probabilities do not cover the reasoning the server returned apart "
+                             "(message.reasoning_content): ask the server for log-probabilities of the "
+                             "reasoning too, or turn its reasoning parser off", file=file, line=line,
+                             field="choices[0].logprobs.content")
+    if reasoning_chars is None and isinstance(c, str) and c != text:
+        k = next((j for j, (a, b) in enumerate(zip(text, c)) if a != b), min(len(text), len(c)))
+        raise InputError(f"the logprob tokens do not concatenate to the message content: they "
+                         f"differ at character {k} (tokens give {text[k:k + 20]!r}, content has "
+                         f"{c[k:k + 20]!r})", file=file, line=line, field="choices[0].message.content")
+    bench = rec.get("benchmark") or benchmark or Path(file).stem
+    reasoning, ftoks, final, rule = _frontier_from_completion(
+        texts, lps, file=file, line=line, where="choices[0].logprobs.content",
+        checker=default_checker(bench), reasoning_chars=reasoning_chars)
+    qid = rec.get("id") if comp is not rec else None   # a completion's own id is chatcmpl-...
+    qid = qid or rec.get("custom_id") or f"{bench}-{index}"
+    question = rec.get("question") if isinstance(rec.get("question"), str) else None
+    if question is None:
+        question = _question_from_messages(rec) or ""
+    obj = {"id": qid, "benchmark": bench, "question": question, "reasoning": reasoning,
+           "answer": answer_text(final),
+           "frontier": {"model": model or comp.get("model") or "openai", "tokens": ftoks},
+           "metadata": {"method": "imported", "format": "openai", "reasoning_span": rule, "source": source,
+                        **(metadata or {})}}
+    if comp is not rec:
+        for k in ("label", "choices", "gold"):
+            if k in rec:
+                obj[k] = rec[k]
+    return parse_trace(obj, file=file, line=line)
+
+
 def import_openai(paths: Sequence[str | Path], *, benchmark: str | None = None,
                   model: str | None = None) -> list[Trace]:
     """Traces from OpenAI chat-completions output with logprobs (see the module docstring)."""
@@ -317,52 +371,8 @@ def import_openai(paths: Sequence[str | Path], *, benchmark: str | None = None,
                 raise InputError("no chat completion with logprobs in the record "
                                  "(expected choices[0].logprobs, or response.body.choices[0].logprobs)",
                                  file=path, line=line, field="choices[0].logprobs")
-            choice = comp["choices"][0]
-            content = (choice.get("logprobs") or {}).get("content")
-            if not isinstance(content, list) or not content:
-                raise InputError("missing required field (request logprobs=true)", file=path, line=line,
-                                 field="choices[0].logprobs.content")
-            texts, lps = decode_tokens(content, file=path, line=line, where="choices[0].logprobs.content")
-            message = choice.get("message") or {}
-            text = "".join(texts)
-            # A server's reasoning parser (vLLM, SGLang) moves the reasoning out of content into
-            # reasoning_content (or reasoning); the log-probabilities then cover both, reasoning first.
-            said = next((message[k] for k in ("reasoning_content", "reasoning")
-                         if isinstance(message.get(k), str) and message[k]), None)
-            c = message.get("content")
-            reasoning_chars = None
-            if said is not None and isinstance(c, str):
-                if text != c and text.endswith(c) and said.strip() in text[:len(text) - len(c)]:
-                    reasoning_chars = len(text) - len(c)  # the reasoning, then the content
-                elif said.strip() not in text:
-                    raise InputError("the log-probabilities do not cover the reasoning the server returned apart "
-                                     "(message.reasoning_content): ask the server for log-probabilities of the "
-                                     "reasoning too, or turn its reasoning parser off", file=path, line=line,
-                                     field="choices[0].logprobs.content")
-            if reasoning_chars is None and isinstance(c, str) and c != text:
-                k = next((j for j, (a, b) in enumerate(zip(text, c)) if a != b), min(len(text), len(c)))
-                raise InputError(f"the logprob tokens do not concatenate to the message content: they "
-                                 f"differ at character {k} (tokens give {text[k:k + 20]!r}, content has "
-                                 f"{c[k:k + 20]!r})", file=path, line=line, field="choices[0].message.content")
-            bench = rec.get("benchmark") or benchmark or path.stem
-            reasoning, ftoks, final, rule = _frontier_from_completion(
-                texts, lps, file=path, line=line, where="choices[0].logprobs.content",
-                checker=default_checker(bench), reasoning_chars=reasoning_chars)
-            qid = rec.get("id") if comp is not rec else None   # a completion's own id is chatcmpl-...
-            qid = qid or rec.get("custom_id") or f"{bench}-{i}"
-            question = rec.get("question") if isinstance(rec.get("question"), str) else None
-            if question is None:
-                question = _question_from_messages(rec) or ""
-            obj = {"id": qid, "benchmark": bench, "question": question, "reasoning": reasoning,
-                   "answer": answer_text(final),
-                   "frontier": {"model": model or comp.get("model") or "openai", "tokens": ftoks},
-                   "metadata": {"method": "imported", "format": "openai", "reasoning_span": rule,
-                                "source": f"{path.name}:{line}"}}
-            if comp is not rec:
-                for k in ("label", "choices", "gold"):
-                    if k in rec:
-                        obj[k] = rec[k]
-            traces.append(parse_trace(obj, file=path, line=line))
+            traces.append(trace_from_completion(rec, comp, index=i, benchmark=benchmark, model=model, file=path,
+                                                line=line, source=f"{path.name}:{line}"))
     return traces
 
 
