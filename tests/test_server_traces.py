@@ -381,3 +381,26 @@ def test_llama_cpp_server_is_refused_for_rescoring(llama, tmp_path):
                  cwd=tmp_path)
     assert r.returncode == 1 and "disagree with its own generation" in r.stderr, r.stdout + r.stderr
     assert not out.exists()
+
+
+def test_token_strings_without_bytes_that_split_a_character_are_aligned_to_the_content():
+    """llama.cpp's server gives token strings without bytes: a character split over tokens comes back as
+    U+FFFD pieces. The content says what they spell; the character goes to the token that completes it."""
+    from rbridge.scoring.importers import trace_from_completion
+
+    text = "It costs 3 € (three euros), so 3."
+    pieces = ["It", " costs", " 3", " \ufffd", "\ufffd", " (three", " euros", "),", " so", " 3", "."]
+    content = [{"token": p, "logprob": -0.1 * (k + 1), "bytes": None} for k, p in enumerate(pieces)]
+    comp = {"model": "m", "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": content},
+                                       "message": {"role": "assistant", "content": text}}]}
+    t = trace_from_completion({"id": "a"}, comp, index=0, benchmark="gsm8k", model=None, file=Path("server"),
+                              line=None, source="test")
+    assert t.reasoning == text and t.answer == "3"
+    assert [(x.text, round(x.logprob, 6)) for x in t.frontier.tokens][2:5] == [(" 3", -0.3), (" €", -0.5),
+                                                                                (" (three", -0.6)]
+    broken = [dict(c) for c in content]
+    broken[6]["token"] = " dollars"  # tokens that spell something else: still refused, naming the field
+    comp["choices"][0]["logprobs"]["content"] = broken
+    with pytest.raises(Exception, match="do not concatenate to the message content"):
+        trace_from_completion({"id": "a"}, comp, index=0, benchmark="gsm8k", model=None, file=Path("server"),
+                              line=None, source="test")

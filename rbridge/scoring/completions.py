@@ -236,3 +236,38 @@ def answer_text(value: Any, *, null: str = "") -> str:
     if value is None:
         return null
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def align_pieces(text: str, toks: list) -> list[str] | None:
+    """Token texts that partition ``text``, from the token strings a server returned without their bytes (tokens
+    past the end of ``text``, such as one generated after an echoed prompt, are left out), or None when the
+    tokens do not spell it. Servers decode each token alone, so the pieces of a
+    character split over several tokens come back as U+FFFD: such a run of tokens covers the text up to
+    where the next token matches, and its characters go to the run's last token (the one that completes
+    them, as everywhere in rbridge), the others get empty texts. ``text_offset`` is not used: servers count
+    it over those replacement characters."""
+    if not all(isinstance(t, str) for t in toks):
+        return None
+    out: list[str] = []
+    pos, i = 0, 0
+    while i < len(toks) and pos < len(text):
+        t = toks[i]
+        if text.startswith(t, pos) and t:
+            out.append(t)
+            pos += len(t)
+            i += 1
+            continue
+        if "\ufffd" not in t:
+            return None
+        j = i
+        while j < len(toks) and "\ufffd" in toks[j] and not text.startswith(toks[j], pos):
+            j += 1
+        if j == len(toks):
+            q = len(text)
+        else:
+            q = next((k for k in range(pos + 1, len(text) + 1) if text.startswith(toks[j], k)), -1)
+            if q < 0:
+                return None
+        out += [""] * (j - i - 1) + [text[pos:q]]
+        pos, i = q, j
+    return out if pos == len(text) else None

@@ -62,7 +62,7 @@ from typing import Any
 from rbridge._textio import json_object_lines, read_text
 from rbridge.errors import InputError
 from rbridge.scoring.answers import free_text_answer
-from rbridge.scoring.completions import INSTRUCTION, answer_text, find_reasoning, reasoning_tokens
+from rbridge.scoring.completions import INSTRUCTION, align_pieces, answer_text, find_reasoning, reasoning_tokens
 from rbridge.scoring.traces import Trace, check_out_path, parse_trace, write_traces
 
 FORMATS = ("openai", "per-token", "rbridge")
@@ -329,6 +329,13 @@ def trace_from_completion(rec: dict[str, Any], comp: dict[str, Any], *, index: i
                              "(message.reasoning_content): ask the server for log-probabilities of the "
                              "reasoning too, or turn its reasoning parser off", file=file, line=line,
                              field="choices[0].logprobs.content")
+    if reasoning_chars is None and isinstance(c, str) and c != text and "\ufffd" in text and not any(
+            isinstance(tok, dict) and tok.get("bytes") for tok in content):
+        # token strings without their bytes (llama.cpp's server): the pieces of a character split over
+        # tokens come back as U+FFFD; the content says what they spell
+        aligned = align_pieces(c, [tok.get("token") for tok in content])
+        if aligned is not None and len(aligned) == len(texts):
+            texts, text = aligned, c
     if reasoning_chars is None and isinstance(c, str) and c != text:
         k = next((j for j, (a, b) in enumerate(zip(text, c)) if a != b), min(len(text), len(c)))
         raise InputError(f"the logprob tokens do not concatenate to the message content: they "

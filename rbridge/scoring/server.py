@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import rbridge
 from rbridge.errors import InputError
-from rbridge.scoring.completions import INSTRUCTION
+from rbridge.scoring.completions import INSTRUCTION, align_pieces
 from rbridge.scoring.traces import Trace, check_out_path, parse_trace
 
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -433,7 +433,7 @@ def prompt_logprobs(endpoint: Endpoint, text: str) -> tuple[list[str], list[floa
         lp = choice.get("logprobs") or {}
         toks, vals = lp.get("tokens"), lp.get("token_logprobs")
         if isinstance(toks, list) and isinstance(vals, list) and len(toks) == len(vals) and toks:
-            texts = _texts_by_offsets(text, toks)
+            texts = align_pieces(text, toks)
             if texts is not None:
                 return texts, [None if v is None else float(v) for v in vals[:len(texts)]], "echo"
             tried.append(f"echo: {len(toks)} log-probabilities whose tokens are not the prompt's "
@@ -457,12 +457,12 @@ def prompt_logprobs(endpoint: Endpoint, text: str) -> tuple[list[str], list[floa
             aligned = None
             if texts[0] is None:  # the first token is not given (vLLM): it covers what the others leave
                 for k in range(1, min(len(text), 64) + 1):
-                    rest = _texts_by_offsets(text[k:], texts[1:])
+                    rest = align_pieces(text[k:], texts[1:])
                     if rest is not None and len(rest) == len(texts) - 1:
                         aligned = [text[:k]] + rest
                         break
             else:
-                aligned = _texts_by_offsets(text, texts)
+                aligned = align_pieces(text, texts)
             if aligned is not None and len(aligned) == len(texts):
                 return aligned, [None if v is None else float(v) for v in vals], "prompt_logprobs"
             tried.append("prompt_logprobs: tokens that do not spell the prompt")
@@ -471,40 +471,6 @@ def prompt_logprobs(endpoint: Endpoint, text: str) -> tuple[list[str], list[floa
     except ServerError as exc:
         tried.append(f"prompt_logprobs: {exc}")
     raise ServerError("the server gives no log-probabilities of a prompt's tokens (" + "; ".join(tried) + ")")
-
-
-def _texts_by_offsets(text: str, toks: list) -> list[str] | None:
-    """Token texts that partition ``text`` (the echoed prompt; a token generated after it, with max_tokens 1, is
-    left out), or None when the tokens do not spell it. Servers decode each token alone, so the pieces of a
-    character split over several tokens come back as U+FFFD: such a run of tokens covers the text up to
-    where the next token matches, and its characters go to the run's last token (the one that completes
-    them, as everywhere in rbridge), the others get empty texts. ``text_offset`` is not used: servers count
-    it over those replacement characters."""
-    if not all(isinstance(t, str) for t in toks):
-        return None
-    out: list[str] = []
-    pos, i = 0, 0
-    while i < len(toks) and pos < len(text):
-        t = toks[i]
-        if text.startswith(t, pos) and t:
-            out.append(t)
-            pos += len(t)
-            i += 1
-            continue
-        if "\ufffd" not in t:
-            return None
-        j = i
-        while j < len(toks) and "\ufffd" in toks[j] and not text.startswith(toks[j], pos):
-            j += 1
-        if j == len(toks):
-            q = len(text)
-        else:
-            q = next((k for k in range(pos + 1, len(text) + 1) if text.startswith(toks[j], k)), -1)
-            if q < 0:
-                return None
-        out += [""] * (j - i - 1) + [text[pos:q]]
-        pos, i = q, j
-    return out if pos == len(text) else None
 
 
 def probe(endpoint: Endpoint, prompt: str, n_tokens: int = 8) -> dict[str, Any]:
