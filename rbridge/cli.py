@@ -17,12 +17,13 @@ from rbridge.commands._base import console, err_console, guard, main
 # the module of the command that runs (all of them to list them): a read command does not
 # pay for the imports of the others.
 main.every_module = ("rbridge.commands.plan", "rbridge.commands.score", "rbridge.commands.analysis",
-                     "rbridge.commands.launch")
+                     "rbridge.commands.launch", "rbridge.commands.mixtures")
 main.modules = {
     **dict.fromkeys(("validate", "plan", "resume", "worker", "status", "clean", "presets"), "rbridge.commands.plan"),
     **dict.fromkeys(("score", "traces"), "rbridge.commands.score"),
     **dict.fromkeys(("targets", "results", "fit", "predict", "accuracy", "report"), "rbridge.commands.analysis"),
     "launch": "rbridge.commands.launch",
+    "mixtures": "rbridge.commands.mixtures",
 }
 
 __all__ = ["main", "console", "err_console", "guard"]

@@ -93,6 +93,7 @@ class ImportReport:
     unchanged: int = 0
     changes: list[dict[str, Any]] = field(default_factory=list)
     plan_created: bool = False
+    mixtures_added: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -305,7 +306,8 @@ def resolve_plan(s, store: Store, plan_name: str | None, create: bool) -> tuple[
 
 def import_results(store: Store, path: str | Path, *, stage: str | None, plan_name: str | None = None,
                    seed: int | None = None, rows: list[Row] | None = None,
-                   new_candidates: bool = False) -> ImportReport:
+                   new_candidates: bool = False, mixtures: dict[str, dict[str, float]] | None = None,
+                   mixtures_path: str | Path | None = None) -> ImportReport:
     """Write a results file into the store: targets when ``stage`` is None, else proxy results of ``stage``.
 
     ``rows`` (from :func:`read_results`) lets the caller validate before opening the store. For a plan
@@ -342,6 +344,8 @@ def import_results(store: Store, path: str | Path, *, stage: str | None, plan_na
                                  f"{', '.join(sorted(known)[:8])}{', ...' if len(known) > 8 else ''}); a typo? "
                                  "Pass --new-candidates to import them anyway", file=path, line=unknown[0].line,
                                  field="candidate")
+        if mixtures is not None:
+            _add_mixtures(s, plan, rows, mixtures, Path(mixtures_path or "mixtures"), report)
         # A metric's direction is one fact per plan: refuse a file that contradicts the store.
         stored_dir = {m: h for m, h in s.exec(select(Result.metric, Result.higher_is_better)
                                              .where(Result.plan_id == plan.id)).all()}
@@ -393,6 +397,40 @@ def import_results(store: Store, path: str | Path, *, stage: str | None, plan_na
             s.add(old)
             report.updated += 1
     return report
+
+
+def _add_mixtures(s, plan: Plan, rows: list[Row], mixtures: dict[str, dict[str, float]], path: Path,
+                  report: ImportReport) -> None:
+    """The mixture of every candidate of ``rows`` (``rbridge results import --mixtures``), as the plan's
+    candidates with their ``mix``, so that `rbridge mixtures` fits them. Checked before anything is written
+    (the caller's transaction writes all or nothing): every candidate needs a row; a candidate the plan
+    already has keeps its mixture, and a file that says another one is refused (an edit never overwrites)."""
+    import json as _json
+
+    missing = sorted({r.candidate for r in rows} - set(mixtures))
+    if missing:
+        raise InputError(f"no mixture for {len(missing)} candidate(s) of the results: "
+                         f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}", file=path,
+                         field="candidate")
+    have = {c.name: c for c in s.exec(select(Candidate).where(Candidate.plan_id == plan.id,
+                                                               Candidate.superseded_by == 0)).all()}
+    wanted = sorted({r.candidate for r in rows})
+    for name in wanted:
+        if name in have:
+            stored = _json.loads(have[name].mix or "{}")
+            if set(stored) != set(mixtures[name]) or any(abs(stored[k] - mixtures[name][k]) > 1e-6 for k in stored):
+                raise InputError(f"candidate {name!r} of plan '{plan.name}' has the mixture {stored}; this file "
+                                 f"says {mixtures[name]} (import into another --plan)", file=path, field=name)
+        elif plan.spec_hash:
+            raise InputError(f"candidate {name!r} is not one of plan '{plan.name}''s; mixtures of new candidates "
+                             "go into a plan of their own (--plan NAME)", file=path, field=name)
+    position = len(have)
+    for name in wanted:
+        if name not in have:
+            s.add(Candidate(plan_id=plan.id, name=name, mix=_json.dumps(mixtures[name], sort_keys=True),
+                            position=position))
+            position += 1
+            report.mixtures_added += 1
 
 
 __all__ = ["read_results", "import_results", "default_higher_is_better", "resolve_plan", "Row", "ImportReport",

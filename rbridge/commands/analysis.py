@@ -22,17 +22,22 @@ def _fmt(v, spec: str = ".4f") -> str:
 
 
 def _import(file: Path, store: str, stage: str | None, plan_name: str | None, seed: int | None,
-            as_json: bool, new_candidates: bool = False) -> None:
+            as_json: bool, new_candidates: bool = False, mixtures_file: Path | None = None) -> None:
     from rbridge.analysis.results_io import import_results, read_results
     from rbridge.store import open_store
 
     from sqlalchemy.exc import OperationalError
 
     rows = read_results(file, seed=seed)  # the whole file is checked before the store is touched
+    mixtures = None
+    if mixtures_file is not None:
+        from rbridge.mixtures.weights import read_mixtures_csv
+
+        mixtures = read_mixtures_csv(mixtures_file)
     st = open_store(store)
     try:
         rep = import_results(st, file, stage=stage, plan_name=plan_name, seed=seed, rows=rows,
-                             new_candidates=new_candidates)
+                             new_candidates=new_candidates, mixtures=mixtures, mixtures_path=mixtures_file)
     except OperationalError as exc:
         if "readonly" not in str(exc).lower() and "read-only" not in str(exc).lower():
             raise
@@ -46,7 +51,8 @@ def _import(file: Path, store: str, stage: str | None, plan_name: str | None, se
     what = "targets" if stage is None else f"proxy results of stage '{stage}'"
     console.print(f"{file}: {rep.rows} {what} into plan '{rep.plan}'"
                   + (" (new imported plan)" if rep.plan_created else "")
-                  + f": {rep.inserted} new, {rep.updated} updated, {rep.unchanged} unchanged")
+                  + f": {rep.inserted} new, {rep.updated} updated, {rep.unchanged} unchanged"
+                  + (f"; {rep.mixtures_added} mixtures added" if mixtures_file is not None else ""))
     for c in rep.changes[:20]:
         console.print(f"  changed {c['candidate']}/{c['benchmark']}/{c['metric']} {c['field']}: "
                       f"{c['old']} -> {c['new']}")
@@ -98,12 +104,15 @@ def results() -> None:
 @_plan_opt
 @_seed_opt
 @_new_opt
+@click.option("--mixtures", "mixtures_file", type=_FILE, default=None,
+              help="CSV of each candidate's mixture: a 'candidate' column and one column per source (weights "
+                   "summing to 1), for `rbridge mixtures fit|propose|predict`.")
 @_json_opt
 @guard
 def results_import(file: Path, store: str, stage: str, plan_name: str | None, seed: int | None,
-                   new_candidates: bool, as_json: bool) -> None:
+                   new_candidates: bool, mixtures_file: Path | None, as_json: bool) -> None:
     """Import proxy results: same columns as `rbridge targets import`."""
-    _import(file, store, stage, plan_name, seed, as_json, new_candidates)
+    _import(file, store, stage, plan_name, seed, as_json, new_candidates, mixtures_file)
 
 
 @main.command()
