@@ -100,6 +100,46 @@ class CandidateSpec(BaseModel):
         return mix
 
 
+class SearchSpec(BaseModel):
+    """A mixture search (rbridge.mixtures, docs/MIXTURES.md): a swarm of random mixtures of the searched
+    sources trained as candidates ``swarm-000``, ... in the plan's first stage, beside the listed ones."""
+
+    model_config = _STRICT
+    sources: list[str] | None = Field(None, min_length=1, description="the sources searched (default: all)")
+    swarm: int = Field(24, ge=1, le=100000, description="how many random mixtures")
+    prior: Literal["tokens", "uniform"] | dict[str, float] = Field("tokens", description=(
+        "the mixture the swarm is drawn around: tokens (each source's share of the searched sources' training "
+        "tokens, as RegMix and olmix), uniform, or explicit weights by source"))
+    strengths: list[float] = Field([0.1, 0.3, 1.0, 3.0, 10.0], min_length=1, description=(
+        "Dirichlet strengths, cycled over the draws: small ones give sparse mixtures, large ones mixtures near "
+        "the prior"))
+    min_weight: float = Field(0.0, ge=0, lt=1, description="a drawn weight below this is set to 0")
+    max_repeats: float | None = Field(None, gt=0, description=(
+        "how many times a source's training tokens may be repeated at the largest stage (caps its weight)"))
+    seed: int | None = Field(None, description="the swarm's seed (default: the spec's seed)")
+    propose: int = Field(2, ge=0, le=100, description=(
+        "mixtures proposed from the surrogate once the search stage is decided; they join the next proxy "
+        "stage as proposed-1, ... beside the survivors and the listed candidates"))
+    surrogate: Literal["auto", "linear", "log_linear", "lightgbm"] = Field("auto", description=(
+        "the surrogate family; auto: the best k-fold cross-validated Spearman on the search stage's scores"))
+    stage: str | None = Field(None, description="the stage whose scores are fitted (default: the first stage)")
+
+    @field_validator("strengths")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(not (x > 0) for x in v):
+            raise ValueError("strengths must be > 0")
+        return v
+
+    @field_validator("prior")
+    @classmethod
+    def _prior(cls, v):
+        if isinstance(v, dict):
+            if not v or any(not (w >= 0) for w in v.values()) or sum(v.values()) <= 0:
+                raise ValueError("explicit prior weights must be >= 0 and not all 0")
+        return v
+
+
 class BenchmarkSpec(ScoreOptions):
     """A benchmark: its traces and how they are scored (``ScoreOptions``: context, minmax, aggregate).
 
@@ -225,7 +265,8 @@ class Spec(BaseModel):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     tokenizer: TokenizerSpec = Field(default_factory=lambda: TokenizerSpec(train=TokenizerTrain()))
     sources: dict[str, SourceSpec]
-    candidates: list[CandidateSpec] = Field(min_length=1)
+    candidates: list[CandidateSpec] = Field(default_factory=list)
+    search: SearchSpec | None = None
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     stages: list[StageSpec] = Field(min_length=1)
     targets: Path | None = None
@@ -249,10 +290,13 @@ class Spec(BaseModel):
         from rbridge.data.mixture import allocate_rows  # numpy only
 
         need = {name: 0 for name in self.sources}
+        # a searched source may get any weight in a swarm drawn later (from the sources' token counts)
+        searched = [CandidateSpec(name=f"search-{i}", mix={src: 1.0})
+                    for i, src in enumerate(self.searched_sources())]
         for st in self.resolved_stages():
             seq = st.training.seq_len
             n_rows = -(-st.training.tokens // seq)
-            for cand in self.candidates:
+            for cand in [*self.candidates, *searched]:
                 total = sum(cand.mix.values())
                 for src, rows in allocate_rows({k: v / total for k, v in cand.mix.items()}, n_rows).items():
                     need[src] = max(need[src], rows * seq)
@@ -262,8 +306,50 @@ class Spec(BaseModel):
     path: Path | None = Field(None, exclude=True)
     text: str = Field("", exclude=True, repr=False)
 
+    def searched_sources(self) -> list[str]:
+        """The sources a ``search:`` draws mixtures of (none without one)."""
+        if self.search is None:
+            return []
+        return sorted(self.search.sources or self.sources)
+
+    def search_stage(self) -> str | None:
+        """The stage whose scores the search's surrogate is fitted on."""
+        if self.search is None:
+            return None
+        return self.search.stage or next(st.name for st in self.stages if st.role != "target")
+
+    def swarm_names(self) -> list[str]:
+        """The swarm's candidate names, ``swarm-000`` ... (at least three digits)."""
+        if self.search is None:
+            return []
+        width = max(3, len(str(self.search.swarm - 1)))
+        return [f"swarm-{i:0{width}d}" for i in range(self.search.swarm)]
+
     @model_validator(mode="after")
     def _cross_checks(self):
+        if not self.candidates and self.search is None:
+            raise FieldError(("candidates",), "a plan needs candidates, or a search: that draws them")
+        if self.search is not None:
+            for i, src in enumerate(self.search.sources or []):
+                if src not in self.sources:
+                    raise FieldError(("search", "sources", i), f"unknown source '{src}' (sources: "
+                                                                f"{', '.join(self.sources)})")
+            if isinstance(self.search.prior, dict):
+                for src in self.search.prior:
+                    if src not in self.searched_sources():
+                        raise FieldError(("search", "prior", src), f"'{src}' is not a searched source "
+                                                                    f"({', '.join(self.searched_sources())})")
+            for i, cand in enumerate(self.candidates):
+                if cand.name.startswith(("swarm-", "proposed-")):
+                    raise FieldError(("candidates", i, "name"), "names starting with swarm- or proposed- are the "
+                                                                "search's")
+            proxies = [st.name for st in self.stages if st.role != "target"]
+            at = self.search.stage or (proxies[0] if proxies else None)
+            if self.search.stage is not None and self.search.stage not in proxies:
+                raise FieldError(("search", "stage"), f"not a proxy stage of this spec ({', '.join(proxies)})")
+            if self.search.propose and at is not None and proxies.index(at) == len(proxies) - 1:
+                raise FieldError(("search", "propose"), f"proposals join the proxy stage after {at!r}, and there "
+                                                        "is none: add a stage after it, or set propose: 0")
         counts = Counter(c.name for c in self.candidates)  # not names.count(n) per name: O(n^2) on 5,000
         dupes = sorted(n for n, k in counts.items() if k > 1)
         if dupes:
@@ -359,7 +445,7 @@ class Spec(BaseModel):
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not what was meant (printed by validate and plan)."""
         out = []
-        entrants = len(self.candidates)
+        entrants = len(self.candidates) + (self.search.swarm if self.search else 0)
         for st in self.resolved_stages():
             if st.is_target:
                 continue
@@ -369,6 +455,8 @@ class Spec(BaseModel):
                            f"{st.name!r}, so none is dropped there")
             if isinstance(keep, int):
                 entrants = min(entrants, keep)
+            if self.search is not None and st.name == self.search_stage():  # proposals and baselines join
+                entrants += self.search.propose + len(self.candidates)
         return out
 
     @property

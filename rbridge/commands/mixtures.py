@@ -43,9 +43,6 @@ def _fit(store, plan_name, stage, benchmark, metric, surrogate, folds, seed):
     st = open_store(store_or_latest(store), create=False)
     try:
         _ensure_views(st)
-        if metric is None:
-            names = {r[0] for r in st.rows("SELECT DISTINCT metric FROM proxy_values")}
-            metric = "rbridge" if "rbridge" in names else None
         table = load_table(st, plan_name, stage, benchmark, metric)
     finally:
         st.close()
@@ -55,7 +52,8 @@ def _fit(store, plan_name, stage, benchmark, metric, surrogate, folds, seed):
 
 def _header(table) -> dict:
     return {"plan": table.plan, "stage": table.stage, "benchmark": table.benchmark, "metric": table.metric,
-            "higher_is_better": table.higher_is_better, "n": len(table.candidates), "sources": table.sources}
+            "higher_is_better": table.higher_is_better, "n": len(table.candidates), "sources": table.sources,
+            "rung": table.rung}
 
 
 def _back(table, loss_values):
@@ -79,7 +77,8 @@ def mixtures_fit(store, plan_name, stage, benchmark, metric, surrogate, folds, s
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    t = Table(title=f"{table.plan}/{table.stage}: {table.metric} on {table.benchmark} from the mixtures of "
+    at = f" at rung {table.rung}, which every candidate reached" if table.rung else ""
+    t = Table(title=f"{table.plan}/{table.stage}: {table.metric} on {table.benchmark}{at}, from the mixtures of "
                     f"{len(table.candidates)} candidates ({folds}-fold CV, seed {seed})")
     for col in ("surrogate", "CV Spearman", "CV RMSE", ""):
         t.add_column(col)

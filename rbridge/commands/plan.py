@@ -40,7 +40,9 @@ def validate(spec_path: Path) -> None:
         console.print(f"  source {name}: {info.format}, {info.files} file(s), {info.chunks} chunk(s), "
                       f"{si(info.bytes)}B")
     console.print(f"{spec_path}: ok - plan '{spec.name}', {len(spec.sources)} sources, "
-                  f"{len(spec.candidates)} candidates, {len(spec.benchmarks)} benchmarks, "
+                  f"{len(spec.candidates)} candidates"
+                  + (f" and a search swarm of {spec.search.swarm}" if spec.search else "")
+                  + f", {len(spec.benchmarks)} benchmarks, "
                   f"stages {' -> '.join(s.name for s in stages)}")
 
 
@@ -152,7 +154,8 @@ def _run(spec, store: str | None, force: bool, threads: int | None = None, local
                          field="WORLD_SIZE")
     for warning in spec.warnings():
         err_console.print(f"[yellow]warning:[/] {spec.path}: {warning}")
-    console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates, "
+    console.print(f"[bold]rbridge plan[/] {spec.name}: {len(spec.candidates)} candidates"
+                  + (f" and a search swarm of {spec.search.swarm}" if spec.search else "") + ", "
                   f"stages {' -> '.join(s.name for s in spec.resolved_stages())}")
     from rbridge.planner import stop
 

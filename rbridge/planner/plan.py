@@ -175,8 +175,10 @@ class Planner:
                         f"that plan instead, stop now (Ctrl-C) and run `rbridge plan {spec} --store {other['store']}`")
 
     def _plan_row(self, data):
+        from rbridge.mixtures.search import all_candidates
+
         spec = self.spec
-        candidates = [(c.name, c.mix) for c in spec.candidates]
+        candidates = [(c.name, c.mix) for c in all_candidates(spec, data)]  # the listed ones, then a search's swarm
         spec_path = str(spec.path.resolve() if spec.path else "")
         plan = plan_ops.find_plan(self.store, spec.name)
         if plan is None:
@@ -220,6 +222,12 @@ class Planner:
                 from rbridge.planner.steps import check_proxies, warn_cut_answers, warn_repeated_sources
                 check_proxies(self.stages, data, self.spec.path)
                 warn_cut_answers(self.stages, self.spec, data, traces, self.report)
+                if self.spec.search is not None:  # the swarm: drawn (or its caps refused) before the store
+                    from rbridge.mixtures.search import swarm_candidates
+
+                    n = len(swarm_candidates(self.spec, data))
+                    self.report.say(f"search: a swarm of {n} mixtures of {', '.join(self.spec.searched_sources())} "
+                                    f"(swarm-...), beside {len(self.spec.candidates)} listed candidate(s)")
                 warn_repeated_sources(self.stages, self.spec, data, self.report)
                 failpoint("data-prepared")
                 self.store = open_store(self.store_arg)

@@ -62,7 +62,9 @@ def spec_change(store: Store, plan: Plan, old: Spec | None, new: Spec, data) -> 
     stages = new.resolved_stages()
     index = {st.name: i for i, st in enumerate(stages)}  # position (a stage with several seeds is several)
     old_stages = {s.name: s for s in old.resolved_stages()} if old is not None else {}
-    wanted = {c.name: c for c in new.candidates}
+    from rbridge.mixtures.search import all_candidates
+
+    wanted = {c.name: c for c in all_candidates(new, data)}
     cands = plan_ops.candidates(store, plan.id)
     by_id = {c.id: n for n, c in cands.items()}
     first_changed = 0 if set(cands) != set(wanted) else len(stages)
@@ -81,7 +83,7 @@ def spec_change(store: Store, plan: Plan, old: Spec | None, new: Spec, data) -> 
         if prev is None or prev.pruning != st.pruning:
             first_changed = min(first_changed, i)
     change = plan_ops.SpecChange(
-        spec_text=new.text, spec_hash=new.spec_hash, candidates=[(c.name, c.mix) for c in new.candidates],
+        spec_text=new.text, spec_hash=new.spec_hash, candidates=[(c.name, c.mix) for c in wanted.values()],
         supersede_runs={run.id: str(to) for run, _, to in dropped},
         drop_candidates=[c.id for n, c in cands.items() if n not in wanted],
         redecide_stages=[st.name for st in stages[first_changed:]])

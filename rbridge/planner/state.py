@@ -94,7 +94,7 @@ class PlanState:
         """Make every decision the store's evaluations allow; return where the work is."""
         cands = plan_ops.candidates(self.store, self.plan_id)
         by_id = {c.id: n for n, c in cands.items()}
-        entrants = sorted(cands)
+        entrants = sorted(n for n in cands if not n.startswith("proposed-"))  # proposals enter after the search
         for stage in self.stages:
             # A target stage trains the candidates it names (default: all, pruned or not) and passes
             # nobody on: the next proxy stage takes the survivors of the last proxy stage.
@@ -116,6 +116,13 @@ class PlanState:
                     active = self._decide(stage, rung, len(rungs), field, active, runs, cands)
             if not stage.is_target:
                 entrants = active
+                if stage.name == self.spec.search_stage() and self.spec.search.propose:
+                    # the search's proposals, and the listed candidates as baselines, join the next stage
+                    cands = self._proposals(stage, field, runs, cands)
+                    by_id = {c.id: n for n, c in cands.items()}
+                    extra = [f"proposed-{i}" for i in range(1, self.spec.search.propose + 1)]
+                    extra += [c.name for c in self.spec.candidates]
+                    entrants = sorted(set(active) | set(extra))
         if plan_ops.get_plan(self.store, self.plan_id).status != "done":
             self.record_compute()
             if plan_ops.mark_plan_done(self.store, self.plan_id):
@@ -171,6 +178,48 @@ class PlanState:
                                 f"not trained again ({', '.join(n for n in missing if n not in new)})")
             runs = plan_ops.stage_runs(self.store, self.plan_id, stage.name)
         return {n: runs[cands[n].id] for n in entrants}
+
+    # ------------------------------------------------------------------ search
+    def _proposals(self, stage: Stage, field: list[str], runs: dict[str, Run],
+                   cands: dict[str, Candidate]) -> dict[str, Candidate]:
+        """The search's proposals as candidates (rbridge.mixtures): computed once, when the search stage is
+        decided, from every candidate's decision score at the first rung (the last rung all of them reached:
+        successive halving scores survivors again after more tokens, and a fit on those would favour them
+        for having trained longer), and stored; a resume or another worker finds them stored."""
+        import numpy as np
+
+        from rbridge.mixtures.propose import propose
+        from rbridge.mixtures.search import search_caps, search_prior
+        from rbridge.mixtures.surrogates import choose
+        from rbridge.mixtures.swarm import check_caps
+
+        sr = self.spec.search
+        names = [f"proposed-{i}" for i in range(1, sr.propose + 1)]
+        if all(n in cands for n in names):
+            return cands
+        sources = self.spec.searched_sources()
+        usable = [n for n in field if runs[n].status != "failed" and set(json.loads(cands[n].mix)) <= set(sources)]
+        scores = run_ops.rung_scores(self.store, [runs[n].id for n in usable], 1, stage.pruning.metric)
+        usable = [n for n in usable if runs[n].id in scores]
+        mixes = [json.loads(cands[n].mix) for n in usable]
+        x = np.array([[m.get(s, 0.0) for s in sources] for m in mixes])
+        y = np.array([scores[runs[n].id] for n in usable])  # a pruning metric: lower is better
+        seed = self.spec.seed if sr.seed is None else sr.seed
+        model, cvs = choose(x, y, sr.surrogate, seed=seed)
+        prior = search_prior(self.spec, self.data)
+        caps = search_caps(self.spec, self.data)
+        cap = check_caps(sources, caps, sr.min_weight)
+        props = propose(model, sources, np.array([prior[s] for s in sources]), cap, n=sr.propose, seed=seed,
+                        strengths=sr.strengths, min_weight=sr.min_weight, fitted=x)
+        cv = next(c for c in cvs if c.family == model.family)
+        self.report.say(f"  search: {model.family} surrogate on {len(usable)} mixtures at rung 1 (CV Spearman "
+                        f"{cv.spearman:.3f}); proposals join the next stage:")
+        for p in props:
+            self.report.say(f"    {p.name} ({p.rule}): predicted {stage.pruning.metric} {p.predicted:.4f}; "
+                            + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p.weights.items(), key=lambda kv: -kv[1])))
+        total = {p.name: sum(p.weights.values()) for p in props}
+        return plan_ops.add_candidates(self.store, self.plan_id,
+                                       [(p.name, {k: v / total[p.name] for k, v in p.weights.items()}) for p in props])
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, stage: Stage, rung: int, n_rungs: int, entrants: list[str], active: list[str],

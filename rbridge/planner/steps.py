@@ -152,10 +152,13 @@ def warn_repeated_sources(stages: list[Stage], spec: Spec, data: PlanData, repor
     tokens are worth less than new ones (Muennighoff et al. 2023, "Scaling Data-Constrained Language
     Models"), so such a candidate is judged on less data than its mixture suggests. A later stage's
     candidates are not known yet: every candidate that could reach it is counted."""
+    from rbridge.mixtures.search import all_candidates
+
+    every = all_candidates(spec, data)
     worst: dict[str, tuple[float, str, list[str]]] = {}  # source -> (epochs, stage, candidates at that)
     for stage in stages:
-        names = stage.candidates or [c.name for c in spec.candidates]
-        mixes = {c.name: c.mix for c in spec.candidates}
+        names = stage.candidates or [c.name for c in every]
+        mixes = {c.name: c.mix for c in every}
         for name in names:
             for src, epochs in run_epochs(stage, dict(mixes[name]), data).items():
                 if epochs <= 1.0:

@@ -76,6 +76,21 @@ def adopt_plan(store: Store, plan_id: int, *, spec_text: str, spec_hash: str, sp
         _add_candidates(s, plan_id, candidates, have)
 
 
+def add_candidates(store: Store, plan_id: int, new: list[tuple[str, dict]]) -> dict[str, Candidate]:
+    """Insert the candidates a plan does not have yet (a search's proposals), in one transaction; a name
+    it has keeps its stored mixture (a second worker that computed the same proposals adds nothing).
+    Returns the plan's candidates."""
+    with store.session() as s:
+        have = set(s.exec(select(Candidate.name).where(Candidate.plan_id == plan_id,
+                                                       Candidate.superseded_by == 0)).all())
+        n = len(have)
+        for name, mix in new:
+            if name not in have:
+                s.add(Candidate(plan_id=plan_id, name=name, mix=json.dumps(mix, sort_keys=True), position=n))
+                n += 1
+    return candidates(store, plan_id)
+
+
 def mark_plan_done(store: Store, plan_id: int) -> bool:
     """Set the plan done; False when it already was."""
     with store.session() as s:
