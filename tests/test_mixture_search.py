@@ -81,6 +81,14 @@ def test_a_search_plan_draws_a_swarm_proposes_and_ranks_the_proposals(tmp_path):
         assert all(v > 0 for v in w.values()) and abs(sum(w.values()) - 1) < 1e-6, (n, w)
     assert swarm_stage == {n for n in names if not n.startswith("proposed-")}  # proposals skip the search stage
     assert rank == kept | {"proposed-1", "proposed-2", "human"}
+    # each candidate is an Optuna trial with its weights as parameters (the dashboard's importances work)
+    import optuna
+
+    study = optuna.load_study(study_name="srch:swarm", storage=f"sqlite:///{db}")
+    for t in study.get_trials():
+        w = json.loads(mixes[t.user_attrs["candidate"]])
+        assert t.params == {f"w_{s}": w.get(s, 0.0) for s in ("cot", "kjv", "spam")}, t.params
+    assert len(study.get_trials()) == 9
     # the surrogate's table: every candidate of the search stage at rung 1, the rung all of them reached
     fit = _rbridge("mixtures", "fit", "--stage", "swarm", "--json", cwd=d)
     assert fit.returncode == 0, fit.stderr

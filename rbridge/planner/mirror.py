@@ -47,11 +47,20 @@ def ensure_study(store_url: str, plan: str, stage: str, revision: int = 0) -> No
         pass
 
 
-def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0) -> int:
-    """A new trial for a run; returns its number."""
+def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0,
+        weights: dict[str, float] | None = None) -> int:
+    """A new trial for a run; returns its number. ``weights``: the candidate's mixture, {source: weight} over
+    every source of the plan, recorded as the trial's parameters ``w_<source>`` (FloatDistribution 0..1), so
+    Optuna's dashboard and parameter-importance tools see which sources move the score."""
+    from optuna.distributions import FloatDistribution
+
     with study(store_url, plan, stage, revision) as st:
         trial = st.ask()
         trial.set_user_attr("candidate", candidate)
+        for source, w in sorted((weights or {}).items()):
+            # what Trial.suggest_float records, with the value given instead of sampled (the storage's own
+            # call: study.enqueue_trial would race between workers asking at once)
+            st._storage.set_trial_param(trial._trial_id, f"w_{source}", float(w), FloatDistribution(0.0, 1.0))
         return trial.number
 
 
