@@ -72,17 +72,18 @@ class Surrogate:
                                  field="--surrogate")
             import lightgbm as lgb
 
-            # One thread: swarms are small, and LightGBM's OpenMP threads beside torch's in one process (a
-            # plan's worker) spun for 47 s on 2 cores where one thread fits in 0.2 s. Results do not change.
-            if self.params.get("regmix_recipe"):
-                kw = dict(objective="regression", metric=["l1", "l2"], n_estimators=1000, learning_rate=1e-2,
-                          random_state=42, verbosity=-1, n_jobs=1)
-            else:
+            # LightGBM's own training API (its scikit-learn wrapper, which RegMix used, needs scikit-learn and
+            # trains the same model from the same parameters). One thread: swarms are small, and LightGBM's
+            # OpenMP threads beside torch's in one process (a plan's worker) spun for 47 s on 2 cores where
+            # one thread fits in 0.2 s. Results do not depend on it.
+            params = dict(objective="regression", learning_rate=1e-2, seed=42, verbosity=-1, num_threads=1,
+                          deterministic=True)
+            if self.params.get("regmix_recipe"):  # RegMix's published settings, leaves at LightGBM's defaults
+                params.update(metric=["l1", "l2"], num_leaves=31, min_data_in_leaf=20)
+            else:  # the same, leaves scaled to the data (a swarm of 24 cannot fill leaves of 20)
                 n = x.shape[0]
-                kw = dict(objective="regression", n_estimators=1000, learning_rate=1e-2, random_state=42,
-                          verbosity=-1, n_jobs=1, num_leaves=max(4, min(31, n // 8)),
-                          min_child_samples=max(2, min(20, n // 16)))
-            self.model = lgb.LGBMRegressor(**kw).fit(x, y)
+                params.update(num_leaves=max(4, min(31, n // 8)), min_data_in_leaf=max(2, min(20, n // 16)))
+            self.model = lgb.train(params, lgb.Dataset(x, y, params=params), num_boost_round=1000)
         else:
             raise InputError(f"unknown surrogate {self.family!r} (one of {', '.join(SURROGATES)})",
                              field="--surrogate")
@@ -103,8 +104,7 @@ class Surrogate:
         if self.family == "log_linear":
             c, coef = self.model
             return {"offset": c, "intercept": float(coef[0]), "coefficients": dict(zip(sources, map(float, coef[1:])))}
-        imp = getattr(self.model, "feature_importances_", None)
-        return {"importance": dict(zip(sources, map(int, imp)))} if imp is not None else {}
+        return {"importance": dict(zip(sources, map(int, self.model.feature_importance(importance_type="split"))))}
 
 
 @dataclass

@@ -47,6 +47,14 @@ def ensure_study(store_url: str, plan: str, stage: str, revision: int = 0) -> No
         pass
 
 
+def weights(mix_json: str, sources) -> dict[str, float]:
+    """A candidate's stored mixture over every source of the plan (0 where it has none): a trial's params."""
+    import json
+
+    mix = json.loads(mix_json or "{}")
+    return {src: float(mix.get(src, 0.0)) for src in sources}
+
+
 def ask(store_url: str, plan: str, stage: str, candidate: str, revision: int = 0,
         weights: dict[str, float] | None = None) -> int:
     """A new trial for a run; returns its number. ``weights``: the candidate's mixture, {source: weight} over

@@ -110,10 +110,8 @@ class PlanWorker:
                             f"{run.worker or 'a process'} that died (resuming from its last checkpoint)")
         if run.trial_number is None:
             rev = self.state.study_revision(task.stage.name)
-            mix = json.loads(task.candidate.mix or "{}")
-            weights = {src: float(mix.get(src, 0.0)) for src in self.state.spec.sources}
             number = mirror.ask(self.store.url, self.state.name, task.stage.name, task.candidate.name, rev,
-                                weights=weights)
+                                weights=mirror.weights(task.candidate.mix, self.state.spec.sources))
             if run_ops.set_trial(self.store, run.id, lease, number):
                 task.run.trial_number = number
             else:
