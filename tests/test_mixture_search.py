@@ -94,6 +94,16 @@ def test_a_search_plan_draws_a_swarm_proposes_and_ranks_the_proposals(tmp_path):
     assert fit.returncode == 0, fit.stderr
     doc = json.loads(fit.stdout)
     assert doc["rung"] == 1 and doc["n"] == 9 and doc["sources"] == ["cot", "kjv", "spam"]
+    # the report's search section: the surrogate's CV table and charts, the proposals with their weights
+    rep = _rbridge("report", "--store", str(db), cwd=d)
+    assert rep.returncode == 0, rep.stderr
+    page = (d / "stores" / "srch.report.html").read_text()
+    assert "<h2>Mixture search</h2>" in page and 'id="chart-search-cv"' in page and 'id="chart-search-weights"' in page
+    data = json.loads(page.split('<script type="application/json" id="rbridge-data">', 1)[1].split("</script>")[0])
+    assert [p["name"] for p in data["search-weights"]["proposals"]] == ["proposed-1", "proposed-2"]
+    assert {p["name"]: p["weights"] for p in data["search-weights"]["proposals"]} == {
+        n: {k: round(v, 6) for k, v in json.loads(mixes[n]).items()} for n in ("proposed-1", "proposed-2")}
+    assert len(data["search-cv"]["observed"]) == 9 and abs(sum(data["search-weights"]["prior"].values()) - 1) < 1e-9
     # a resume of the finished plan changes nothing: the proposals were stored once
     again = _rbridge("resume", cwd=d)
     assert again.returncode == 0, again.stderr

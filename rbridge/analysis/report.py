@@ -348,6 +348,78 @@ pre{background:#f7f7f7;padding:8px;overflow-x:auto;font-size:.8em}
 """
 
 
+def _search(store, plan: str, spec_text: str) -> tuple[list[Chart], dict | None]:
+    """A plan's mixture search (spec ``search:``): the surrogate's cross-validated predictions against the
+    observed scores, and each source's weight across the swarm with the proposals, the prior and the listed
+    mixtures beside it. Nothing for a plan without a search, or before its search stage is decided."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(spec_text or "") or {}
+    except yaml.YAMLError:
+        return [], None
+    if not isinstance(spec, dict) or not isinstance(spec.get("search"), dict):
+        return [], None
+    stage = spec["search"].get("stage") or next((st.get("name") for st in spec.get("stages", [])
+                                                 if isinstance(st, dict) and st.get("role") != "target"), None)
+    from rbridge.store.studies import study_attrs
+
+    url = store.url
+    revs = store.rows("SELECT studies FROM plans WHERE name = :p", p=plan)
+    rev = json.loads(revs[0][0] or "{}").get(stage, 0) if revs else 0
+    found = study_attrs(url, plan, stage, rev).get("search")
+    if not found:
+        return [], None
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rbridge.mixtures.data import load_table
+    from rbridge.mixtures.surrogates import cross_validate
+
+    table = load_table(store, plan, stage, None, None)
+    sources = found["sources"]
+    keep = [i for i, m in enumerate(table.mixtures) if set(m) <= set(sources)]
+    x = np.array([[table.mixtures[i].get(s, 0.0) for s in sources] for i in keep])
+    y = table.loss[keep]
+    cv = cross_validate(found["surrogate"], x, y, k=5, seed=0)
+    charts = []
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(y, cv.predictions, s=18, color="#3b75af")
+    lo, hi = float(min(y.min(), cv.predictions.min())), float(max(y.max(), cv.predictions.max()))
+    ax.plot([lo, hi], [lo, hi], color="#999999", lw=1)
+    ax.set_xlabel(f"observed {table.metric} at rung {found['rung']}")
+    ax.set_ylabel("predicted (5-fold cross-validated)")
+    ax.set_title(f"{found['surrogate']} surrogate: Spearman {cv.spearman:.3f}")
+    ax.grid(alpha=0.3)
+    charts.append(Chart("search-cv", "Surrogate: predicted against observed",
+                        f"each candidate of stage {stage} at rung {found['rung']}, predicted by a {found['surrogate']} "
+                        "surrogate fitted on the other folds; on the grey line predictions equal observations.",
+                        _png(fig), {"observed": y.tolist(), "predicted": cv.predictions.tolist(),
+                                    "spearman": cv.spearman, "candidates": [table.candidates[i] for i in keep]}))
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(sources) + 1.6))
+    swarm = [m for n, m in zip(table.candidates, table.mixtures) if n.startswith("swarm-")]
+    for j, src in enumerate(sources):
+        ax.scatter([m.get(src, 0.0) for m in swarm], [j] * len(swarm), s=10, color="#bbbbbb",
+                   label="swarm" if j == 0 else None)
+    ax.scatter([found["prior"][s] for s in sources], range(len(sources)), marker="|", s=300, color="#000000",
+               label="prior")
+    marks = ["o", "s", "^", "D", "v"]
+    for k, p in enumerate(found["proposals"]):
+        ax.scatter([p["weights"].get(s, 0.0) for s in sources], range(len(sources)), marker=marks[k % len(marks)],
+                   s=40, label=p["name"], zorder=3)
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xlabel("weight in the mixture")
+    ax.set_title("where the swarm sampled, the prior and the proposals")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    charts.append(Chart("search-weights", "Mixtures: swarm, prior and proposals",
+                        "each source's weight in every swarm mixture (grey), in the prior the swarm was drawn around "
+                        "(black bar) and in each proposal.", _png(fig),
+                        {"sources": sources, "prior": found["prior"], "proposals": found["proposals"],
+                         "swarm": swarm}))
+    return charts, found
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "<td></td>"
@@ -442,6 +514,8 @@ def build_report(store, plan: str | None = None) -> Report:
         pts = fit_points(store, name)
         for i, f in enumerate(fits):
             charts.append(_fit(i, f, pts.get((f["stage"], f["benchmark"], f["x_metric"], f["target_metric"]))))
+    search_charts, search = _search(store, name, spec_text)
+    charts += search_charts
     by_name = {c.name: c for c in charts}
 
     c = info["compute"]
@@ -476,6 +550,18 @@ def build_report(store, plan: str | None = None) -> Report:
         parts.append(_figure(by_name[f"ranking-{_safe(stage['name'])}"]))
         parts.append(_figure(by_name[f"halving-{_safe(stage['name'])}"]))
         parts.append(_figure(by_name[f"curves-{_safe(stage['name'])}"]))
+    if search:
+        parts.append("<h2>Mixture search</h2>")
+        parts.append(f"<p class=note>a {html.escape(search['surrogate'])} surrogate fitted on every candidate's "
+                     f"score at rung {search['rung']}; cross-validation of each family:</p>")
+        parts.append(_table(search["cv"], ["surrogate", "cv_spearman", "cv_rmse"], "search-cv"))
+        parts.append(_table([{"candidate": p["name"], "rule": p["rule"], "predicted": p["predicted"],
+                              "weights": ", ".join(f"{k} {v:.3f}" for k, v in sorted(p["weights"].items(),
+                                                                                    key=lambda kv: -kv[1]))}
+                             for p in search["proposals"]], ["candidate", "rule", "predicted", "weights"],
+                            "search-proposals"))
+        parts.append(_figure(by_name["search-cv"]))
+        parts.append(_figure(by_name["search-weights"]))
     parts.append("<h2>Compute</h2>")
     parts.append(_figure(by_name["compute"]))
     from rbridge._du import human_bytes

@@ -19,11 +19,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from rbridge.store.studies import study_name as _study_name
+
 
 def study_name(plan: str, stage: str, revision: int = 0) -> str:
     """``plan:stage``; a stage decided afresh after an accepted spec edit gets a new study,
-    ``plan:stage@r<revision>``, and the earlier one is kept as it was."""
-    return f"{plan}:{stage}" + (f"@r{revision}" if revision else "")
+    ``plan:stage@r<revision>``, and the earlier one is kept as it was (rbridge.store.studies)."""
+    return _study_name(plan, stage, revision)
 
 
 @contextmanager
@@ -125,3 +127,10 @@ def fail_orphans(store_url: str, plan: str, stage: str, run_trials: set[int | No
                     st.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 except (UpdateFinishedTrialError, ValueError):  # failed by another decider meanwhile
                     pass
+
+
+def set_study_attrs(store_url: str, plan: str, stage: str, attrs: dict, revision: int = 0) -> None:
+    """Record facts about a stage on its study (a search's prior, surrogate and proposals: the report reads them)."""
+    with study(store_url, plan, stage, revision) as st:
+        for k, v in attrs.items():
+            st.set_user_attr(k, v)

@@ -217,6 +217,10 @@ class PlanState:
         for p in props:
             self.report.say(f"    {p.name} ({p.rule}): predicted {stage.pruning.metric} {p.predicted:.4f}; "
                             + ", ".join(f"{k} {v:.3f}" for k, v in sorted(p.weights.items(), key=lambda kv: -kv[1])))
+        mirror.set_study_attrs(self.store.url, self.name, stage.name, {"search": {
+            "sources": sources, "prior": prior, "caps": caps, "surrogate": model.family, "rung": 1,
+            "cv": [c.to_json() for c in cvs], "proposals": [p.to_json() for p in props]}},
+            self.study_revision(stage.name))
         total = {p.name: sum(p.weights.values()) for p in props}
         return plan_ops.add_candidates(self.store, self.plan_id,
                                        [(p.name, {k: v / total[p.name] for k, v in p.weights.items()}) for p in props])
