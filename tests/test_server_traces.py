@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from openai_server import _bytes_of
+from openai_server import _bytes_of, _is_text
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = Path(__file__).with_name("openai_server.py")
@@ -106,14 +106,6 @@ def _questions(path: Path, n: int) -> Path:
 def _rbridge(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
-
-
-def _whole(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _lines(path: Path) -> list[dict]:
@@ -221,7 +213,7 @@ def test_rescore_takes_honest_prompt_logprobs_and_refuses_a_server_whose_echo_is
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rbridge.scoring.server import rescore_prompt
+    from rbridge.scoring.server import raw_prompt
 
     traces = tmp_path / "t.jsonl"
     traces.write_text("\n".join((REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:3]) + "\n")
@@ -237,7 +229,7 @@ def test_rescore_takes_honest_prompt_logprobs_and_refuses_a_server_whose_echo_is
         for t in _lines(out):
             assert t["frontier"]["model"] == "tiny" and t["metadata"]["rescore"] == how
             assert "".join(x["text"] for x in t["frontier"]["tokens"]) == t["reasoning"]
-            prompt = rescore_prompt(t["question"], "grade school math")
+            prompt = raw_prompt(t["question"], "grade school math")
             ids = tok(prompt + t["reasoning"], add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
@@ -247,7 +239,7 @@ def test_rescore_takes_honest_prompt_logprobs_and_refuses_a_server_whose_echo_is
             for i in range(1, len(ids)):
                 raw += _bytes_of(tok, ids[i - 1]) if i == 1 else b""
                 raw += _bytes_of(tok, ids[i])
-                upto = len(raw.decode("utf-8", errors="ignore")) if _whole(raw) else None
+                upto = len(raw.decode("utf-8", errors="ignore")) if _is_text(raw) else None
                 if upto is not None and upto > done:
                     want += float(lp[i - 1, ids[i]])
                     done = upto

@@ -144,12 +144,14 @@ def mixtures_propose(store, plan_name, stage, benchmark, metric, surrogate, fold
 
     cap_map = {}
     for c in caps:
-        name, sep, value = c.partition("=")
+        name, _, value = c.partition("=")
         try:
-            cap_map[name.strip()] = float(value)
-            assert sep and name.strip() and 0 < float(value) <= 1
-        except (ValueError, AssertionError):
-            raise InputError(f"expected SOURCE=W with 0 < W <= 1, got {c!r}", field="--cap") from None
+            w = float(value)
+        except ValueError:
+            w = float("nan")
+        if not name.strip() or not 0 < w <= 1:
+            raise InputError(f"expected SOURCE=W with 0 < W <= 1, got {c!r}", field="--cap")
+        cap_map[name.strip()] = w
     table, model, cvs = _fit(store, plan_name, stage, benchmark, metric, surrogate, folds, seed)
     unknown = sorted(set(cap_map) - set(table.sources))
     if unknown:

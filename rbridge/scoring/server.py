@@ -170,7 +170,7 @@ def _refusal(url: str, status: int, text: str) -> str:
 
 def request_body(question: str, task: str, model: str, sampling: Sampling, mode: str) -> dict[str, Any]:
     """The JSON body sent for a question: the paper's chat (``chat``), or for ``completions`` a raw text prompt
-    (the system line, the question and the instruction; no chat template) for servers of base models."""
+    (:func:`raw_prompt`) for servers of base models."""
     from rbridge.scoring.generate import build_messages
 
     body: dict[str, Any] = {"model": model}
@@ -179,8 +179,7 @@ def request_body(question: str, task: str, model: str, sampling: Sampling, mode:
         # top_logprobs 1: llama-cpp-python's server returns no log-probabilities without it
         body.update(logprobs=True, top_logprobs=1)
     else:
-        msgs = build_messages(question, task)
-        body["prompt"] = msgs[0]["content"] + "\n\n" + msgs[1]["content"] + "\n\n"
+        body["prompt"] = raw_prompt(question, task)
         body["logprobs"] = 1
     body.update(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p)
     if sampling.seed is not None:
@@ -406,9 +405,9 @@ def generate_from_server(endpoint: Endpoint, questions_path: str | Path, out_pat
 PROBE_TOLERANCE = 0.1  # nats: a server's echo of tokens it generated, against its own generation log-probabilities
 
 
-def rescore_prompt(question: str, task: str) -> str:
-    """The text before a trace's reasoning when it is rescored on /completions (no chat template: a raw prompt,
-    the same one ``--completions`` generation sends)."""
+def raw_prompt(question: str, task: str) -> str:
+    """The paper's messages as one raw text (the system line, the question and the instruction; no chat
+    template): what ``--completions`` generation sends, and the text before a reasoning being rescored."""
     from rbridge.scoring.generate import build_messages
 
     msgs = build_messages(question, task)
@@ -420,15 +419,14 @@ def prompt_logprobs(endpoint: Endpoint, text: str) -> tuple[list[str], list[floa
     first), how they were asked for) -- by ``echo`` with ``max_tokens: 1`` (the token generated after the text
     is dropped), else vLLM's ``prompt_logprobs``. Raises ServerError saying what
     the server returned when neither covers the text."""
-    base = {"model": endpoint.model, "prompt": text, "temperature": 0.0, "logprobs": 1, "echo": True}
     tried = []
     # max_tokens 1, the generated token dropped: llama-cpp-python reads 0 as "up to the context's end"
-    for max_tokens in (1,):
-        try:
-            resp = endpoint.post("/completions", {**base, "max_tokens": max_tokens})
-        except ServerError as exc:
-            tried.append(f"echo with max_tokens {max_tokens}: {exc}")
-            continue
+    try:
+        resp = endpoint.post("/completions", {"model": endpoint.model, "prompt": text, "temperature": 0.0,
+                                              "logprobs": 1, "echo": True, "max_tokens": 1})
+    except ServerError as exc:
+        tried.append(f"echo: {exc}")
+    else:
         choice = (resp.get("choices") or [{}])[0]
         lp = choice.get("logprobs") or {}
         toks, vals = lp.get("tokens"), lp.get("token_logprobs")
@@ -530,10 +528,10 @@ def rescore_on_server(endpoint: Endpoint, traces_path: str | Path, out_path: str
         raise InputError("holds no traces", file=traces_path)
     t0 = time.time()
     _check_models(endpoint)
-    checked = probe(endpoint, rescore_prompt(traces[0].question, task))
+    checked = probe(endpoint, raw_prompt(traces[0].question, task))
 
     def one(trace: Trace) -> Trace:
-        prompt = rescore_prompt(trace.question, task)
+        prompt = raw_prompt(trace.question, task)
         texts, vals, how = prompt_logprobs(endpoint, prompt + trace.reasoning)
         ends = list(range(len(prompt) + 1, len(prompt) + len(trace.reasoning) + 1))
         lps = [v if v is not None else 0.0 for v in vals]
