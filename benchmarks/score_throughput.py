@@ -73,6 +73,48 @@ def build_pairs(tokenizer, traces, limit):
     return pairs
 
 
+def unique_traces(lines: list[str], n: int) -> list[str]:
+    """``n`` traces with distinct (question, reasoning) pairs from a file of fewer: trace k asks question
+    k mod Q with the reasoning (and frontier tokens) of trace (k + 7 * (k // Q)) mod Q. Repeating whole
+    traces would not do: lm-evaluation-harness scores identical requests once (its logits cache), so a
+    file of copies times it on a fraction of the work."""
+    docs = [json.loads(line) for line in lines if line.strip()]
+    q = len(docs)
+    if n > q * q:
+        raise SystemExit(f"--unique {n}: at most {q * q} distinct pairs from {q} traces")
+    out, seen = [], set()
+    for k in range(n):
+        i, j = k % q, (k + 7 * (k // q)) % q
+        if (i, j) in seen:  # the rotation repeats only past q * q / 7 pairs
+            j = next(x for x in range(q) if (i, x) not in seen)
+        seen.add((i, j))
+        doc = dict(docs[j], id=f"pair-{k}", question=docs[i]["question"])
+        out.append(json.dumps(doc))
+    return out
+
+
+def head_benchmark(args) -> None:
+    """--head: the CPU scoring path's output layer in vocabulary blocks against the product then the
+    chunked log-softmax, on random rows of the model's own hidden size and vocabulary."""
+    from rbridge.scoring.requests import HEAD_BLOCK, HEAD_BLOCKS_FROM, _head_nll_and_greedy, _nll_and_greedy
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    for hidden_size, vocab in ((128, 4096), (128, 32000), (384, 16384), (384, 49152), (576, 49152)):
+        weight = torch.randn(vocab, hidden_size, generator=g) * 0.05
+        for rows in (300, 1300):
+            h = torch.randn(rows, hidden_size, generator=g)
+            t = torch.randint(0, vocab, (rows,), generator=g)
+            ways = {"product + log-softmax": lambda: _nll_and_greedy(h @ weight.t(), t),
+                    f"blocks of {HEAD_BLOCK}": lambda: _head_nll_and_greedy(h, weight, None, t)}
+            best = {name: timed(fn, args.repeats)[0] for name, fn in ways.items()}
+            a, b = best.values()
+            mb = 4 * rows * vocab / 2**20
+            takes = "blocks" if 4 * rows * vocab > HEAD_BLOCKS_FROM else "product"
+            print(f"hidden {hidden_size:4d}, vocab {vocab:6d}, {rows:5d} rows ({mb:4.0f} MB of logits): product + "
+                  f"log-softmax {a * 1e3:7.1f} ms, blocks {b * 1e3:7.1f} ms: {a / b:4.2f}x; the scorer takes {takes}")
+
+
 def run_rbridge(model, pairs, batch_size, pad_id):
     reqs = [Request(ctx, cont, trace=i) for i, (ctx, cont) in enumerate(pairs)]
     loglikelihood(model, reqs, batch_size=batch_size, precision="fp32", pad_id=pad_id)
@@ -163,7 +205,8 @@ def whole_process(args) -> None:
             tokenizer.save_pretrained(model_dir)
             del model
         traces = Path(tmp) / "traces.jsonl"
-        lines = Path(args.traces).read_text().splitlines()[:args.limit]
+        lines = Path(args.traces).read_text().splitlines()
+        lines = unique_traces(lines, args.unique) if args.unique else lines[:args.limit]
         traces.write_text("\n".join(lines) + "\n")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
         rb_cmd = [sys.executable, "-m", "rbridge.cli", "score", "--model", model_dir, "--traces", str(traces),
@@ -225,6 +268,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--whole-process", action="store_true", help="time new processes, not calls")
+    ap.add_argument("--unique", type=int, default=None, metavar="N",
+                    help="with --whole-process: N traces of distinct (question, reasoning) pairs made from --traces "
+                         "(for many traces from a small file; instead of --limit)")
+    ap.add_argument("--head", action="store_true", help="time the output layer in vocabulary blocks against "
+                    "the product then the log-softmax (random rows; --threads, --repeats)")
     ap.add_argument("--proxy", default=None, help="with --whole-process: score a proxy of this preset (random "
                     "weights) with --model's tokenizer instead of --model")
     args = ap.parse_args()
@@ -233,6 +281,8 @@ def main() -> None:
     print_machine(None if args.whole_process else args.threads)  # --whole-process: every core
     if args.whole_process:
         return whole_process(args)
+    if args.head:
+        return head_benchmark(args)
     torch.set_num_threads(args.threads)
 
     traces = load_traces(args.traces)

@@ -106,6 +106,35 @@ def test_nll_and_greedy_equal_log_softmax_and_argmax_with_ties():
     assert (hit == (lp.argmax(-1) == targets).numpy()).all() and hit[:10].all() and not hit.all()
 
 
+def test_blocked_head_equals_the_output_layer_then_log_softmax_with_ties():
+    """The CPU path's output layer in vocabulary blocks, reduced block by block, against the output
+    layer's logits then log_softmax and argmax: across block boundaries, with a bias, with the row
+    maximum tied between blocks and within one (the first class wins), and in bf16."""
+    from rbridge.scoring.requests import _head_nll_and_greedy, _nll_and_greedy
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(29, 6, generator=g)
+    weight = torch.randn(23, 6, generator=g)
+    weight[17] = weight[4]          # class 17 ties class 4 on every row (another block at block=8)
+    weight[6] = weight[5]           # class 6 ties class 5 (the same block)
+    bias = torch.randn(23, generator=g)
+    bias[17], bias[6] = bias[4], bias[5]
+    logits = hidden @ weight.t() + bias
+    targets = torch.randint(0, 23, (29,), generator=g)
+    targets[:8] = logits[:8].argmax(-1)
+    targets[8:12] = torch.tensor([17, 6, 4, 5])   # tied late copies are never greedy
+    for block in (1, 5, 8, 23, 64):
+        nll, hit = _head_nll_and_greedy(hidden, weight, bias, targets, block=block)
+        lp = torch.log_softmax(logits, -1)
+        assert np.allclose(nll, -lp.gather(-1, targets[:, None])[:, 0].double().numpy(), atol=1e-5), block
+        assert (hit == (logits.argmax(-1) == targets).numpy()).all(), block
+    assert hit[:8].all() and not hit[8] and not hit[9]
+    h16, w16 = hidden.bfloat16(), weight.bfloat16()
+    nll16, hit16 = _head_nll_and_greedy(h16, w16, None, targets, block=8)
+    ref16, refhit = _nll_and_greedy(h16 @ w16.t(), targets)
+    assert np.allclose(nll16, ref16, atol=1e-5) and (hit16 == refhit).all()
+
+
 class _ScaledLogits(torch.nn.Module):
     """A causal LM whose logits are not its output layer's (a soft-capping or scaling head)."""
 
@@ -135,6 +164,11 @@ def test_only_scored_positions_reach_the_output_layer_and_only_where_that_is_exa
     monkeypatch.setattr(rq, "_decoder_and_head", lambda m: calls.append(m) or None)
     full = [r.nll for r in loglikelihood(model, make(pairs), batch_size=2, precision="fp32")]
     assert calls and all(np.allclose(a, b, atol=1e-5) for a, b in zip(gathered, full))
+    monkeypatch.undo()
+    monkeypatch.setattr(rq, "HEAD_BLOCKS_FROM", 0)   # every batch through the output layer in blocks
+    monkeypatch.setattr(rq, "HEAD_BLOCK", 7)
+    blocked = loglikelihood(model, make(pairs), batch_size=2, precision="fp32")
+    assert all(np.allclose(a, b.nll, atol=1e-5) for a, b in zip(full, blocked))
     monkeypatch.undo()
     scaled = _ScaledLogits(model)
     got = loglikelihood(scaled, make(pairs), batch_size=2, precision="fp32")
