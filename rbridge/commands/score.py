@@ -34,7 +34,8 @@ _PATH = click.Path(path_type=Path)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="auto: bf16 where forward passes of this model measured at least 1.15x fp32's speed on "
                    "this machine (measured once per machine and model shape, cached; RBRIDGE_BF16_SPEEDUP=X "
-                   "gives the ratio instead), else the model's own dtype; fp32 for exact comparisons.")
+                   "gives the ratio instead), else fp32, also for a model saved in bf16 (its weights upcast, exactly); "
+                   "fp32 for exact comparisons.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Traces per forward pass (memory, not results: scores do not depend on it).")
 @click.option("--max-length", type=click.IntRange(min=2), default=None,

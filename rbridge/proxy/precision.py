@@ -306,8 +306,8 @@ def _matmul_rates(config, tokens: int, device: torch.device) -> tuple[float, flo
 # ---- scoring ---------------------------------------------------------------------------------
 
 def scoring_rates(model, cast, threads: int | None = None, tokens: int = 512) -> Rates:
-    """Scoring tokens/s of ``model`` (a float32 causal LM) in fp32 and with its parameters cast to bf16 by
-    ``cast(model, dtype)``, the scorer's context manager (rbridge.scoring.requests): forward passes over
+    """Scoring tokens/s of ``model`` (a float32 or bfloat16 causal LM) with its parameters in fp32 and in
+    bf16, cast by ``cast(model, dtype)``, the scorer's context manager (rbridge.scoring.requests): forward passes over
     ``tokens`` random tokens in rows of at most 256 (cached; module docstring)."""
     param = next(model.parameters())
     device = param.device

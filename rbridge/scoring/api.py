@@ -140,6 +140,7 @@ def score_file(model_path, traces_path, *, context: str = "question", minmax: st
                "per_trace": per_trace, "device": dev.split(":")[0], "rbridge": rbridge.__version__}
     if precision == "auto":  # what auto computes in depends on the machine and threads (requests.scoring_dtype)
         options["auto_on"] = f"{machine_name(options['device'])}; {torch.get_num_threads()} threads"
+        options["auto_rule"] = 2  # 2: bf16 checkpoints measured too (1 scored them in bf16): older entries miss
     key = mfp = tfp = opts = None
     if use_cache:
         mfp, tfp = cache.model_fingerprint(model_path), cache.traces_fingerprint(traces_path)

@@ -25,7 +25,9 @@ device; log-softmax in float32 whatever the model's dtype.
 Precision (:func:`scoring_dtype`): ``fp32`` computes in float32 end to end, ``bf16``
 in bfloat16 (weights and activations; log-softmax in float32), ``auto`` in bf16 where
 forward passes of the model measured bf16 clearly faster than fp32 on this machine
-(rbridge.proxy.precision: CPU flags do not tell) and in the model's own dtype elsewhere. For the pass the parameters are
+(rbridge.proxy.precision: CPU flags do not tell) and in fp32 elsewhere, also for a model
+loaded in bf16 (Hugging Face checkpoints saved in bf16 load so; upcasting its weights is exact),
+which on a CPU without fast bf16 ran at half the fp32 rate; an fp16 model is scored as it is. For the pass the parameters are
 swapped for copies in the compute dtype, and the caller's own tensors are put back
 afterwards, bit for bit (a planner goes on training the model it scored). Whole bf16
 weights rather than autocast, because autocast casts every weight at every call: on
@@ -133,10 +135,11 @@ def _windows(n_ctx: int, total: int, max_len: int | None) -> list[tuple[int, int
 
 def scoring_dtype(precision: str, model) -> torch.dtype:
     """The dtype a scoring pass computes in: ``fp32`` -> float32, ``bf16`` -> bfloat16, ``auto`` ->
-    bfloat16 for a float32 model where forward passes of this model in bf16 measured at least
-    rbridge.proxy.rates.THRESHOLD times fp32's tokens/s on its device at the current thread count
-    (rbridge.proxy.precision.scoring_rates: once per machine and model shape, cached), else the
-    model's own dtype."""
+    bfloat16 for a float32 or bfloat16 model where forward passes of this model in bf16 measured at
+    least rbridge.proxy.rates.THRESHOLD times fp32's tokens/s on its device at the current thread count
+    (rbridge.proxy.precision.scoring_rates: once per machine and model shape, cached), else float32
+    (a bf16 model's weights upcast for the pass: exact, and twice as fast where bf16 runs at half
+    the fp32 rate); a float16 model is scored as it is."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "fp32":
@@ -144,13 +147,13 @@ def scoring_dtype(precision: str, model) -> torch.dtype:
     if precision == "bf16":
         return torch.bfloat16
     param = next(model.parameters())
-    if param.dtype != torch.float32:
-        return param.dtype  # a model loaded in bf16 or fp16 is scored as it is
+    if param.dtype not in (torch.float32, torch.bfloat16):
+        return param.dtype  # a model loaded in fp16 (or another dtype) is scored as it is
     return torch.bfloat16 if auto_scoring_precision(model) == "bf16" else torch.float32
 
 
 def auto_scoring_precision(model) -> str:
-    """What ``--precision auto`` computes a float32 ``model`` in here: "bf16" or "fp32" (measured)."""
+    """What ``--precision auto`` computes a float32 or bfloat16 ``model`` in here: "bf16" or "fp32" (measured)."""
     from rbridge.proxy.precision import bf16_possible, scoring_rates
 
     if not bf16_possible(next(model.parameters()).device.type):
