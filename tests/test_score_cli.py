@@ -99,3 +99,24 @@ def test_cli_human_table_and_bad_arguments(files, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "model path not found" in r.output
     r = CliRunner().invoke(main, ["score", "--model", str(d / "tiny"), "--traces", str(traces), "--minmax", "x"])
     assert r.exit_code == 2
+
+
+def test_auto_upcasts_a_bf16_checkpoint_where_bf16_does_not_pay(files, model, tokenizer, tmp_path, monkeypatch):
+    """A checkpoint saved in bf16 (transformers loads it in bf16) is scored in fp32 under auto where bf16
+    measured slower (injected), in bf16 where faster; the injected ratio is part of the cache key."""
+    import torch
+
+    d, traces = files
+    half = type(model)(model.config)
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    tokenizer.save_pretrained(tmp_path / "half")
+    db = tmp_path / "c.sqlite"
+    monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", "0.5")
+    slow, hit = score_file(tmp_path / "half", traces, device="cpu", cache_file=db, baselines=False)
+    exact, _ = score_file(tmp_path / "half", traces, device="cpu", precision="fp32", cache_file=db, baselines=False)
+    assert not hit and slow["precision"] == "fp32"
+    assert slow["benchmarks"]["gsm8k"]["rbridge"] == exact["benchmarks"]["gsm8k"]["rbridge"]
+    monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", "2")
+    fast, hit = score_file(tmp_path / "half", traces, device="cpu", cache_file=db, baselines=False)
+    assert not hit and fast["precision"] == "bf16"

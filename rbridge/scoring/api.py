@@ -17,6 +17,7 @@ These names were in ``scorer.py`` (``load_model``, ``score_model_dir``) and
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,8 @@ def score_file(model_path, traces_path, *, context: str = "question", minmax: st
     if precision == "auto":  # what auto computes in depends on the machine and threads (requests.scoring_dtype)
         options["auto_on"] = f"{machine_name(options['device'])}; {torch.get_num_threads()} threads"
         options["auto_rule"] = 2  # 2: bf16 checkpoints measured too (1 scored them in bf16): older entries miss
+        if os.environ.get("RBRIDGE_BF16_SPEEDUP"):  # an injected ratio decides instead of the measurement
+            options["bf16_speedup"] = os.environ["RBRIDGE_BF16_SPEEDUP"]
     key = mfp = tfp = opts = None
     if use_cache:
         mfp, tfp = cache.model_fingerprint(model_path), cache.traces_fingerprint(traces_path)
