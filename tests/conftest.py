@@ -34,6 +34,18 @@ try:
 except ImportError:  # the server tests skip; tests that need no server still run
     psycopg = None
 
+REPO = Path(__file__).resolve().parents[1]
+
+# The `sources:` block of the tests' small plans: three of the repository's shipped corpora.
+SOURCES = "sources:\n" + "".join(f"  {name}: {{path: {REPO}/specs/data/{file}}}\n" for name, file in
+                                  (("cot", "cot.jsonl.gz"), ("spam", "spam.jsonl.gz"), ("kjv", "kjv.txt.gz")))
+
+
+def gsm8k_lines(n: int) -> str:
+    """The first ``n`` traces of the shipped GSM8K traces file, as JSONL text."""
+    return "\n".join((REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:n]) + "\n"
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 

@@ -13,17 +13,13 @@ import pytest
 
 from rbridge.planner.disk import folder_bytes, reduce_to_model, training_state, trim_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SOURCES, gsm8k_lines
 
 SPEC = f"""\
 name: disk
 seed: 2
 tokenizer: {{train: {{vocab_size: 300}}}}
-sources:
-  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
-  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
-  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
-candidates:
+{SOURCES}candidates:
   - {{name: spam, mix: {{spam: 1.0}}}}
   - {{name: kjv, mix: {{kjv: 1.0}}}}
   - {{name: cot, mix: {{cot: 1.0}}}}
@@ -54,8 +50,7 @@ def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def _plan_dir(d: Path, cache: Path, keep: int, extra: str = "") -> dict:
     d.mkdir(parents=True, exist_ok=True)
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:6]
-    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "traces.jsonl").write_text(gsm8k_lines(6))
     (d / "disk.yaml").write_text(SPEC.replace("KEEP", str(keep)) + extra)
     return dict(os.environ, RBRIDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                 RBRIDGE_WORKERS="1")

@@ -13,17 +13,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SOURCES, gsm8k_lines
 
 SPEC = f"""\
 name: srch
 seed: 5
 tokenizer: {{train: {{vocab_size: 300}}}}
-sources:
-  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
-  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
-  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
-candidates:
+{SOURCES}candidates:
   - {{name: human, mix: {{kjv: 0.5, cot: 0.5}}}}
 search:
 SEARCH
@@ -47,7 +43,7 @@ stages:
 
 def _dir(tmp_path: Path, search: str) -> Path:
     traces = tmp_path / "traces.jsonl"
-    traces.write_text("\n".join((REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:8]) + "\n")
+    traces.write_text(gsm8k_lines(8))
     (tmp_path / "plan.yaml").write_text(SPEC.replace("SEARCH", search).replace("TRACES", str(traces)))
     return tmp_path
 

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SOURCES, gsm8k_lines
 
 SPEC = f"""\
 name: tiny
 seed: 1
 tokenizer: {{train: {{vocab_size: 320}}}}
-sources:
-  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
-  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
-  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
-candidates:
+{SOURCES}candidates:
   - {{name: spam, mix: {{spam: 1.0}}}}
   - {{name: kjv, mix: {{kjv: 1.0}}}}
   - {{name: cot, mix: {{cot: 1.0}}}}
@@ -58,8 +54,7 @@ def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def plan_dir(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
     d = tmp_path_factory.mktemp("plan")
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:12]
-    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "traces.jsonl").write_text(gsm8k_lines(12))
     (d / "tiny.yaml").write_text(SPEC)
     env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     first = _rbridge("plan", "tiny.yaml", cwd=d, env=env)

@@ -19,17 +19,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SOURCES, gsm8k_lines
 
 SPEC = f"""\
 name: crash
 seed: 3
 tokenizer: {{train: {{vocab_size: 300}}}}
-sources:
-  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
-  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
-  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
-candidates:
+{SOURCES}candidates:
 CANDIDATES
 benchmarks:
   - {{name: gsm8k, traces: traces.jsonl}}
@@ -80,8 +76,7 @@ def _rbridge(args: list[str], cwd: Path, env: dict, failpoint: str | None = None
 
 
 def _setup(d: Path, cache: Path, candidates=CANDIDATES) -> dict:
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:6]
-    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "traces.jsonl").write_text(gsm8k_lines(6))
     (d / "crash.yaml").write_text(_spec(candidates))
     return dict(os.environ, RBRIDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 

@@ -22,17 +22,13 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SOURCES, gsm8k_lines
 
 SPEC = f"""\
 name: NAME
 seed: 5
 tokenizer: {{train: {{vocab_size: 300}}}}
-sources:
-  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
-  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
-  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
-candidates:
+{SOURCES}candidates:
   - {{name: spam, mix: {{spam: 1.0}}}}
   - {{name: kjv, mix: {{kjv: 1.0}}}}
   - {{name: cot, mix: {{cot: 1.0}}}}
@@ -145,7 +141,7 @@ def _plan_dir(root: Path, name: str, tokens: int) -> Path:
     d = root / name
     d.mkdir()
     traces = d / "traces.jsonl"
-    traces.write_text("\n".join((REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:6]) + "\n")
+    traces.write_text(gsm8k_lines(6))
     (d / "plan.yaml").write_text(SPEC.replace("NAME", name).replace("{TRACES}", str(traces))
                                  .replace("TOKENS", str(tokens)))
     return d

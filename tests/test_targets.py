@@ -22,17 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import SOURCES, gsm8k_lines
 
 SPEC = f"""\
 name: tgt
 seed: 3
 tokenizer: {{train: {{vocab_size: 320}}}}
-sources:
-  cot: {{path: {REPO}/specs/data/cot.jsonl.gz}}
-  spam: {{path: {REPO}/specs/data/spam.jsonl.gz}}
-  kjv: {{path: {REPO}/specs/data/kjv.txt.gz}}
-candidates:
+{SOURCES}candidates:
   - {{name: spam, mix: {{spam: 1.0}}}}
   - {{name: kjv, mix: {{kjv: 1.0}}}}
   - {{name: cot, mix: {{cot: 1.0}}}}
@@ -75,7 +71,7 @@ def _with_choices(line: str, i: int) -> str:
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
     d = tmp_path_factory.mktemp("targets")
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:24]
+    lines = gsm8k_lines(24).splitlines()
     (d / "traces.jsonl").write_text("\n".join(_with_choices(x, i) for i, x in enumerate(lines)) + "\n")
     (d / "tgt.yaml").write_text(SPEC)
     # bf16 injected as 4x fp32 (rbridge.proxy.precision): proxy stages take it, target stages stay in fp32

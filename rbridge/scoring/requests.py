@@ -27,9 +27,9 @@ in bfloat16 (weights and activations; log-softmax in float32), ``auto`` in bf16 
 forward passes of the model measured bf16 clearly faster than fp32 on this machine
 (rbridge.proxy.precision: CPU flags do not tell) and in fp32 elsewhere, also for a model
 loaded in bf16 (Hugging Face checkpoints saved in bf16 load so; upcasting its weights is exact),
-which on a CPU without fast bf16 ran at half the fp32 rate; an fp16 model is scored as it is. For the pass the parameters are
-swapped for copies in the compute dtype, and the caller's own tensors are put back
-afterwards, bit for bit (a planner goes on training the model it scored). Whole bf16
+which on a CPU without fast bf16 ran at half the fp32 rate; an fp16 model is scored as it is.
+For the pass the parameters are swapped for copies in the compute dtype, and the caller's
+own tensors are put back afterwards, bit for bit (a planner goes on training the model it scored). Whole bf16
 weights rather than autocast, because autocast casts every weight at every call: on
 the AVX512_BF16 development CPU a 150M model scored 3.5x faster in bf16 than in fp32
 with the weights cast once, 2.3x under autocast.
@@ -42,9 +42,10 @@ applied to its decoder's last hidden state (every Llama-family model), rbridge
 runs the decoder, gathers the hidden states of the continuation positions of the
 whole batch and applies the output layer and one log-softmax to those rows
 only (on a CPU, where those rows' logits would not fit in cache, a block of
-vocabulary columns at a time, each reduced while in cache: :func:`_head_nll_and_greedy`). Whether a model is such a model is checked, not assumed: the first batch
-runs both ways, and any difference beyond float rounding (a model that scales or
-soft-caps its logits) keeps the full pass for the whole call. The check runs on
+vocabulary columns at a time, each reduced while in cache: :func:`_head_nll_and_greedy`).
+Whether a model is such a model is checked, not assumed: the first batch runs both
+ways, and any difference beyond float rounding (a model that scales or soft-caps its
+logits) keeps the full pass for the whole call. The check runs on
 one row, the shortest of the first batch, so it costs a fraction of one batch.
 
 Long requests: when context + continuation exceed the model's maximum positions
