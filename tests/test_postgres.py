@@ -22,7 +22,8 @@ import pytest
 from conftest import new_database as _new_database
 from conftest import psycopg
 from rbridge.store.db import advisory_key, store_url
-from test_plan_e2e import REPO, SPEC, TARGETS
+from conftest import gsm8k_lines
+from test_plan_e2e import SPEC, TARGETS
 
 PLAN_KEY = advisory_key("rbridge plan:tiny")
 
@@ -45,8 +46,7 @@ def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 def _plan_dir(root: Path, name: str) -> Path:
     d = root / name
     d.mkdir()
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:12]
-    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "traces.jsonl").write_text(gsm8k_lines(12))
     (d / "tiny.yaml").write_text(SPEC)
     (d / "targets.csv").write_text(TARGETS)
     return d

@@ -20,7 +20,8 @@ import pytest
 
 from rbridge.store import Candidate, Plan, open_store
 from rbridge.store.models import SCHEMA_VERSION
-from test_plan_e2e import REPO, SPEC
+from conftest import gsm8k_lines
+from test_plan_e2e import SPEC
 
 
 def _store(path: Path) -> Path:
@@ -98,8 +99,7 @@ def test_a_bad_store_is_refused_by_every_command_and_left_as_it_was(tmp_path, ki
     d = tmp_path / "s"
     d.mkdir()
     (tmp_path / "t.csv").write_text("candidate,benchmark,metric,value\ncot,gsm8k,accuracy,0.5\n")
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:4]
-    (tmp_path / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "traces.jsonl").write_text(gsm8k_lines(4))
     (tmp_path / "tiny.yaml").write_text(SPEC)
     store = _make(kind, d)
     before = _snapshot(d)

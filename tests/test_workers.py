@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import new_database
-from test_plan_e2e import REPO, SPEC
+from conftest import gsm8k_lines
+from test_plan_e2e import SPEC
 
 HEARTBEAT_TIMEOUT = "3"
 
@@ -44,8 +45,7 @@ assert SPEC_MB != SPEC
 
 def _setup(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    lines = (REPO / "specs/traces/gsm8k.jsonl").read_text().splitlines()[:12]
-    (d / "traces.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "traces.jsonl").write_text(gsm8k_lines(12))
     (d / "tiny.yaml").write_text(SPEC_MB)
 
 
