@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaForCausalLM
+
+from rbridge.proxy import fused
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE_INDEX = -100
@@ -96,14 +98,20 @@ class ProxyLlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM, with the chunked fused loss for training forwards with labels.
 
     Same modules, parameters and state dict; ``logits`` is None on the fused path (training never
-    reads them). Every other call (eval mode, no labels, no gradients) is LlamaForCausalLM's forward.
+    reads them). The decoder runs through rbridge.proxy.fused where it computes the same function
+    (``fused.supports``; ``fused_decoder = False`` turns it off, for comparisons). Every other call
+    (eval mode, no labels, no gradients) is LlamaForCausalLM's forward.
     """
+
+    fused_decoder = True
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None or not self.training or not torch.is_grad_enabled() \
                 or set(kwargs) - {"position_ids", "use_cache"}:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = out.last_hidden_state
+        if self.fused_decoder and fused.supports(self, attention_mask, kwargs):
+            hidden = fused.decoder_forward(self, input_ids)
+        else:
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         loss = linear_cross_entropy(hidden[:, :-1], self.lm_head.weight, labels[:, 1:])
         return CausalLMOutputWithPast(loss=loss, logits=None)
