@@ -436,5 +436,5 @@ def test_fused_decoder_steps_aside_where_it_would_differ():
     assert not supports(ProxyLlamaForCausalLM(tiny_config(attention_bias=True)), None, {})
     linear = tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     assert not supports(ProxyLlamaForCausalLM(linear), None, {})
-    model.gradient_checkpointing_enable()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     assert not supports(model, None, {})

@@ -25,7 +25,7 @@ Parameters, state dict and everything outside a training forward stay LlamaForCa
 equals transformers' forward up to float rounding: in fp32 the same loss and gradients within 1e-6
 relative; under bf16 autocast no further from the fp32 gradients than transformers' own bf16 forward
 (tests/test_proxy.py). What it gains (benchmarks/proxy_throughput.py --variants rbridge hf-decoder,
-2-core AMX Xeon, 0.5M/2M/8M presets, 1 and 2 threads): 1.00-1.05x in fp32, where the remaining
+2-core AMX Xeon, 0.5M/2M/8M presets, 1 and 2 threads): 0.98-1.06x in fp32, where the remaining
 passes are few next to the products, and 1.02-1.11x under bf16 autocast, where the products are fast
 and one cast of each input replaces three. Torch has no fused RMSNorm kernel on CPUs (F.rms_norm is
 composite there) nor a rotary-embedding op, and torch.compile, which could fuse all of it, costs
