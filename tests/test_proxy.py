@@ -438,3 +438,15 @@ def test_fused_decoder_steps_aside_where_it_would_differ():
     assert not supports(ProxyLlamaForCausalLM(linear), None, {})
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     assert not supports(model, None, {})
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_trainer_takes_the_fused_decoder(random_data, monkeypatch, precision):
+    from rbridge.proxy import fused
+
+    calls = []
+    real = fused.decoder_forward
+    monkeypatch.setattr(fused, "decoder_forward", lambda model, ids: calls.append(ids.shape) or real(model, ids))
+    t = trainer(random_data, steps=2, precision=precision)
+    t.train_to(10**9)
+    assert len(calls) == 2 * t.micro_per_rank

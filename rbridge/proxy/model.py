@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from rbridge.proxy import fused
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 IGNORE_INDEX = -100
 # Rows per chunk: the chunk's fp32 logits take about this many bytes (a CPU's L2/L3 cache; on a GPU
