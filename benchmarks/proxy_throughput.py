@@ -12,6 +12,7 @@ Variants, each the trainer as rbridge runs it with one thing changed:
 - ``rbridge``: the trainer as it is (fused chunked loss, rbridge.proxy.model; fused AdamW);
 - ``hf-loss``: LlamaForCausalLM's own loss (full logits, log-softmax);
 - ``hf-decoder``: transformers' decoder forward instead of rbridge.proxy.fused's (same fused loss);
+- ``hf-eager``: ``hf-decoder`` with transformers' "eager" attention instead of "sdpa";
 - ``foreach-adamw`` / ``fused-adamw``: AdamW's multi-tensor or fused kernel
   (rbridge uses the fused one where torch has it for the device; so
   ``fused-adamw`` equals ``rbridge`` there);
@@ -46,7 +47,7 @@ from rbridge.proxy import ProxyTrainer, param_counts, proxy_config
 from rbridge.proxy.peak import device_name, model_flops_per_token, peak_flops
 
 VOCAB, SEQ_LEN = 4096, 256
-VARIANTS = ("rbridge", "hf-loss", "hf-decoder", "loop-adamw", "foreach-adamw", "fused-adamw", "compile", "plain")
+VARIANTS = ("rbridge", "hf-loss", "hf-decoder", "hf-eager", "loop-adamw", "foreach-adamw", "fused-adamw", "compile", "plain")
 
 
 class PlainLoop:
@@ -83,8 +84,10 @@ def make_trainer(preset: str, precision: str, batch_size: int, variant: str) -> 
     model = trainer.accelerator.unwrap_model(trainer._model)
     if variant == "hf-loss":
         model.__class__ = LlamaForCausalLM  # same modules and weights; transformers' forward and loss
-    elif variant == "hf-decoder":
+    elif variant in ("hf-decoder", "hf-eager"):
         model.fused_decoder = False
+        if variant == "hf-eager":
+            model.set_attn_implementation("eager")
     elif variant in ("foreach-adamw", "fused-adamw", "loop-adamw"):
         key = variant.split("-")[0]
         for group in trainer.optimizer.optimizer.param_groups:

@@ -10,7 +10,7 @@ Profiled on the 2M preset at one thread (torch.profiler, batch 8 x 256, fp32), m
 of the rest.
 
 ``decoder_forward`` computes the same function as ``LlamaModel.forward`` (no cache, no padding mask,
-the default rotary embedding, SiLU MLP, no biases or dropout; ``supports`` says when) with:
+SiLU MLP, no biases or dropout; ``supports`` says when; the rotary tables are transformers' own) with:
 
 - RMSNorm as one autograd function: forward squares-and-sums, scales and multiplies by the gain; the
   backward is the closed form (Zhang and Sennrich 2019), which reuses the saved per-row scale;
@@ -25,7 +25,7 @@ Parameters, state dict and everything outside a training forward stay LlamaForCa
 equals transformers' forward up to float rounding: in fp32 the same loss and gradients within 1e-6
 relative; under bf16 autocast no further from the fp32 gradients than transformers' own bf16 forward
 (tests/test_proxy.py). What it gains (benchmarks/proxy_throughput.py --variants rbridge hf-decoder,
-2-core AMX Xeon, 0.5M/2M/8M presets, 1 and 2 threads): 0.98-1.06x in fp32, where the remaining
+2-core AMX Xeon, 0.5M/2M/8M presets, 1 and 2 threads): 0.95-1.06x in fp32 (nothing beyond the noise), where the remaining
 passes are few next to the products, and 1.02-1.11x under bf16 autocast, where the products are fast
 and one cast of each input replaces three. Torch has no fused RMSNorm kernel on CPUs (F.rms_norm is
 composite there) nor a rotary-embedding op, and torch.compile, which could fuse all of it, costs
@@ -132,15 +132,6 @@ class _SwiGLU(torch.autograd.Function):
         return dgu.to(gu.dtype)
 
 
-def _rotary_tables(seq_len: int, device: torch.device, dtype: torch.dtype,
-                   inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position x frequency, (seq_len, head_dim // 2), as LlamaRotaryEmbedding computes
-    them (fp32, then cast to the activations' dtype)."""
-    freqs = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq.to(device, torch.float32)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
-
-
-
 def supports(model, attention_mask, kwargs: dict) -> bool:
     """Whether ``decoder_forward`` computes exactly what ``model.model`` would for this call."""
     cfg = model.config
@@ -148,11 +139,8 @@ def supports(model, attention_mask, kwargs: dict) -> bool:
         return False
     if set(kwargs) - {"use_cache"}:
         return False
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rotary = getattr(model.model, "rotary_emb", None)
     return (cfg.hidden_act == "silu" and not cfg.attention_bias and not cfg.mlp_bias
-            and not cfg.attention_dropout and rope.get("rope_type", rope.get("type", "default")) == "default"
-            and getattr(rotary, "attention_scaling", 1.0) == 1.0
+            and not cfg.attention_dropout and getattr(model.model, "rotary_emb", None) is not None
             and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", None)
             and getattr(cfg, "pretraining_tp", 1) == 1
             and not _checkpointing(model))
@@ -171,9 +159,11 @@ def decoder_forward(model, input_ids: torch.Tensor) -> torch.Tensor:
     x = inner.embed_tokens(input_ids)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_q, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    # transformers casts cos/sin to the embedding's dtype (fp32 under autocast too), so bf16 queries and
-    # keys are rotated into fp32, and attention (autocast) casts them back to bf16.
-    cos, sin = _rotary_tables(t, x.device, x.dtype, inner.rotary_emb.inv_freq)
+    # transformers' own tables (any rope type and scaling), (1, t, head_dim) in the embedding's dtype (fp32
+    # under autocast too, so bf16 queries and keys are rotated into fp32 and attention casts them back).
+    # Every rope type repeats its frequencies over the two halves; the rotation needs one half.
+    cos, sin = inner.rotary_emb(x, torch.arange(t, device=x.device)[None])
+    cos, sin = cos[0, :, : head_dim // 2], sin[0, :, : head_dim // 2]
     eps = cfg.rms_norm_eps
     for layer in inner.layers[: cfg.num_hidden_layers]:
         attn, mlp = layer.self_attn, layer.mlp
