@@ -14,10 +14,12 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
 
+@pytest.mark.long
 def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_plan(tmp_path):
     cache = tmp_path / "cache"
     runs = {}
@@ -128,3 +130,39 @@ def test_a_waiting_local_process_wakes_on_the_plans_nudge_and_polls_after_its_en
     assert proc.stdout.readline().strip() == "end of input"
     assert proc.stdout.readline().strip() == "polls [7.5]"
     assert proc.wait(timeout=60) == 0
+
+
+def test_a_plan_too_small_to_pay_for_a_second_process_starts_none(tmp_path, monkeypatch):
+    """A second local process costs seconds of imports; a plan whose whole work (an upper bound: training
+    and scoring, every parameter, every candidate in every stage) is below LOCAL_WORKERS_FROM_FLOPS starts
+    none. --workers / RBRIDGE_WORKERS still wins, the default plan still uses every core, and where the
+    vocabulary is not known before the data (a tokenizer folder) or a stage generates, the old rule holds."""
+    from rbridge.planner import local
+    from rbridge.planner.local import LOCAL_WORKERS_FROM_FLOPS, layout, plan_work_flops, trace_tokens_bound
+    from rbridge.scoring.traces import load_traces
+    from rbridge.spec import load_spec, parse_spec
+    from conftest import gsm8k_lines
+    from test_resume import CANDIDATES, _spec
+
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 4)
+    (tmp_path / "traces.jsonl").write_text(gsm8k_lines(6))
+    spec = parse_spec(_spec(CANDIDATES), tmp_path / "crash.yaml")
+    stages = spec.resolved_stages()
+    traces = {"gsm8k": load_traces(tmp_path / "traces.jsonl")}
+    scored = trace_tokens_bound(spec.benchmarks, traces)
+    assert scored == sum(len(t.question.encode()) + len(t.reasoning.encode()) + 2 for t in traces["gsm8k"])
+    # by hand: hidden 16 / 32, one layer, intermediate 64 / 128 (LlamaConfig's rule), tied 300-word embedding;
+    # 2,048 tokens and 2 rungs, then 2,048 tokens and 1 rung, four candidates each (before pruning)
+    params = [1 * (4 * 16 * 16 + 3 * 16 * 64 + 2 * 16) + 16 + 300 * 16,
+              1 * (4 * 32 * 32 + 3 * 32 * 128 + 2 * 32) + 32 + 300 * 32]
+    flops = plan_work_flops(stages, 4, 300, scored)
+    assert flops == 4 * (params[0] * (6.0 * 2048 + 2.0 * scored * 2) + params[1] * (6.0 * 2048 + 2.0 * scored))
+    assert flops < LOCAL_WORKERS_FROM_FLOPS
+    assert layout(None, [1, 1], 1, flops).processes == 1
+    assert layout(2, [1, 1], 1, flops).processes == 2            # asked for: started
+    assert plan_work_flops(stages, 4, None, scored) is None       # vocabulary unknown: every core
+    assert layout(None, [1, 1], 1, None).processes == 4
+    assert layout(None, [1, 1], 1, LOCAL_WORKERS_FROM_FLOPS).processes == 4
+    default = load_spec(Path(__file__).resolve().parents[1] / "specs/mix.yaml")
+    big = plan_work_flops(default.resolved_stages(), len(default.candidates), 4096, scored)
+    assert big > 100 * LOCAL_WORKERS_FROM_FLOPS and layout(None, [1, 1], 1, big).processes == 4

@@ -142,8 +142,10 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline, tmp_path, point, nth
 def test_candidate_order_does_not_change_decisions(baseline, tmp_path):
     cache, expected, expected_decisions = baseline
     env = _setup(tmp_path, cache, candidates=list(reversed(CANDIDATES)))
+    env.pop("RBRIDGE_WORKERS", None)  # the plan's own choice (conftest sets 1): too small to start a second process
     res = _rbridge(["plan", "crash.yaml"], tmp_path, env)
     assert res.returncode == 0, res.stderr
+    assert "local workers: none; the whole plan computes at most" in res.stdout, res.stdout
     assert _decisions(tmp_path / "stores/crash.db") == expected_decisions
     _same(_ranking(tmp_path / "stores/crash.db"), expected)
 

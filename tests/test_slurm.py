@@ -208,6 +208,7 @@ def _logs(d: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((d / "stores").glob("*.slurm-logs/*.out")))
 
 
+@pytest.mark.long
 def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
     conf_dir, slurm_env = cluster
     env = dict(slurm_env, RBRIDGE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

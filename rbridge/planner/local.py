@@ -81,8 +81,53 @@ class Layout:
         return env
 
 
-def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 1) -> Layout:
-    """The local processes for a plan: ``requested`` (``--workers``) wins; else every core or GPU is used.
+# Below this much work in a whole plan (plan_work_flops: training and scoring, every candidate in every
+# stage: an upper bound) no second local process is started: it would spend seconds of CPU importing
+# torch, transformers and Accelerate (about 4 s on the 2-core development machine) for a plan that is
+# over in about that time. benchmarks/local_workers.py on that machine (Intel Xeon family 6 model 167,
+# 2 cores, idle, 2026-12-03), a two-stage plan of tiny proxies (hidden 16 then 32, one layer), medians
+# of 3, wall of two processes / wall of one: 2.6 GFLOP (2,048 tokens a run, 6 traces) 1.05x, with 1.7x
+# the CPU; 28 GFLOP (32,768 tokens, 6 traces) 0.88x; 36 GFLOP (2,048 tokens, 200 traces) 0.93x; 62 GFLOP
+# 0.87x. The threshold sits below the sizes where the second process already paid.
+LOCAL_WORKERS_FROM_FLOPS = 1e10
+
+
+def plan_work_flops(stages, n_candidates: int, vocab_size: int | None, trace_tokens: int) -> float | None:
+    """An upper bound of a plan's compute: per run 6·N·D of training and 2·N per scored token at every
+    rung, with N every parameter of the stage's proxy (embedding and output layer included: for tiny
+    proxies they are most of it), every candidate in every stage (before any pruning), each stage's full
+    tokens; ``trace_tokens`` bounds the tokens of one scoring of all benchmarks (UTF-8 bytes of the
+    contexts and reasonings: a byte-level tokenizer makes at most one token of a byte). None when the
+    vocabulary is not known before the data is prepared (a tokenizer loaded from a folder) or a stage
+    generates (accuracy): no estimate, every core is used."""
+    if vocab_size is None or any(st.evaluate for st in stages):
+        return None
+    from rbridge.proxy.config import count_params  # a leaf: no transformers
+
+    total = 0.0
+    for st in stages:
+        n = len(st.candidates) if st.candidates else n_candidates
+        params = count_params(st.proxy.llama_values(st.training.seq_len), vocab_size=vocab_size)[0]
+        total += n * params * (6.0 * st.training.tokens + 2.0 * trace_tokens * st.pruning.evals)
+    return total
+
+
+def trace_tokens_bound(benchmarks, traces: dict) -> int:
+    """At most how many tokens one scoring of every benchmark feeds a byte-level tokenizer's model: the
+    UTF-8 bytes of each trace's question and reasoning, and for a few-shot context three more traces."""
+    total = 0
+    for b in benchmarks:
+        group = traces.get(b.name, [])
+        n = sum(len(t.question.encode()) + len(t.reasoning.encode()) + 2 for t in group)
+        total += n * (4 if b.context == "fewshot" else 1)
+    return total
+
+
+def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 1,
+           work_flops: float | None = None) -> Layout:
+    """The local processes for a plan: ``requested`` (``--workers``) wins; else every core or GPU is used,
+    unless the plan's whole work (``work_flops``, :func:`plan_work_flops`) is below
+    ``LOCAL_WORKERS_FROM_FLOPS``: then the plan's own process does it alone.
 
     ``stage_threads``: the CPU threads one run of each stage uses; the most of them
     decides how many runs fit on the cores at once.
@@ -90,6 +135,8 @@ def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested is not None:
         n = requested
+    elif work_flops is not None and work_flops < LOCAL_WORKERS_FROM_FLOPS:
+        n = 1
     elif gpus:
         n = gpus * max(1, runs_per_gpu)
     else:

@@ -214,7 +214,7 @@ class Planner:
             self._check_store()
             # Local worker processes load the training code while this one prepares the data;
             # they wait until the store and the plan row exist (LocalWorkers.release).
-            with self._local_workers() as local:
+            with self._local_workers(traces) as local:
                 from rbridge.planner.steps import prepare_data  # torch: after the lock (a refusal stays quick)
                 data = prepare_data(self.spec, self.report)
                 # Check everything, then change anything: every stage's model is built (on the meta device)
@@ -236,17 +236,27 @@ class Planner:
                 finally:
                     self.store.close()
 
-    def _local_workers(self):
+    def _local_workers(self, traces: dict):
         """The plan's local worker processes (rbridge.planner.local), started now, or nothing."""
         import contextlib
 
         if not self.local:
             return contextlib.nullcontext()
         from rbridge.analysis.compute import non_embedding_params
-        from rbridge.planner.local import LocalWorkers, layout, threads_for
+        from rbridge.planner.local import (LOCAL_WORKERS_FROM_FLOPS, LocalWorkers, layout,
+                                           plan_work_flops, threads_for, trace_tokens_bound)
 
+        tok = self.spec.tokenizer
+        search = self.spec.search
+        n_candidates = len(self.spec.candidates) + (search.swarm + search.propose if search is not None else 0)
+        flops = plan_work_flops(self.stages, n_candidates, tok.train.vocab_size if tok.train else None,
+                                trace_tokens_bound(self.spec.benchmarks, traces))
         plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
-                                            for st in self.stages], self.spec.runs_per_gpu)
+                                            for st in self.stages], self.spec.runs_per_gpu, flops)
+        if self.workers is None and plan_layout.processes == 1 and flops is not None \
+                and flops < LOCAL_WORKERS_FROM_FLOPS:
+            self.report.say(f"local workers: none; the whole plan computes at most {flops / 1e9:.1f} GFLOP, "
+                            "too little to pay for starting a second process (--workers N starts them anyway)")
         return LocalWorkers(store_url(self.store_arg), self.spec.name, plan_layout, self.heartbeat_timeout,
                             self.threads, self.report)
 
