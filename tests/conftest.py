@@ -184,3 +184,14 @@ def pytest_collection_modifyitems(config, items):
     finishes (the SLURM test alone held the last 100 s of a 530 s suite on 2 cores); started first, it
     overlaps the short ones."""
     items[:] = sorted(items, key=lambda item: item.get_closest_marker("long") is None)
+
+
+def copy_folder(src, dst, ignore=None):
+    """shutil.copytree of a folder holding a SQLite store that this process may have read. Connections the
+    tests opened and dropped can sit in reference cycles until the garbage collector runs; the last one to
+    close deletes the store's -shm and -wal files, so a copy taken meanwhile could list a file that is gone
+    when it is read. Collect first: every dropped connection is closed before the folder is listed."""
+    import gc
+
+    gc.collect()
+    return shutil.copytree(src, dst, ignore=ignore)

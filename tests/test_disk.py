@@ -7,13 +7,17 @@ import os
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from rbridge.planner.disk import folder_bytes, reduce_to_model, training_state, trim_checkpoints
 
-from conftest import SOURCES, gsm8k_lines
+from conftest import SOURCES, copy_folder, gsm8k_lines
+
+# One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
+pytestmark = pytest.mark.xdist_group("disk")
 
 SPEC = f"""\
 name: disk
@@ -57,14 +61,16 @@ def _plan_dir(d: Path, cache: Path, keep: int, extra: str = "") -> dict:
 
 
 def _runs(db: Path) -> dict[tuple[str, str], tuple[str, str]]:
-    with sqlite3.connect(db) as con:
+    # closing(): `with sqlite3.connect()` only commits; an open connection keeps the store's -shm file, which a
+    # later test copying the folder would see vanish when the connection is collected
+    with closing(sqlite3.connect(db)) as con:
         rows = con.execute("SELECT r.stage, c.name, r.status, r.checkpoint FROM runs r JOIN candidates c "
                            "ON c.id = r.candidate_id WHERE r.superseded_by = 0").fetchall()
     return {(s, n): (status, ckpt) for s, n, status, ckpt in rows}
 
 
 def _scores(db: Path) -> dict[tuple[str, str, int], float]:
-    with sqlite3.connect(db) as con:
+    with closing(sqlite3.connect(db)) as con:
         rows = con.execute("SELECT r.stage, c.name, e.rung, e.value FROM evaluations e JOIN runs r ON r.id = e.run_id "
                            "JOIN candidates c ON c.id = r.candidate_id WHERE e.metric = 'rbridge' "
                            "AND r.superseded_by = 0").fetchall()
@@ -117,15 +123,13 @@ def test_keep_checkpoints_and_finished_runs_checkpoint_keep_the_newest(plans):
 
 
 def test_clean_dry_run_changes_nothing_then_clean_frees_and_resume_still_works(plans, tmp_path):
-    import shutil
-
     src, env, _ = plans["checkpoint"]
     d = tmp_path / "copy"
-    shutil.copytree(src, d)
+    copy_folder(src, d)
     db = d / "stores/disk.db"
     env = dict(env)
     # the copied store names the original folder's runs; point the runs at the copy
-    with sqlite3.connect(db) as con:
+    with closing(sqlite3.connect(db)) as con, con:
         con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(d)))
     before = folder_bytes(d / "stores/disk.runs")
     dry = _rbridge("clean", "--store", str(db), "--dry-run", cwd=d, env=env)
@@ -146,15 +150,13 @@ def test_a_promoted_pruned_run_trains_again_from_its_start_with_the_same_result(
     """`--force` with a larger keep promotes candidates the finished plan pruned. Where their checkpoints
     were removed (the default) they train again from step 0 and reach exactly the scores of the plan that
     kept its checkpoints and continued them; a run dropped at the last rung (all tokens trained) is done."""
-    import shutil
-
     results = {}
     for name in ("model", "checkpoint"):
         src, env, _ = plans[name]
         d = tmp_path / name
-        shutil.copytree(src, d)
+        copy_folder(src, d)
         db = d / "stores/disk.db"
-        with sqlite3.connect(db) as con:
+        with closing(sqlite3.connect(db)) as con, con:
             con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(d)))
         pruned = {n for (s, n), (status, _) in _runs(db).items() if s == "filter" and status == "pruned"}
         spec = (d / "disk.yaml").read_text().replace("keep: 2", "keep: 4")

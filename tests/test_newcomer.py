@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
+pytestmark = pytest.mark.xdist_group("newcomer")
+
 REPO = Path(__file__).resolve().parents[1]
 
 SPEC = f"""\

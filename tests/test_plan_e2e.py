@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SOURCES, gsm8k_lines
+from conftest import SOURCES, copy_folder, gsm8k_lines
+
+# One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
+pytestmark = pytest.mark.xdist_group("plan_e2e")
 
 SPEC = f"""\
 name: tiny
@@ -206,7 +209,7 @@ def test_force_with_each_invalid_edit_changes_nothing(plan_dir, tmp_path):
     the spec and the field, and every table (Optuna's too) and every checkpoint is as it was."""
     d, env, _first = plan_dir
     work = tmp_path / "w"
-    shutil.copytree(d, work, ignore=shutil.ignore_patterns("cache"))
+    copy_folder(d, work, ignore=shutil.ignore_patterns("cache"))
     db = work / "stores" / "tiny.db"
     before, ckpts = _dump(db), sorted(p.relative_to(work) for p in (work / "stores").rglob("*"))
     spec = work / "tiny.yaml"
@@ -224,7 +227,7 @@ def test_force_with_each_invalid_edit_changes_nothing(plan_dir, tmp_path):
 def test_targets_for_a_candidate_the_plan_lacks_are_refused_unless_asked(plan_dir, tmp_path):
     d, env, _first = plan_dir
     work = tmp_path / "w"
-    shutil.copytree(d, work, ignore=shutil.ignore_patterns("cache"))
+    copy_folder(d, work, ignore=shutil.ignore_patterns("cache"))
     db = work / "stores" / "tiny.db"
     before = _dump(db)
     (tmp_path / "typo.csv").write_text(TARGETS.replace("kjv-cot,", "kjv-cott,"))

@@ -25,6 +25,9 @@ from rbridge.store.db import advisory_key, store_url
 from conftest import gsm8k_lines
 from test_plan_e2e import SPEC, TARGETS
 
+# One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
+pytestmark = pytest.mark.xdist_group("postgres")
+
 PLAN_KEY = advisory_key("rbridge plan:tiny")
 
 

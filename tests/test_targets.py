@@ -24,6 +24,9 @@ import pytest
 
 from conftest import SOURCES, gsm8k_lines
 
+# One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
+pytestmark = pytest.mark.xdist_group("targets")
+
 SPEC = f"""\
 name: tgt
 seed: 3
