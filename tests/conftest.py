@@ -174,15 +174,15 @@ def new_database(base: str, name: str) -> str:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "long: a test of a minute or more, mostly waiting on real subprocesses "
-                                       "(SLURM, a server, killed workers); scheduled first (below)")
+    config.addinivalue_line("markers", "long: a test, or a module run as one xdist group, of a minute or more "
+                                       "(SLURM, a server, killed workers, a shared plan fixture); scheduled first")
 
 
 def pytest_collection_modifyitems(config, items):
     """The tests marked ``long`` first, in their file order, then the rest as collected. Under pytest -n the
-    workers take tests from the front: a long test started last leaves every other worker idle while it
-    finishes (the SLURM test alone held the last 100 s of a 530 s suite on 2 cores); started first, it
-    overlaps the short ones."""
+    workers take tests (or a whole xdist group, placed where its first test is) from the front: a long one
+    started last leaves every other worker idle while it finishes (the SLURM test alone held the last 100 s
+    of a 530 s suite on 2 cores); started first, it overlaps the short ones."""
     items[:] = sorted(items, key=lambda item: item.get_closest_marker("long") is None)
 
 

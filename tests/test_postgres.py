@@ -26,7 +26,7 @@ from conftest import gsm8k_lines
 from test_plan_e2e import SPEC, TARGETS
 
 # One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
-pytestmark = pytest.mark.xdist_group("postgres")
+pytestmark = [pytest.mark.xdist_group("postgres"), pytest.mark.long]  # about a minute as a group
 
 PLAN_KEY = advisory_key("rbridge plan:tiny")
 

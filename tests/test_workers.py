@@ -90,6 +90,7 @@ DECISIONS = ("SELECT d.stage, d.rung, c.name, d.kept, d.rank FROM decisions d "
              "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.stage, d.rung, c.name")
 
 
+@pytest.mark.long  # its group (with tests/test_failed_runs.py) takes about a minute
 @pytest.mark.xdist_group("workers")
 def test_three_workers_one_killed_equal_single_process(pg_server, single, tmp_path):
     db_one, cache, wall_one = single
