@@ -112,6 +112,11 @@ def plan_work_flops(stages, n_candidates: int, vocab_size: int | None, trace_tok
     return total
 
 
+def too_small_for_workers(work_flops: float | None) -> bool:
+    """Whether a plan of ``work_flops`` (:func:`plan_work_flops`; None: unknown) is done by its own process alone."""
+    return work_flops is not None and work_flops < LOCAL_WORKERS_FROM_FLOPS
+
+
 def trace_tokens_bound(benchmarks, traces: dict) -> int:
     """At most how many tokens one scoring of every benchmark feeds a byte-level tokenizer's model: the
     UTF-8 bytes of each trace's question and reasoning, and for a few-shot context three more traces."""
@@ -135,7 +140,7 @@ def layout(requested: int | None, stage_threads: list[int], runs_per_gpu: int = 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested is not None:
         n = requested
-    elif work_flops is not None and work_flops < LOCAL_WORKERS_FROM_FLOPS:
+    elif too_small_for_workers(work_flops):
         n = 1
     elif gpus:
         n = gpus * max(1, runs_per_gpu)

@@ -243,8 +243,8 @@ class Planner:
         if not self.local:
             return contextlib.nullcontext()
         from rbridge.analysis.compute import non_embedding_params
-        from rbridge.planner.local import (LOCAL_WORKERS_FROM_FLOPS, LocalWorkers, layout,
-                                           plan_work_flops, threads_for, trace_tokens_bound)
+        from rbridge.planner.local import (LocalWorkers, layout, plan_work_flops, threads_for,
+                                           too_small_for_workers, trace_tokens_bound)
 
         tok = self.spec.tokenizer
         search = self.spec.search
@@ -253,8 +253,7 @@ class Planner:
                                 trace_tokens_bound(self.spec.benchmarks, traces))
         plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
                                             for st in self.stages], self.spec.runs_per_gpu, flops)
-        if self.workers is None and plan_layout.processes == 1 and flops is not None \
-                and flops < LOCAL_WORKERS_FROM_FLOPS:
+        if self.workers is None and too_small_for_workers(flops):
             self.report.say(f"local workers: none; the whole plan computes at most {flops / 1e9:.1f} GFLOP, "
                             "too little to pay for starting a second process (--workers N starts them anyway)")
         return LocalWorkers(store_url(self.store_arg), self.spec.name, plan_layout, self.heartbeat_timeout,
