@@ -179,11 +179,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests marked ``long`` first, in their file order, then the rest as collected. Under pytest -n the
-    workers take tests (or a whole xdist group, placed where its first test is) from the front: a long one
-    started last leaves every other worker idle while it finishes (the SLURM test alone held the last 100 s
-    of a 530 s suite on 2 cores); started first, it overlaps the short ones."""
-    items[:] = sorted(items, key=lambda item: item.get_closest_marker("long") is None)
+    """The modules holding a test marked ``long`` first, each whole and in file order, then the rest as
+    collected. Under pytest -n the workers take tests (or a whole xdist group, placed where its first test
+    is) from the front: a long one started last leaves every other worker idle while it finishes (the SLURM
+    test alone held the last 100 s of a 530 s suite on 2 cores); started first, it overlaps the short ones.
+    A module moves whole: split, its module-scoped fixtures would be built again after the other module's
+    tests (tests/test_workers.py's reference plan was built twice when its long test moved alone)."""
+    long_modules = {item.module.__name__ for item in items if item.get_closest_marker("long") is not None}
+    items[:] = sorted(items, key=lambda item: item.module.__name__ not in long_modules)
 
 
 def copy_folder(src, dst, ignore=None):

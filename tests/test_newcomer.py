@@ -86,7 +86,8 @@ def test_a_new_store_beside_another_of_the_same_plan_is_announced_before_trainin
     d, env, _first = spec_dir
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    again = _rbridge("plan", str(d / "newcomer.yaml"), cwd=elsewhere, env=env)
+    # one process: this plan trains everything again, and its announcement is the plan process's own
+    again = _rbridge("plan", str(d / "newcomer.yaml"), cwd=elsewhere, env=dict(env, RBRIDGE_WORKERS="1"))
     assert again.returncode == 0, again.stdout + again.stderr
     out = again.stdout
     note = next(line for line in out.splitlines() if line.startswith("note: new store"))
@@ -95,6 +96,9 @@ def test_a_new_store_beside_another_of_the_same_plan_is_announced_before_trainin
     # the first store's own folder: no note, it continues (everything reused)
     same = _rbridge("plan", "newcomer.yaml", cwd=d, env=env)
     assert same.returncode == 0 and "note: new store" not in same.stdout, same.stdout
+    # done in this store: no second process is started to find nothing left (RBRIDGE_WORKERS=2 asks for one)
+    assert "local workers: none; plan 'newcomer' is done in this store" in same.stdout, same.stdout
+    assert "w1| " not in same.stdout
 
 
 def test_a_top_level_typo_is_named_with_the_key_it_misspells(spec_dir, tmp_path):

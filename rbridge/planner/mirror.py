@@ -19,6 +19,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from rbridge.store.studies import optuna_storage
 from rbridge.store.studies import study_name as _study_name
 
 
@@ -30,17 +31,11 @@ def study_name(plan: str, stage: str, revision: int = 0) -> str:
 
 @contextmanager
 def study(store_url: str, plan: str, stage: str, revision: int = 0) -> Iterator[optuna.Study]:
-    """The stage's study (created when missing) on a storage of its own, whose connections are closed
-    after the block: none is left to the garbage collector, so a process's last connection to close
-    checkpoints the store's WAL (rbridge's CLI skips the collections at exit: rbridge.commands._base)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(store_url)
-    try:
+    """The stage's study (created when missing) on the process's storage for the store, whose connections
+    are closed after the block (rbridge.store.studies.optuna_storage)."""
+    with optuna_storage(store_url) as storage:
         yield optuna.create_study(study_name=study_name(plan, stage, revision), storage=storage,
                                   direction="minimize", load_if_exists=True)
-    finally:
-        storage.remove_session()
-        storage.engine.dispose()
 
 
 def ensure_study(store_url: str, plan: str, stage: str, revision: int = 0) -> None:

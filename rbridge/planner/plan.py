@@ -128,6 +128,7 @@ class Planner:
         self.stages = spec.resolved_stages()
         self.reused_runs = 0
         self.trained_runs = 0
+        self.done_already = False  # the store holds this plan, with this spec, done (_check_store)
 
     # ------------------------------------------------------------------ plan row
     def _check_store(self) -> None:
@@ -150,6 +151,7 @@ class Planner:
         plan = mine[0]
         if not plan.spec_hash:  # made by `rbridge targets import` before the plan ran: adopt it
             return
+        self.done_already = plan.status == "done" and plan.spec_hash == self.spec.spec_hash
         if plan.spec_hash != self.spec.spec_hash and not self.force:
             diff = "\n".join(difflib.unified_diff(plan.spec_text.splitlines(), self.spec.text.splitlines(),
                                                   "stored spec", "this spec", lineterm="", n=1))
@@ -246,6 +248,11 @@ class Planner:
         from rbridge.planner.local import (LocalWorkers, layout, plan_work_flops, threads_for,
                                            too_small_for_workers, trace_tokens_bound)
 
+        if self.done_already:  # every run recorded: a second process would import torch to find nothing
+            self.report.say(f"local workers: none; plan '{self.spec.name}' is done in this store, "
+                            "nothing is left to train")
+            return LocalWorkers(store_url(self.store_arg), self.spec.name, layout(1, [1]), self.heartbeat_timeout,
+                                self.threads, self.report)
         tok = self.spec.tokenizer
         search = self.spec.search
         n_candidates = len(self.spec.candidates) + (search.swarm + search.propose if search is not None else 0)
