@@ -92,6 +92,23 @@ def model(tokenizer):
     return m.eval()
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory, worker_id) -> Path:
+    """One RBRIDGE_CACHE for the plans of the whole test run, shared by pytest -n's workers, as a user's
+    plans share ``~/.cache/rbridge``: the tests' plans train the same tokenizers on the same shipped corpora
+    (the crash spec's in tests/test_resume.py, test_local_workers.py and test_slurm.py; the tiny plan's in
+    test_plan_e2e.py, test_postgres.py, test_workers.py and test_failed_runs.py), and each plan with a cold
+    cache spent about 4 s of CPU training and tokenizing again. Entries are published atomically
+    (rbridge.data._cache), so processes filling it at once are safe. Tests of the cache itself, and of the
+    stores registry kept in it, keep a cache of their own."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # pytest -n: each worker's base is a folder of the run's own
+        root = root.parent
+    path = root / "rbridge-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------------------- server
 def _pg_bindir() -> Path | None:
     """Debian's newest PostgreSQL server binaries, else initdb/postgres on PATH."""
@@ -174,19 +191,23 @@ def new_database(base: str, name: str) -> str:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "long: a test, or a module run as one xdist group, of a minute or more "
-                                       "(SLURM, a server, killed workers, a shared plan fixture); scheduled first")
+    config.addinivalue_line("markers", "long(seconds): a test, or a module run as one xdist group, of a minute or "
+                                       "more (SLURM, a server, killed workers, a shared plan fixture), with about "
+                                       "how long it takes on 2 cores; scheduled first, the longest first")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The modules holding a test marked ``long`` first, each whole and in file order, then the rest as
-    collected. Under pytest -n the workers take tests (or a whole xdist group, placed where its first test
-    is) from the front: a long one started last leaves every other worker idle while it finishes (the SLURM
-    test alone held the last 100 s of a 530 s suite on 2 cores); started first, it overlaps the short ones.
-    A module moves whole: split, its module-scoped fixtures would be built again after the other module's
-    tests (tests/test_workers.py's reference plan was built twice when its long test moved alone)."""
-    long_modules = {item.module.__name__ for item in items if item.get_closest_marker("long") is not None}
-    items[:] = sorted(items, key=lambda item: item.module.__name__ not in long_modules)
+    """The tests marked ``long`` first, the longest first (``long(seconds)``), then the rest as collected.
+    Under pytest -n the workers take tests (or a whole xdist group, placed where its first test is) from the
+    front: a long one started last leaves every other worker idle while it finishes (the SLURM test alone
+    held the last 100 s of a 530 s suite on 2 cores); started first, it overlaps the short ones. Tests of one
+    module that share a module fixture carry the same seconds, so they stay side by side and the fixture is
+    built once (split, it is torn down when another module's test runs between them)."""
+    def seconds(item) -> float:
+        mark = item.get_closest_marker("long")
+        return 0.0 if mark is None else float(mark.args[0] if mark.args else mark.kwargs.get("seconds", 60))
+
+    items[:] = sorted(items, key=lambda item: -seconds(item))
 
 
 def copy_folder(src, dst, ignore=None):

@@ -17,7 +17,7 @@ from rbridge.planner.disk import folder_bytes, reduce_to_model, training_state, 
 from conftest import SOURCES, copy_folder, gsm8k_lines
 
 # One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
-pytestmark = [pytest.mark.xdist_group("disk"), pytest.mark.long]  # about a minute as a group
+pytestmark = [pytest.mark.xdist_group("disk"), pytest.mark.long(60)]  # about a minute as a group
 
 SPEC = f"""\
 name: disk

@@ -20,10 +20,10 @@ RAISE = "train:filter/cot"
 
 
 @pytest.mark.xdist_group("workers")
-def test_a_failing_run_is_failed_after_max_attempts_and_no_worker_exits(tmp_path):
+def test_a_failing_run_is_failed_after_max_attempts_and_no_worker_exits(tmp_path, shared_cache):
     d = tmp_path / "plan"
     _setup(d)
-    env = _env(tmp_path / "cache", RBRIDGE_RAISE=RAISE)
+    env = _env(shared_cache, RBRIDGE_RAISE=RAISE)
     plan = subprocess.Popen(_cmd("plan", "tiny.yaml", "--no-local"), cwd=d, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     workers = [subprocess.Popen(_cmd("worker", "--store", "stores/tiny.db", "--until-idle"), cwd=d, env=env,

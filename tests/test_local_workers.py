@@ -19,9 +19,9 @@ import pytest
 from test_resume import _decisions, _ranking, _rbridge, _same, _setup
 
 
-@pytest.mark.long
-def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_plan(tmp_path):
-    cache = tmp_path / "cache"
+@pytest.mark.long(80)
+def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_plan(tmp_path, shared_cache):
+    cache = shared_cache
     runs = {}
     for n in ("1", "2"):
         d = tmp_path / f"w{n}"

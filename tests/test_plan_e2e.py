@@ -55,11 +55,11 @@ def _rbridge(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def plan_dir(tmp_path_factory) -> tuple[Path, dict, subprocess.CompletedProcess]:
+def plan_dir(tmp_path_factory, shared_cache) -> tuple[Path, dict, subprocess.CompletedProcess]:
     d = tmp_path_factory.mktemp("plan")
     (d / "traces.jsonl").write_text(gsm8k_lines(12))
     (d / "tiny.yaml").write_text(SPEC)
-    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, RBRIDGE_CACHE=str(shared_cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     first = _rbridge("plan", "tiny.yaml", cwd=d, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     return d, env, first

@@ -26,7 +26,7 @@ from conftest import gsm8k_lines
 from test_plan_e2e import SPEC, TARGETS
 
 # One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
-pytestmark = [pytest.mark.xdist_group("postgres"), pytest.mark.long]  # about a minute as a group
+pytestmark = [pytest.mark.xdist_group("postgres"), pytest.mark.long(60)]  # about a minute as a group
 
 PLAN_KEY = advisory_key("rbridge plan:tiny")
 
@@ -63,10 +63,10 @@ def _lock_holders(url: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def plans(pg_server, tmp_path_factory):
+def plans(pg_server, tmp_path_factory, shared_cache):
     """The tiny plan on SQLite, then on PostgreSQL with the lock checks around it; targets imported into both."""
     root = tmp_path_factory.mktemp("pg")
-    cache = root / "cache"
+    cache = shared_cache
     lite = _plan_dir(root, "sqlite")
     res = _rbridge("plan", "tiny.yaml", cwd=lite, env=_env(cache))
     assert res.returncode == 0, res.stdout + res.stderr

@@ -103,9 +103,9 @@ def _same(a: list[tuple], b: list[tuple]) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
+def baseline(tmp_path_factory, shared_cache):
     d = tmp_path_factory.mktemp("baseline")
-    cache = tmp_path_factory.mktemp("cache")
+    cache = shared_cache
     env = _setup(d, cache)
     res = _rbridge(["plan", "crash.yaml"], d, env)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -124,7 +124,7 @@ def _count(db: Path, sql: str):
         con.close()
 
 
-@pytest.mark.long
+@pytest.mark.long(70)
 def test_sigkill_at_every_phase_then_resume_equals_uninterrupted(baseline, tmp_path):
     """One plan SIGKILLed ten times, at each phase in turn (KILLS), each time resumed by the next process:
     the end is the uninterrupted plan, decision for decision, and nothing is left half done. (A plan killed

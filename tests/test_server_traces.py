@@ -311,7 +311,7 @@ def llama():
 
 
 @needs_llama
-@pytest.mark.long
+@pytest.mark.long(55)
 def test_llama_cpp_traces_agree_with_local_scoring_and_survive_a_killed_server(llama, tmp_path):
     srv = llama()
     q = _questions(tmp_path / "q.jsonl", 4)

@@ -208,10 +208,10 @@ def _logs(d: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((d / "stores").glob("*.slurm-logs/*.out")))
 
 
-@pytest.mark.long
-def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path):
+@pytest.mark.long(110)
+def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path, shared_cache):
     conf_dir, slurm_env = cluster
-    env = dict(slurm_env, RBRIDGE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(slurm_env, RBRIDGE_CACHE=str(shared_cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RBRIDGE_BF16_SPEEDUP="1", RBRIDGE_HEARTBEAT_TIMEOUT="4", RBRIDGE_POLL_S="0.3")
 
     # wrong inputs: exit 2 naming them, nothing submitted

@@ -57,10 +57,10 @@ def _rows(url: str, sql: str) -> list[tuple]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory) -> tuple[Path, Path, float]:
+def single(tmp_path_factory, shared_cache) -> tuple[Path, Path, float]:
     """The tiny plan done by one `rbridge plan` on SQLite (test_postgres shows PostgreSQL stores equal SQLite's)."""
     root = tmp_path_factory.mktemp("single")
-    cache, one = root / "cache", root / "one"
+    cache, one = shared_cache, root / "one"
     _setup(one)
     t0 = time.perf_counter()
     res = subprocess.run(_cmd("plan", "tiny.yaml"), cwd=one, env=_env(cache), capture_output=True, text=True,
@@ -90,7 +90,7 @@ DECISIONS = ("SELECT d.stage, d.rung, c.name, d.kept, d.rank FROM decisions d "
              "JOIN candidates c ON c.id = d.candidate_id ORDER BY d.stage, d.rung, c.name")
 
 
-@pytest.mark.long  # its group (with tests/test_failed_runs.py) takes about a minute
+@pytest.mark.long(70)  # its group (with tests/test_failed_runs.py) takes about a minute
 @pytest.mark.xdist_group("workers")
 def test_three_workers_one_killed_equal_single_process(pg_server, single, tmp_path):
     db_one, cache, wall_one = single
@@ -171,6 +171,7 @@ def test_three_workers_one_killed_equal_single_process(pg_server, single, tmp_pa
     assert _rows(url_many, "SELECT status FROM plans") == [("done",)]
 
 
+@pytest.mark.long(70)  # beside the test above: their module fixture is built once
 @pytest.mark.xdist_group("workers")
 def test_worker_under_accelerate_launch_trains_with_two_processes(single, tmp_path):
     """`accelerate launch` (2 CPU processes, gloo) of `rbridge worker`: both ranks train every run, rank 0
