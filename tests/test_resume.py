@@ -15,11 +15,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from conftest import SOURCES, gsm8k_lines
+from conftest import SOURCES, copy_folder, gsm8k_lines
 
 SPEC = f"""\
 name: crash
@@ -109,7 +110,16 @@ def baseline(tmp_path_factory, shared_cache):
     env = _setup(d, cache)
     res = _rbridge(["plan", "crash.yaml"], d, env)
     assert res.returncode == 0, res.stdout + res.stderr
-    return cache, _ranking(d / "stores/crash.db"), _decisions(d / "stores/crash.db")
+    return cache, _ranking(d / "stores/crash.db"), _decisions(d / "stores/crash.db"), d
+
+
+def _copy_of_baseline(src: Path, dst: Path) -> None:
+    """The baseline's finished plan copied into ``dst`` (set up by _setup), as if run there: its store and run
+    folders, with the paths the store records (run folders, the spec) moved to the copy."""
+    copy_folder(src / "stores", dst / "stores")
+    with closing(sqlite3.connect(dst / "stores/crash.db")) as con, con:
+        con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(dst)))
+        con.execute("UPDATE plans SET spec_path = replace(spec_path, ?, ?)", (str(src), str(dst)))
 
 
 def _count(db: Path, sql: str):
@@ -130,7 +140,7 @@ def test_sigkill_at_every_phase_then_resume_equals_uninterrupted(baseline, tmp_p
     the end is the uninterrupted plan, decision for decision, and nothing is left half done. (A plan killed
     once and resumed once is the common case; the damaged-checkpoint, signal and precision tests below do
     that.) One process per kill, not two: each pays seconds of imports."""
-    cache, expected, expected_decisions = baseline
+    cache, expected, expected_decisions = baseline[:3]
     env = _setup(tmp_path, cache)
     db = tmp_path / "stores/crash.db"
     for point, nth in KILLS:
@@ -161,7 +171,7 @@ def test_sigkill_at_every_phase_then_resume_equals_uninterrupted(baseline, tmp_p
 
 
 def test_candidate_order_does_not_change_decisions(baseline, tmp_path):
-    cache, expected, expected_decisions = baseline
+    cache, expected, expected_decisions = baseline[:3]
     env = _setup(tmp_path, cache, candidates=list(reversed(CANDIDATES)))
     env.pop("RBRIDGE_WORKERS", None)  # the plan's own choice (conftest sets 1): too small to start a second process
     res = _rbridge(["plan", "crash.yaml"], tmp_path, env)
@@ -172,7 +182,7 @@ def test_candidate_order_does_not_change_decisions(baseline, tmp_path):
 
 
 def test_second_plan_on_same_store_is_refused(baseline, tmp_path):
-    cache, _expected, _dec = baseline
+    cache, _expected, _dec = baseline[:3]
     env = _setup(tmp_path, cache)
     env["RBRIDGE_FAILPOINT"] = ""
     first = subprocess.Popen([sys.executable, "-m", "rbridge.cli", "plan", "crash.yaml"], cwd=tmp_path, env=env,
@@ -205,9 +215,9 @@ MIX = ("{kjv: 0.5, cot: 0.5}", "{kjv: 0.2, cot: 0.8}")
 
 @pytest.mark.parametrize("change", [RANK_TOKENS, MIX], ids=["stage2-tokens", "stage1-mixture"])
 def test_force_redoes_only_affected_runs_and_matches_a_fresh_plan(baseline, tmp_path, change):
-    cache, expected, expected_decisions = baseline
+    cache, expected, expected_decisions, done = baseline
     env = _setup(tmp_path, cache)
-    assert _rbridge(["plan", "crash.yaml"], tmp_path, env).returncode == 0
+    _copy_of_baseline(done, tmp_path)  # the plan as it ended, without running it again
     db = tmp_path / "stores/crash.db"
     con = sqlite3.connect(db)
     filter_evals = con.execute("select e.id, e.value from evaluations e join runs r on r.id = e.run_id "
@@ -279,7 +289,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(base
     """Killed right after a run's rung-2 checkpoint; that checkpoint is then damaged (a file overwritten, or
     trainer.json lost). Resuming sets it aside (renamed, kept), trains the rung again from the rung-1
     checkpoint and ends with the uninterrupted ranking."""
-    cache, expected, expected_decisions = baseline
+    cache, expected, expected_decisions = baseline[:3]
     env = _setup(tmp_path, cache)
     killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint="after-checkpoint:5")
     assert killed.returncode == -signal.SIGKILL
@@ -303,7 +313,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_plan_resumes_identically(base
 def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_path, sig):
     """SIGTERM / SIGINT in the middle of the plan: the plan stops at the next training step with a checkpoint,
     gives its run back and exits 143 / 130; `rbridge resume` ends with the uninterrupted ranking."""
-    cache, expected, expected_decisions = baseline
+    cache, expected, expected_decisions = baseline[:3]
     env = _setup(tmp_path, cache)
     env["RBRIDGE_SLOW_STEP_S"] = "0.02"  # test hook: steps slow enough for the signal to land mid-training
     proc = subprocess.Popen([sys.executable, "-m", "rbridge.cli", "plan", "crash.yaml"], cwd=tmp_path, env=env,
@@ -350,7 +360,7 @@ def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_pa
     machine joins, trains in it whatever this machine's auto would pick. A stage started before runs recorded
     their precision (store schema < 7: a run with threads, no precision) keeps the old rule, fp32 on CPUs.
     This machine's auto is injected (bf16 measured 2x fp32), so both answers are tried on any CPU."""
-    cache, _expected, _dec = baseline
+    cache, _expected, _dec = baseline[:3]
     env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1", RBRIDGE_BF16_SPEEDUP="2")
     with (tmp_path / "crash.yaml").open("a") as f:  # finished runs keep a checkpoint to read the identity from
         f.write("finished_runs: checkpoint\n")

@@ -105,3 +105,29 @@ def test_a_store_from_a_newer_rbridge_is_refused_untouched(tmp_path):
         open_store(db)
     assert str(db) in str(e.value.file)
     assert db.read_bytes() == before
+
+
+def test_one_optuna_storage_per_store_and_a_store_made_again_gets_a_new_one(tmp_path):
+    """rbridge.store.studies keeps one Optuna storage per store in a process (making one checks Optuna's
+    tables each time); a store deleted and made again at the same path is another database: its storage is
+    made afresh, with Optuna's tables, and no connection is left open after each use."""
+    from rbridge.planner import mirror
+    from rbridge.store import studies
+
+    db = tmp_path / "s.db"
+    st = open_store(db)
+    url = st.url
+    st.close()
+    mirror.ensure_study(url, "p", "filter")
+    mirror.ensure_study(url, "p", "rank")
+    kept = [s for u, s in studies._storages.items() if u == url]
+    assert len(kept) == 1 and kept[0].engine.pool.checkedout() == 0
+    assert studies.study_attrs(url, "p", "rank") == {}
+    for f in tmp_path.glob("s.db*"):
+        f.unlink()
+    st = open_store(db)  # a new, empty store at the same path
+    st.close()
+    number = mirror.ask(url, "p", "filter", "cot")
+    assert number == 0  # the new database's first trial: nothing of the old one was reused
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT study_name FROM studies").fetchall() == [("p:filter",)]
