@@ -26,8 +26,10 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     for n in ("1", "2"):
         d = tmp_path / f"w{n}"
         d.mkdir()
-        # Slow steps (a sleep, no compute) so the second process, a few seconds to start, finds work left.
-        env = dict(_setup(d, cache), RBRIDGE_WORKERS=n, RBRIDGE_POLL_S="0.2", RBRIDGE_SLOW_STEP_S="0.4")
+        # Slow steps (a sleep, no compute) so the second process, a few seconds to start, finds work left;
+        # one process alone needs none (a sleep changes no number).
+        env = dict(_setup(d, cache), RBRIDGE_WORKERS=n, RBRIDGE_POLL_S="0.2",
+                   **({"RBRIDGE_SLOW_STEP_S": "0.4"} if n == "2" else {}))
         res = _rbridge(["plan", "crash.yaml"], d, env)
         assert res.returncode == 0, res.stdout + res.stderr
         runs[n] = (d / "stores/crash.db", res.stdout)
