@@ -93,7 +93,7 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory, worker_id) -> Path:
+def shared_cache(tmp_path_factory) -> Path:
     """One RBRIDGE_CACHE for the plans of the whole test run, shared by pytest -n's workers, as a user's
     plans share ``~/.cache/rbridge``: the tests' plans train the same tokenizers on the same shipped corpora
     (the crash spec's in tests/test_resume.py, test_local_workers.py and test_slurm.py; the tiny plan's in
@@ -102,7 +102,7 @@ def shared_cache(tmp_path_factory, worker_id) -> Path:
     (rbridge.data._cache), so processes filling it at once are safe. Tests of the cache itself, and of the
     stores registry kept in it, keep a cache of their own."""
     root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # pytest -n: each worker's base is a folder of the run's own
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: each worker's base is a folder of the run's own
         root = root.parent
     path = root / "rbridge-cache"
     path.mkdir(exist_ok=True)

@@ -82,10 +82,10 @@ def _steps(folder: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def plans(tmp_path_factory):
+def plans(tmp_path_factory, shared_cache):
     """The same plan twice: as a user gets it (finished runs reduced) and with finished_runs: checkpoint."""
     root = tmp_path_factory.mktemp("disk")
-    cache = root / "cache"
+    cache = shared_cache  # the crash spec's tokenizer and shards (tests/test_resume.py)
     out = {}
     for name, extra in (("model", ""), ("checkpoint", "finished_runs: checkpoint\nkeep_checkpoints: 1\n")):
         d = root / name

@@ -48,8 +48,14 @@ def _dir(tmp_path: Path, search: str) -> Path:
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def _cache(shared_cache, monkeypatch):
+    """The run's shared data cache (conftest.shared_cache): the crash spec's tokenizer and corpora."""
+    monkeypatch.setenv("RBRIDGE_CACHE", str(shared_cache))
+
+
 def _rbridge(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RBRIDGE_CACHE=str(cwd / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "rbridge.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -72,13 +72,13 @@ def _with_choices(line: str, i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def plan(tmp_path_factory):
+def plan(tmp_path_factory, shared_cache):
     d = tmp_path_factory.mktemp("targets")
     lines = gsm8k_lines(24).splitlines()
     (d / "traces.jsonl").write_text("\n".join(_with_choices(x, i) for i, x in enumerate(lines)) + "\n")
     (d / "tgt.yaml").write_text(SPEC)
     # bf16 injected as 4x fp32 (rbridge.proxy.precision): proxy stages take it, target stages stay in fp32
-    env = dict(os.environ, RBRIDGE_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, RBRIDGE_CACHE=str(shared_cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RBRIDGE_BF16_SPEEDUP="4")
     res = _rbridge("plan", "tgt.yaml", cwd=d, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
