@@ -96,9 +96,10 @@ def model(tokenizer):
 def shared_cache(tmp_path_factory) -> Path:
     """One RBRIDGE_CACHE for the plans of the whole test run, shared by pytest -n's workers, as a user's
     plans share ``~/.cache/rbridge``: the tests' plans train the same tokenizers on the same shipped corpora
-    (the crash spec's in tests/test_resume.py, test_local_workers.py and test_slurm.py; the tiny plan's in
-    test_plan_e2e.py, test_postgres.py, test_workers.py and test_failed_runs.py), and each plan with a cold
-    cache spent about 4 s of CPU training and tokenizing again. Entries are published atomically
+    (the crash spec's in tests/test_resume.py, test_local_workers.py, test_slurm.py, test_disk.py and
+    test_mixture_search.py; the tiny plan's in test_plan_e2e.py, test_postgres.py, test_workers.py,
+    test_failed_runs.py and test_targets.py), and each plan with a cold cache spent about 4 s of CPU
+    training and tokenizing again. Entries are published atomically
     (rbridge.data._cache), so processes filling it at once are safe. Tests of the cache itself, and of the
     stores registry kept in it, keep a cache of their own."""
     root = tmp_path_factory.getbasetemp()
@@ -198,11 +199,12 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """The tests marked ``long`` first, the longest first (``long(seconds)``), then the rest as collected.
-    Under pytest -n the workers take tests (or a whole xdist group, placed where its first test is) from the
-    front: a long one started last leaves every other worker idle while it finishes (the SLURM test alone
-    held the last 100 s of a 530 s suite on 2 cores); started first, it overlaps the short ones. Tests of one
-    module that share a module fixture carry the same seconds, so they stay side by side and the fixture is
-    built once (split, it is torn down when another module's test runs between them)."""
+    Under ``pytest -n --dist loadgroup`` the workers take work from the front: first the xdist groups (the
+    largest first: pytest-xdist orders its work units by their number of tests), then single tests in this
+    order. A long single test started last leaves every other worker idle while it finishes (the SLURM test
+    alone held the last 100 s of a 530 s suite on 2 cores); started first, it overlaps the short ones. Tests
+    of one group or module that share a module fixture carry the same seconds, so they stay side by side and
+    the fixture is built once (split, it is torn down when another module's test runs between them)."""
     def seconds(item) -> float:
         mark = item.get_closest_marker("long")
         return 0.0 if mark is None else float(mark.args[0] if mark.args else mark.kwargs.get("seconds", 60))
