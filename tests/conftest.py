@@ -212,6 +212,17 @@ def pytest_collection_modifyitems(config, items):
     items[:] = sorted(items, key=lambda item: -seconds(item))
 
 
+def repoint_store(db, src, dst) -> None:
+    """A SQLite store copied from folder ``src`` to ``dst`` (with its run folders): the paths it records
+    (each run's folder, the plan's spec) moved to the copy, so commands on the copy never touch ``src``."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(db)) as con, con:
+        con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(dst)))
+        con.execute("UPDATE plans SET spec_path = replace(spec_path, ?, ?)", (str(src), str(dst)))
+
+
 def copy_folder(src, dst, ignore=None):
     """shutil.copytree of a folder holding a SQLite store that this process may have read. Connections the
     tests opened and dropped can sit in reference cycles until the garbage collector runs; the last one to

@@ -14,7 +14,7 @@ import pytest
 
 from rbridge.planner.disk import folder_bytes, reduce_to_model, training_state, trim_checkpoints
 
-from conftest import SOURCES, copy_folder, gsm8k_lines
+from conftest import SOURCES, copy_folder, gsm8k_lines, repoint_store
 
 # One worker runs the module: its module-scoped plan fixture is built once, not once per pytest -n worker.
 pytestmark = [pytest.mark.xdist_group("disk"), pytest.mark.long(60)]  # about a minute as a group
@@ -128,9 +128,7 @@ def test_clean_dry_run_changes_nothing_then_clean_frees_and_resume_still_works(p
     copy_folder(src, d)
     db = d / "stores/disk.db"
     env = dict(env)
-    # the copied store names the original folder's runs; point the runs at the copy
-    with closing(sqlite3.connect(db)) as con, con:
-        con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(d)))
+    repoint_store(db, src, d)  # the copied store names the original folder's runs; point them at the copy
     before = folder_bytes(d / "stores/disk.runs")
     dry = _rbridge("clean", "--store", str(db), "--dry-run", cwd=d, env=env)
     assert dry.returncode == 0, dry.stdout + dry.stderr
@@ -156,8 +154,7 @@ def test_a_promoted_pruned_run_trains_again_from_its_start_with_the_same_result(
         d = tmp_path / name
         copy_folder(src, d)
         db = d / "stores/disk.db"
-        with closing(sqlite3.connect(db)) as con, con:
-            con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(d)))
+        repoint_store(db, src, d)
         pruned = {n for (s, n), (status, _) in _runs(db).items() if s == "filter" and status == "pruned"}
         spec = (d / "disk.yaml").read_text().replace("keep: 2", "keep: 4")
         (d / "disk.yaml").write_text(spec)

@@ -15,12 +15,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from conftest import SOURCES, copy_folder, gsm8k_lines
+from conftest import SOURCES, copy_folder, gsm8k_lines, repoint_store
 
 SPEC = f"""\
 name: crash
@@ -117,9 +116,7 @@ def _copy_of_baseline(src: Path, dst: Path) -> None:
     """The baseline's finished plan copied into ``dst`` (set up by _setup), as if run there: its store and run
     folders, with the paths the store records (run folders, the spec) moved to the copy."""
     copy_folder(src / "stores", dst / "stores")
-    with closing(sqlite3.connect(dst / "stores/crash.db")) as con, con:
-        con.execute("UPDATE runs SET checkpoint = replace(checkpoint, ?, ?)", (str(src), str(dst)))
-        con.execute("UPDATE plans SET spec_path = replace(spec_path, ?, ?)", (str(src), str(dst)))
+    repoint_store(dst / "stores/crash.db", src, dst)
 
 
 def _count(db: Path, sql: str):

@@ -249,20 +249,20 @@ class Planner:
                                            too_small_for_workers, trace_tokens_bound)
 
         if self.done_already:  # every run recorded: a second process would import torch to find nothing
+            plan_layout = layout(1, [1])
             self.report.say(f"local workers: none; plan '{self.spec.name}' is done in this store, "
                             "nothing is left to train")
-            return LocalWorkers(store_url(self.store_arg), self.spec.name, layout(1, [1]), self.heartbeat_timeout,
-                                self.threads, self.report)
-        tok = self.spec.tokenizer
-        search = self.spec.search
-        n_candidates = len(self.spec.candidates) + (search.swarm + search.propose if search is not None else 0)
-        flops = plan_work_flops(self.stages, n_candidates, tok.train.vocab_size if tok.train else None,
-                                trace_tokens_bound(self.spec.benchmarks, traces))
-        plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
-                                            for st in self.stages], self.spec.runs_per_gpu, flops)
-        if self.workers is None and too_small_for_workers(flops):
-            self.report.say(f"local workers: none; the whole plan computes at most {flops / 1e9:.1f} GFLOP, "
-                            "too little to pay for starting a second process (--workers N starts them anyway)")
+        else:
+            tok = self.spec.tokenizer
+            search = self.spec.search
+            n_candidates = len(self.spec.candidates) + (search.swarm + search.propose if search is not None else 0)
+            flops = plan_work_flops(self.stages, n_candidates, tok.train.vocab_size if tok.train else None,
+                                    trace_tokens_bound(self.spec.benchmarks, traces))
+            plan_layout = layout(self.workers, [threads_for(non_embedding_params(st), self.threads)
+                                                for st in self.stages], self.spec.runs_per_gpu, flops)
+            if self.workers is None and too_small_for_workers(flops):
+                self.report.say(f"local workers: none; the whole plan computes at most {flops / 1e9:.1f} GFLOP, "
+                                "too little to pay for starting a second process (--workers N starts them anyway)")
         return LocalWorkers(store_url(self.store_arg), self.spec.name, plan_layout, self.heartbeat_timeout,
                             self.threads, self.report)
 
