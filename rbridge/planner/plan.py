@@ -214,28 +214,33 @@ class Planner:
             check_sqlite_file(Path(url[len("sqlite:///"):]), create=True)
         with plan_lock(self.store_arg, self.spec.name):
             self._check_store()
-            # Local worker processes load the training code while this one prepares the data;
-            # they wait until the store and the plan row exist (LocalWorkers.release).
-            with self._local_workers(traces) as local:
-                from rbridge.planner.steps import prepare_data  # torch: after the lock (a refusal stays quick)
-                data = prepare_data(self.spec, self.report)
-                # Check everything, then change anything: every stage's model is built (on the meta device)
-                # before the store is created or a recorded row is touched.
-                from rbridge.planner.steps import check_proxies, warn_cut_answers, warn_repeated_sources
-                check_proxies(self.stages, data, self.spec.path)
-                warn_cut_answers(self.stages, self.spec, data, traces, self.report)
-                if self.spec.search is not None:  # the swarm: drawn (or its caps refused) before the store
-                    from rbridge.mixtures.search import swarm_candidates
+            # This process closes the store after its local processes have ended: the last connection to
+            # close checkpoints a SQLite store's WAL and removes the -wal file, which two processes closing
+            # at the same moment can both leave (each sees the other still open).
+            try:
+                # Local worker processes load the training code while this one prepares the data;
+                # they wait until the store and the plan row exist (LocalWorkers.release).
+                with self._local_workers(traces) as local:
+                    from rbridge.planner.steps import prepare_data  # torch: after the lock (a refusal stays quick)
+                    data = prepare_data(self.spec, self.report)
+                    # Check everything, then change anything: every stage's model is built (on the meta device)
+                    # before the store is created or a recorded row is touched.
+                    from rbridge.planner.steps import check_proxies, warn_cut_answers, warn_repeated_sources
+                    check_proxies(self.stages, data, self.spec.path)
+                    warn_cut_answers(self.stages, self.spec, data, traces, self.report)
+                    if self.spec.search is not None:  # the swarm: drawn (or its caps refused) before the store
+                        from rbridge.mixtures.search import swarm_candidates
 
-                    n = len(swarm_candidates(self.spec, data))
-                    self.report.say(f"search: a swarm of {n} mixtures of {', '.join(self.spec.searched_sources())} "
-                                    f"(swarm-...), beside {len(self.spec.candidates)} listed candidate(s)")
-                warn_repeated_sources(self.stages, self.spec, data, self.report)
-                failpoint("data-prepared")
-                self.store = open_store(self.store_arg)
-                try:
+                        n = len(swarm_candidates(self.spec, data))
+                        self.report.say(f"search: a swarm of {n} mixtures of "
+                                        f"{', '.join(self.spec.searched_sources())} (swarm-...), "
+                                        f"beside {len(self.spec.candidates)} listed candidate(s)")
+                    warn_repeated_sources(self.stages, self.spec, data, self.report)
+                    failpoint("data-prepared")
+                    self.store = open_store(self.store_arg)
                     return self._run_locked(data, traces, t0, local)
-                finally:
+            finally:
+                if self.store is not None:
                     self.store.close()
 
     def _local_workers(self, traces: dict):
