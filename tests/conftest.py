@@ -102,12 +102,36 @@ def shared_cache(tmp_path_factory) -> Path:
     training and tokenizing again. Entries are published atomically
     (rbridge.data._cache), so processes filling it at once are safe. Tests of the cache itself, and of the
     stores registry kept in it, keep a cache of their own."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: each worker's base is a folder of the run's own
-        root = root.parent
-    path = root / "rbridge-cache"
+    path = run_root(tmp_path_factory) / "rbridge-cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+def run_root(tmp_path_factory) -> Path:
+    """The folder of the whole test run, shared by pytest -n's workers (each worker's base is a folder in it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def built_once(tmp_path_factory, name: str, build) -> tuple[Path, dict]:
+    """A folder made once per test run and shared by pytest -n's workers: the first to ask runs
+    ``build(folder)`` (which returns what the tests need to know of it, as JSON), the others wait on a file
+    lock and read that. A module fixture is made again on each worker that runs one of the module's tests
+    (tests/test_resume.py's plan was built three times a run), and another module may need the same plan.
+    Tests never change the folder: they copy it (copy_folder) or read what ``build`` returned. A failed build
+    leaves nothing recorded, so the next test to ask builds again and fails with the same message."""
+    import fcntl
+    import json
+
+    root = run_root(tmp_path_factory)
+    folder, done = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_text(json.dumps(build(folder)))
+    return folder, json.loads(done.read_text())
 
 
 # ---------------------------------------------------------------------------- server

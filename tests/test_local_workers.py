@@ -16,35 +16,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_resume import _decisions, _ranking, _rbridge, _same, _setup
+from test_resume import _decisions, _ranking, _rbridge, _same, _setup, crash_baseline
 
 
-@pytest.mark.long(80)
-def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_plan(tmp_path, shared_cache):
+@pytest.mark.long(70)
+def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_plan(tmp_path, tmp_path_factory,
+                                                                                    shared_cache):
     cache = shared_cache
-    runs = {}
-    for n in ("1", "2"):
-        d = tmp_path / f"w{n}"
-        d.mkdir()
-        # Slow steps (a sleep, no compute) so the second process, a few seconds to start, finds work left;
-        # one process alone needs none (a sleep changes no number).
-        env = dict(_setup(d, cache), RBRIDGE_WORKERS=n, RBRIDGE_POLL_S="0.2",
-                   **({"RBRIDGE_SLOW_STEP_S": "0.4"} if n == "2" else {}))
-        res = _rbridge(["plan", "crash.yaml"], d, env)
-        assert res.returncode == 0, res.stdout + res.stderr
-        runs[n] = (d / "stores/crash.db", res.stdout)
+    # one process: the crash spec's plan as tests/test_resume.py's tests compare with, made once a test run
+    one, info = crash_baseline(tmp_path_factory, cache)
+    runs = {"1": (one / "stores/crash.db", info["stdout"])}
+    d = tmp_path / "w2"
+    d.mkdir()
+    # Slow steps (a sleep, no compute) so the second process, a few seconds to start, finds work left
+    # (a sleep changes no number).
+    env = dict(_setup(d, cache), RBRIDGE_WORKERS="2", RBRIDGE_POLL_S="0.2", RBRIDGE_SLOW_STEP_S="0.4")
+    res = _rbridge(["plan", "crash.yaml"], d, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    runs["2"] = (d / "stores/crash.db", res.stdout)
     # every process closed its connections (the CLI skips the last garbage collections), the plan's own
     # last, after its local processes ended: WAL checkpointed and removed
-    left = [n for n, (db, _) in runs.items() if Path(str(db) + "-wal").exists()]
-    assert not left, f"a -wal file is left beside the store of the plan with RBRIDGE_WORKERS={left}"
+    assert not info["wal_left"], "a -wal file is left beside the store of the one-process plan"
+    assert not Path(f"{runs['2'][0]}-wal").exists(), "a -wal file is left beside the store of the two-process plan"
     assert "local workers" not in runs["1"][1]
     out2 = runs["2"][1]
     assert "local workers: 1 more process(es) beside this one" in out2
     assert "w1| " in out2 and " rung 1: rbridge gsm8k" in out2.split("w1| ", 1)[1]  # the other process trained
     trained = [out.split("rungs trained and scored this time: ")[1].split(";")[0] for _, out in runs.values()]
     assert trained[0] == trained[1] and int(trained[0]) > 4  # every rung step, counted across processes
-    _same(_ranking(runs["2"][0]), _ranking(runs["1"][0]))
-    assert _decisions(runs["2"][0]) == _decisions(runs["1"][0])
+    _same(_ranking(runs["2"][0]), info["ranking"])
+    assert _decisions(runs["2"][0]) == info["decisions"]
     # Every run records its threads (the stage's rule: one for small proxies), its device and an MFU,
     # and status reports them per run and per stage.
     with sqlite3.connect(runs["2"][0]) as con:
@@ -67,15 +68,12 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     assert all(st["precision_rates"]["text"].startswith("bf16 ") for st in status["stages"])
     # Each run's proxy is exported as a Hugging Face folder after every rung: `rbridge score` on the run
     # folder re-scores it without training and gives the stored score of its last rung.
-    with sqlite3.connect(runs["1"][0]) as con:
-        folder, stored, low, high = con.execute(
-            "SELECT r.checkpoint, e.value, e.ci_low, e.ci_high FROM runs r JOIN evaluations e ON e.run_id = r.id "
-            "WHERE r.stage = 'rank' AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
-        ranked = con.execute("SELECT value, ci_low, ci_high FROM ranking").fetchall()
+    folder, stored, low, high = info["last_rank_score"]
+    ranked = info["ranked"]
     assert (Path(folder) / "model/config.json").is_file() and (Path(folder) / "model/tokenizer.json").is_file()
     # The plan scores in its training precision; `rbridge score --precision <it>` reproduces it exactly.
     rescored = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
-                         "--no-cache", "--per-trace", "--precision", native], tmp_path / "w1", dict(os.environ))
+                         "--no-cache", "--per-trace", "--precision", native], d, dict(os.environ))
     assert rescored.returncode == 0, rescored.stderr
     doc = json.loads(rescored.stdout)
     bench = doc["benchmarks"]["gsm8k"]
@@ -83,7 +81,7 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     # The other precision gives a close score, and says which it computed in.
     other = {"bf16": "fp32", "fp32": "bf16"}[native]
     again = _rbridge(["score", "--model", folder, "--traces", "traces.jsonl", "--no-baselines", "--json",
-                      "--no-cache", "--precision", other], tmp_path / "w1", dict(os.environ))
+                      "--no-cache", "--precision", other], d, dict(os.environ))
     assert again.returncode == 0, again.stderr
     other_doc = json.loads(again.stdout)
     assert other_doc["precision"] == other
@@ -102,8 +100,8 @@ def test_one_or_two_local_workers_and_a_killed_two_worker_plan_give_the_same_pla
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     resumed = _rbridge(["resume", "--store", "stores/crash.db"], d, env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    _same(_ranking(d / "stores/crash.db"), _ranking(runs["1"][0]))
-    assert _decisions(d / "stores/crash.db") == _decisions(runs["1"][0])
+    _same(_ranking(d / "stores/crash.db"), info["ranking"])
+    assert _decisions(d / "stores/crash.db") == info["decisions"]
 
 
 WAITER = """

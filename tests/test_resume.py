@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from conftest import SOURCES, copy_folder, gsm8k_lines, repoint_store
+from conftest import SOURCES, built_once, copy_folder, gsm8k_lines, repoint_store
 
 SPEC = f"""\
 name: crash
@@ -102,14 +104,34 @@ def _same(a: list[tuple], b: list[tuple]) -> None:
         assert abs(x[4] - y[4]) <= 1e-6, (x, y)
 
 
+def crash_baseline(tmp_path_factory, cache: Path) -> tuple[Path, dict]:
+    """The crash spec planned once, uninterrupted, by one process, for the whole test run (conftest.built_once;
+    tests/test_local_workers.py compares its plans with it too): its folder and what the tests read of it,
+    read here once (its ranking, decisions and output, and whether a -wal file was left beside the store), so
+    no test opens the shared store (a SQLite connection makes -wal and -shm files that a copy could catch)."""
+    def build(d: Path) -> dict:
+        res = _rbridge(["plan", "crash.yaml"], d, _setup(d, cache))
+        assert res.returncode == 0, res.stdout + res.stderr
+        db = d / "stores/crash.db"
+        wal_left = Path(f"{db}-wal").exists()
+        with closing(sqlite3.connect(db)) as con:
+            last = con.execute(
+                "SELECT r.checkpoint, e.value, e.ci_low, e.ci_high FROM runs r JOIN evaluations e ON e.run_id = r.id "
+                "WHERE r.stage = 'rank' AND e.metric = 'rbridge' ORDER BY e.rung DESC, r.id LIMIT 1").fetchone()
+            ranked = con.execute("SELECT value, ci_low, ci_high FROM ranking").fetchall()
+        return {"stdout": res.stdout, "wal_left": wal_left, "ranking": _ranking(db), "decisions": _decisions(db),
+                "last_rank_score": last, "ranked": ranked}
+
+    folder, info = built_once(tmp_path_factory, "crash-baseline", build)
+    info["ranking"] = [tuple(r) for r in info["ranking"]]
+    info["decisions"] = [tuple(r) for r in info["decisions"]]
+    return folder, info
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, shared_cache):
-    d = tmp_path_factory.mktemp("baseline")
-    cache = shared_cache
-    env = _setup(d, cache)
-    res = _rbridge(["plan", "crash.yaml"], d, env)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return cache, _ranking(d / "stores/crash.db"), _decisions(d / "stores/crash.db"), d
+    d, info = crash_baseline(tmp_path_factory, shared_cache)
+    return shared_cache, info["ranking"], info["decisions"], d
 
 
 def _copy_of_baseline(src: Path, dst: Path) -> None:
@@ -352,19 +374,28 @@ def test_a_signal_stops_the_plan_politely_and_resume_is_identical(baseline, tmp_
 
 
 @pytest.mark.parametrize("recorded", ["other", "legacy"])
-def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_path, recorded):
+def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_path, tmp_path_factory, recorded):
     """The first run of a stage fixes the stage's precision, as its threads: a resumed stage, or one another
     machine joins, trains in it whatever this machine's auto would pick. A stage started before runs recorded
     their precision (store schema < 7: a run with threads, no precision) keeps the old rule, fp32 on CPUs.
     This machine's auto is injected (bf16 measured 2x fp32), so both answers are tried on any CPU."""
     cache, _expected, _dec = baseline[:3]
     env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1", RBRIDGE_BF16_SPEEDUP="2")
-    with (tmp_path / "crash.yaml").open("a") as f:  # finished runs keep a checkpoint to read the identity from
-        f.write("finished_runs: checkpoint\n")
-    # killed after the first step of the stage's first run: it recorded threads and precision, no checkpoint yet
-    killed = _rbridge(["plan", "crash.yaml"], tmp_path, env, failpoint="train-step:1")
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+
+    def kill(d: Path) -> dict:  # once a test run, for both cases
+        _setup(d, cache)
+        with (d / "crash.yaml").open("a") as f:  # finished runs keep a checkpoint to read the identity from
+            f.write("finished_runs: checkpoint\n")
+        # killed after the first step of the stage's first run: it recorded threads and precision, no checkpoint
+        killed = _rbridge(["plan", "crash.yaml"], d, env, failpoint="train-step:1")
+        assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+        return {}
+
+    src, _ = built_once(tmp_path_factory, "crash-killed-at-first-step", kill)
+    shutil.rmtree(tmp_path)
+    copy_folder(src, tmp_path)
     db = tmp_path / "stores/crash.db"
+    repoint_store(db, src, tmp_path)
     native = "bf16"
     with sqlite3.connect(db) as con:
         started = con.execute("SELECT precision FROM runs WHERE threads > 0").fetchall()
