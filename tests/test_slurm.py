@@ -3,10 +3,11 @@ without systemd: munged, slurmctld and slurmd with a one-node slurm.conf on free
 task/none, no accounting). `.ci/run` installs the packages; elsewhere these tests skip, saying why.
 
 One test function, in phases, so that one cluster serves them all whatever pytest-xdist does:
-a 2-task array serves a plan score for score like a local plan; a task requeued mid-run (`scontrol
-requeue`) resumes its run from a checkpoint; a task killed (`scancel --full -s KILL`, as a lost node) leaves
-its run to the other task after the heartbeat timeout; a task that runs out of `--time` gives its run back; nothing is left in
-the queue. Wrong options and stores exit 2 naming them before anything is submitted.
+a 3-task array serves a plan score for score like a local plan while one of its tasks is cancelled
+(`scancel`: it checkpoints its run and gives it back) and another's worker is killed outright (a lost node:
+its run is taken over after the heartbeat timeout); a task requeued mid-run (`scontrol requeue`) resumes its
+run from a checkpoint; a task that runs out of `--time` gives its run back; nothing is left in the queue.
+Wrong options and stores exit 2 naming them before anything is submitted.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path, shared_cache):
                RBRIDGE_BF16_SPEEDUP="1", RBRIDGE_HEARTBEAT_TIMEOUT="4", RBRIDGE_POLL_S="0.3")
 
     # wrong inputs: exit 2 naming them, nothing submitted
-    ref = _plan_dir(tmp_path, "ref", 2048)
+    ref = _plan_dir(tmp_path, "ref", 8192)
     for args, words in ((["--workers", "0"], "--workers"), (["--workers", "2", "--partition", "nope"], "nope"),
                         (["--workers", "2", "--mem", "lots"], "--mem"),
                         (["--workers", "2", "--runs-per-gpu", "2"], "--runs-per-gpu")):
@@ -236,18 +237,42 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path, shared_cache):
     tm_db = tm / "stores" / "tm.db"
     assert "#SBATCH --signal=B:TERM@30" in _query(tm_db, "SELECT script FROM launches")[0][0]
 
-    # 1. a 2-task array equals a local plan of the same spec, score for score
+    # 1. a 3-task array equals a local plan of the same spec, score for score, though one task is cancelled
+    # (scancel: it checkpoints its run and gives it back) and another's worker is killed outright (a lost node:
+    # its run is taken over after the heartbeat timeout), each while it holds a run. One array for the three
+    # cases: each task and each launch is a process importing torch (seconds of CPU). Slow steps (a sleep)
+    # keep each run in training long enough to be seen holding it.
     local = _rbridge("plan", "plan.yaml", "--workers", "1", cwd=ref, env=env)
     assert local.returncode == 0, local.stdout + local.stderr
-    arr = _plan_dir(tmp_path, "arr", 2048)
+    arr = _plan_dir(tmp_path, "arr", 8192)
     (arr / "plan.yaml").write_text((ref / "plan.yaml").read_text().replace("name: ref", "name: arr"))
-    dry = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", "--time", "30", cwd=arr, env=env)
-    assert dry.returncode == 0 and "submitted job array" in dry.stdout, dry.stdout + dry.stderr
-    job = dry.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
+    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "3", "--time", "30", cwd=arr, env=env_slow)
+    assert out.returncode == 0 and "submitted job array" in out.stdout, out.stdout + out.stderr
+    job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
     db = arr / "stores" / "arr.db"
+    held = {}  # task -> (candidate, worker) of the run it held when seen
+
+    def act() -> bool:
+        for task in (1, 2):
+            if task not in held:
+                rows = _query(db, "SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id "
+                                  f"WHERE r.status = 'running' AND r.worker LIKE '%slurm={job}_{task}%'")
+                if rows:
+                    held[task] = rows[0]
+                    if task == 1:
+                        _sh("scancel", f"{job}_1", env=slurm_env)
+                    else:
+                        os.kill(int(rows[0][1].split(":")[1]), 9)
+        return len(held) == 2
+
+    _wait(act, 120, "tasks 1 and 2 to hold a run", slurm_env, arr)
     _wait(lambda: _query(db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
-          "the array to finish the plan", slurm_env, arr)
+          "task 0 to finish the plan", slurm_env, arr)
     assert _scores(db) == _scores(ref / "stores" / "ref.db")
+    task = {i: (arr / "stores" / "arr.slurm-logs" / f"rbridge-arr-{job}_{i}.out").read_text() for i in range(3)}
+    assert "stopped by SIGTERM: the running proxy was checkpointed and given back" in task[1], task[1][-2000:]
+    assert f"filter/{held[1][0]} rung" in task[0] + task[2], _logs(arr)[-3000:]  # another task trained it on
+    assert f"taking over run filter/{held[2][0]}" in _logs(arr), _logs(arr)[-3000:]
     status = _rbridge("status", "--store", str(db), cwd=arr, env=env)
     assert "slurm job array" in status.stdout and "(done)" in status.stdout, status.stdout
     script = _rbridge("launch", "slurm", "--store", str(ref / "stores" / "ref.db"), "--workers", "2", "--dry-run",
@@ -276,40 +301,6 @@ def test_a_plan_served_by_a_slurm_job_array(cluster, tmp_path, shared_cache):
           "the requeued task to finish the plan", slurm_env, rq)
     logs = _logs(rq)
     assert "stopped by SIGTERM" in logs and "resuming from its checkpoint at step" in logs, logs[-3000:]
-
-    # 3. a task cancelled (scancel) gives its run back; the other task finishes it
-    kl = _plan_dir(tmp_path, "kl", 4096)
-    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", cwd=kl, env=env_slow)
-    assert out.returncode == 0, out.stdout + out.stderr
-    job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
-    kl_db = kl / "stores" / "kl.db"
-    held_sql = ("SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.status = "
-                f"'running' AND r.worker LIKE '%slurm={job}_1%'")
-    _wait(lambda: len(_query(kl_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env, kl)
-    [(held, _worker)] = _query(kl_db, held_sql)
-    time.sleep(1)
-    _sh("scancel", f"{job}_1", env=slurm_env)
-    _wait(lambda: _query(kl_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
-          "task 0 to finish the plan alone", slurm_env, kl)
-    task0 = (kl / "stores" / "kl.slurm-logs" / f"rbridge-kl-{job}_0.out").read_text()
-    task1 = (kl / "stores" / "kl.slurm-logs" / f"rbridge-kl-{job}_1.out").read_text()
-    assert "stopped by SIGTERM: the running proxy was checkpointed and given back" in task1, task1[-2000:]
-    assert f"filter/{held} rung" in task0.split("rung 1 decision")[0], task0[-3000:]  # task 0 trained it
-
-    # 3b. a worker killed outright (a lost node): the other task takes its run over after the heartbeat timeout
-    lost = _plan_dir(tmp_path, "lost", 4096)
-    out = _rbridge("plan", "plan.yaml", "--launch", "slurm", "--workers", "2", cwd=lost, env=env_slow)
-    assert out.returncode == 0, out.stdout + out.stderr
-    job = out.stdout.split("submitted job array ", 1)[1].split(":", 1)[0]
-    lost_db = lost / "stores" / "lost.db"
-    held_sql = ("SELECT c.name, r.worker FROM runs r JOIN candidates c ON c.id = r.candidate_id WHERE r.status = "
-                f"'running' AND r.worker LIKE '%slurm={job}_1%'")
-    _wait(lambda: len(_query(lost_db, held_sql)) == 1, 120, "task 1 to hold a run", slurm_env, lost)
-    [(held, worker)] = _query(lost_db, held_sql)
-    os.kill(int(worker.split(":")[1]), 9)
-    _wait(lambda: _query(lost_db, "SELECT status FROM plans") == [("done",)] and _queue_empty(slurm_env, job), 240,
-          "task 0 to finish the plan alone", slurm_env, lost)
-    assert f"taking over run filter/{held}" in _logs(lost), _logs(lost)[-3000:]
 
     _wait(lambda: _queue_empty(slurm_env, tm_job), 180, "the task to reach its time limit", slurm_env, tm)
     assert _query(tm_db, "SELECT status FROM plans") == [("running",)]
