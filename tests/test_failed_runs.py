@@ -1,7 +1,7 @@
 """A run whose training always raises: retried up to max_attempts, then failed; the plan goes on.
 
-Three `rbridge worker` processes and a coordinating `rbridge plan --no-local` share a
-SQLite store; RBRIDGE_RAISE makes the training of filter/cot raise in every process.
+Two `rbridge worker` processes and a coordinating `rbridge plan --no-local` share a
+SQLite store (each process imports torch: seconds of CPU; two show a run retried by any worker); RBRIDGE_RAISE makes the training of filter/cot raise in every process.
 Each attempt is recorded (attempts, error), the run ends ``failed`` after
 ``max_attempts`` (2), its rung is decided without it, and every worker stays alive
 until the plan is done. (Workers used to exit with the error, one after another.)
@@ -27,9 +27,9 @@ def test_a_failing_run_is_failed_after_max_attempts_and_no_worker_exits(tmp_path
     plan = subprocess.Popen(_cmd("plan", "tiny.yaml", "--no-local"), cwd=d, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     workers = [subprocess.Popen(_cmd("worker", "--store", "stores/tiny.db", "--until-idle"), cwd=d, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in [plan, *workers]]
-    assert [p.returncode for p in [plan, *workers]] == [0, 0, 0, 0], "\n\n".join(outs)
+    assert [p.returncode for p in [plan, *workers]] == [0, 0, 0], "\n\n".join(outs)
     told = "\n".join(outs[1:])
     assert "filter/cot failed (RuntimeError: injected failure" in told and "will be retried" in told
     assert "recorded as failed, the plan goes on without it" in told
