@@ -9,6 +9,9 @@ CUDA is available, and the measured rate of n x n ``torch.mm`` (best of 5, GFLOP
 1 thread and at the process's thread count, on the device a benchmark would use (the GPU where CUDA is
 available, else the CPU). Figures from two machines compare only next to these lines: a CPU without
 AVX512_BF16/AMX emulates bf16 (slower than fp32), and a shared machine's load average moves everything.
+``ONEDNN_MAX_CPU_ISA=AVX512_CORE`` in the environment makes a CPU with bf16 units compute torch's bf16
+products without them (oneDNN's documented cap), which is how a machine with fast bf16 measures what
+rbridge does on one without; the header names the cap when it is set.
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ def machine_info(threads: int | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "threads": threads,
         "matmul_device": str(device),
+        # oneDNN's instruction-set cap, where set: ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps torch's bf16 products off
+        # the bf16 units (0.44x fp32 on the 2-core AMD EPYC family 25 model 17), as on CPUs without them
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
         "matmul_gflops": rates,
     }
 
@@ -98,7 +104,8 @@ def machine_lines(threads: int | None = None, info: dict | None = None) -> list[
         f"load average {load}",
         f"  cpu flags: {flags}",
         f"  torch {m['torch']}, cpu capability {m['cpu_capability']}, {m['threads']} threads; "
-        f"gpu: {m['gpu'] or 'none'}",
+        f"gpu: {m['gpu'] or 'none'}"
+        + (f"; oneDNN capped at {m['onednn_max_cpu_isa']} (ONEDNN_MAX_CPU_ISA)" if m.get("onednn_max_cpu_isa") else ""),
         f"  torch.mm GFLOP/s on {m['matmul_device']} (n x n, best of 5):",
     ]
     for r in m["matmul_gflops"]:

@@ -89,6 +89,20 @@ def test_the_real_measurement_on_this_machine(model):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_a_onednn_instruction_set_cap_is_another_machine(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps bf16 products off a CPU's bf16 units (how a machine with them shows
+    what one without gets): a measurement cached without the cap must not be taken under it, or the reverse."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    plain = P.machine_name("cpu")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
+    capped = P.machine_name("cpu")
+    assert capped != plain and "oneDNN<=AVX512_CORE" in capped and capped.endswith(f"torch {torch.__version__}")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # oneDNN's older name
+    assert P.machine_name("cpu") == capped
+
+
 def test_rates_text_round_trips():
     r = Rates(100.0, 250.0, "training steps of 8x256 tokens", "some cpu", 2)
     assert Rates.from_json(r.to_json()) == r and Rates.from_json("") is None and Rates.from_json("{bad") is None

@@ -84,7 +84,12 @@ def machine_name(device_type: str = "cpu") -> str:
     if device_type == "cuda":
         return f"{torch.cuda.get_device_name()}; torch {torch.__version__}"
     name, flags = _cpuinfo()
-    return f"{name} [{' '.join(flags) or 'no avx2'}]; torch {torch.__version__}"
+    # oneDNN's instruction-set cap changes what bf16 costs on the same CPU (ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps
+    # bf16 products off a CPU's bf16 units: 0.44x fp32 on a 2-core AMD EPYC, family 25 model 17), so it is
+    # part of the machine a measurement holds for
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return (f"{name} [{' '.join(flags) or 'no avx2'}]" + (f" oneDNN<={cap.upper()}" if cap else "")
+            + f"; torch {torch.__version__}")
 
 
 def bf16_possible(device_type: str) -> bool:
