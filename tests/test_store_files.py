@@ -69,6 +69,8 @@ def _make(kind: str, d: Path) -> str:
         con.close()
     elif kind == "missing store":
         pass
+    elif kind == "folder path":  # a path ending in a slash: the user meant a folder; no file is made of it
+        return str(p) + "/"
     elif kind == "unknown URL scheme":
         return "mysql://me@dbhost/rbridge"
     return str(p)
@@ -79,9 +81,10 @@ CASES = {
     "truncated store": "is damaged", "overwritten pages": "is damaged",
     "another application's database": "another application", "newer schema": "newer than this rbridge",
     "missing store": "no store here", "unknown URL scheme": "unsupported store URL scheme",
+    "folder path": "names a folder",
 }
 WRITERS = ("directory", "text file", "truncated store", "overwritten pages", "another application's database",
-           "newer schema", "unknown URL scheme")
+           "newer schema", "unknown URL scheme", "folder path")
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:

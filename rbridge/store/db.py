@@ -31,6 +31,7 @@ from rbridge.errors import InputError
 import rbridge.store.results  # noqa: F401 - registers its tables before create_all
 from rbridge.store.models import SCHEMA_VERSION, Meta
 from rbridge.store.sqlite_read import check_sqlite_file, latest_store  # noqa: F401 - part of this API
+from rbridge.store.sqlite_read import refuse_folder_path
 
 # Every view reads live runs only: a run superseded by an accepted spec edit keeps its
 # rows (rbridge status lists it) but no longer counts.
@@ -233,6 +234,7 @@ def store_url(store: str | Path) -> str:
         if scheme in ("postgresql", "postgres"):
             return f"{POSTGRES_DRIVER}://{rest}"
         return s
+    refuse_folder_path(s)
     return f"sqlite:///{Path(s).expanduser().resolve()}"
 
 

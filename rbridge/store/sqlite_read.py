@@ -127,10 +127,19 @@ class SQLiteReader:
         self._con.close()
 
 
+def refuse_folder_path(store: str) -> None:
+    """A store path ending in a slash names a folder; Path() would drop the slash and a plan would make a
+    store file of the folder's name. One InputError naming it, before anything is read or made."""
+    if store.endswith(("/", os.sep)):
+        raise InputError(f"ends with '{store[-1]}', so it names a folder, but a store is a file: give the "
+                         f"file's path (for example {store}NAME.db)", file=store)
+
+
 def sqlite_path(store: str | Path) -> Path | None:
     """The file of a store argument that names a SQLite file (a path or ``sqlite:///`` URL), else None."""
     s = str(store)
     if "://" not in s:
+        refuse_folder_path(s)
         return Path(s).expanduser().resolve()
     if s.startswith("sqlite:///") and "?" not in s:
         return Path(s[len("sqlite:///"):])
