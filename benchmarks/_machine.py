@@ -43,6 +43,7 @@ def machine_info(threads: int | None = None) -> dict:
     import torch
 
     from rbridge.proxy.peak import _measured, mm_rate
+    from rbridge.proxy.precision import onednn_cap
 
     cpu = _cpuinfo()
     flags = set(cpu.get("flags", "").split())
@@ -81,9 +82,7 @@ def machine_info(threads: int | None = None) -> dict:
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "threads": threads,
         "matmul_device": str(device),
-        # oneDNN's instruction-set cap, where set: ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps torch's bf16 products off
-        # the bf16 units (0.44x fp32 on the 2-core AMD EPYC family 25 model 17), as on CPUs without them
-        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
+        "onednn_max_cpu_isa": onednn_cap(),  # where set, part of the machine (rbridge.proxy.precision)
         "matmul_gflops": rates,
     }
 
@@ -93,6 +92,7 @@ def machine_lines(threads: int | None = None, info: dict | None = None) -> list[
     m = info or machine_info(threads)
     fam = "" if m["cpu_family"] is None else f" (family {m['cpu_family']} model {m['cpu_model_number']})"
     load = ", ".join(f"{x:.2f}" for x in m["load_average"]) if m["load_average"] else "?"
+    cap = m.get("onednn_max_cpu_isa")
     if m["flags"] is None:
         flags = "unknown"
     else:
@@ -104,8 +104,7 @@ def machine_lines(threads: int | None = None, info: dict | None = None) -> list[
         f"load average {load}",
         f"  cpu flags: {flags}",
         f"  torch {m['torch']}, cpu capability {m['cpu_capability']}, {m['threads']} threads; "
-        f"gpu: {m['gpu'] or 'none'}"
-        + (f"; oneDNN capped at {m['onednn_max_cpu_isa']} (ONEDNN_MAX_CPU_ISA)" if m.get("onednn_max_cpu_isa") else ""),
+        f"gpu: {m['gpu'] or 'none'}" + (f"; oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)" if cap else ""),
         f"  torch.mm GFLOP/s on {m['matmul_device']} (n x n, best of 5):",
     ]
     for r in m["matmul_gflops"]:

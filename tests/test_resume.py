@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -74,10 +73,14 @@ def _rbridge(args: list[str], cwd: Path, env: dict, failpoint: str | None = None
                           capture_output=True, text=True, timeout=300)
 
 
+def _env(cache: Path) -> dict:
+    return dict(os.environ, RBRIDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
 def _setup(d: Path, cache: Path, candidates=CANDIDATES) -> dict:
     (d / "traces.jsonl").write_text(gsm8k_lines(6))
     (d / "crash.yaml").write_text(_spec(candidates))
-    return dict(os.environ, RBRIDGE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return _env(cache)
 
 
 def _ranking(db: Path) -> list[tuple]:
@@ -380,7 +383,7 @@ def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_pa
     their precision (store schema < 7: a run with threads, no precision) keeps the old rule, fp32 on CPUs.
     This machine's auto is injected (bf16 measured 2x fp32), so both answers are tried on any CPU."""
     cache, _expected, _dec = baseline[:3]
-    env = dict(_setup(tmp_path, cache), RBRIDGE_WORKERS="1", RBRIDGE_BF16_SPEEDUP="2")
+    env = dict(_env(cache), RBRIDGE_WORKERS="1", RBRIDGE_BF16_SPEEDUP="2")
 
     def kill(d: Path) -> dict:  # once a test run, for both cases
         _setup(d, cache)
@@ -392,10 +395,10 @@ def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_pa
         return {}
 
     src, _ = built_once(tmp_path_factory, "crash-killed-at-first-step", kill)
-    shutil.rmtree(tmp_path)
-    copy_folder(src, tmp_path)
-    db = tmp_path / "stores/crash.db"
-    repoint_store(db, src, tmp_path)
+    d = tmp_path / "plan"
+    copy_folder(src, d)
+    db = d / "stores/crash.db"
+    repoint_store(db, src, d)
     native = "bf16"
     with sqlite3.connect(db) as con:
         started = con.execute("SELECT precision FROM runs WHERE threads > 0").fetchall()
@@ -403,7 +406,7 @@ def test_a_stage_trains_in_the_precision_its_first_run_recorded(baseline, tmp_pa
         # as if another machine (or an older rbridge) had started the stage
         want = {"bf16": "fp32", "fp32": "bf16"}[native] if recorded == "other" else "fp32"
         con.execute("UPDATE runs SET precision = ? WHERE threads > 0", (want if recorded == "other" else "",))
-    again = _rbridge(["resume", "--store", str(db)], tmp_path, env)
+    again = _rbridge(["resume", "--store", str(db)], d, env)
     assert again.returncode == 0, again.stdout + again.stderr
     with sqlite3.connect(db) as con:
         rows = con.execute("SELECT stage, precision, checkpoint FROM runs WHERE tokens_seen > 0").fetchall()

@@ -44,7 +44,8 @@ import torch
 
 from rbridge.proxy.rates import THRESHOLD, Rates
 
-__all__ = ["THRESHOLD", "Rates", "bf16_possible", "machine_name", "scoring_rates", "training_rates"]
+__all__ = ["THRESHOLD", "Rates", "bf16_possible", "machine_name", "onednn_cap", "scoring_rates",
+           "training_rates"]
 
 STEPS_MAX_PARAMS = 10e6    # larger training shapes are timed on their matrix products (seconds a step)
 BUDGET_S = 1.0             # seconds of timing per precision after the warm-up (at least MIN_ROUNDS rounds)
@@ -84,12 +85,17 @@ def machine_name(device_type: str = "cpu") -> str:
     if device_type == "cuda":
         return f"{torch.cuda.get_device_name()}; torch {torch.__version__}"
     name, flags = _cpuinfo()
-    # oneDNN's instruction-set cap changes what bf16 costs on the same CPU (ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps
-    # bf16 products off a CPU's bf16 units: 0.44x fp32 on a 2-core AMD EPYC, family 25 model 17), so it is
-    # part of the machine a measurement holds for
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return (f"{name} [{' '.join(flags) or 'no avx2'}]" + (f" oneDNN<={cap.upper()}" if cap else "")
+    cap = onednn_cap()
+    return (f"{name} [{' '.join(flags) or 'no avx2'}]" + (f" oneDNN<={cap}" if cap else "")
             + f"; torch {torch.__version__}")
+
+
+def onednn_cap() -> str | None:
+    """oneDNN's instruction-set cap where the environment sets one (``ONEDNN_MAX_CPU_ISA``, or its older name
+    ``DNNL_MAX_CPU_ISA``), upper-cased. It changes what bf16 costs on the same CPU (``AVX512_CORE`` keeps bf16
+    products off a CPU's bf16 units; docs/SPEED.md), so it is part of the machine a measurement holds for."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.upper() if cap else None
 
 
 def bf16_possible(device_type: str) -> bool:
