@@ -53,20 +53,21 @@ VARIANTS = ("rbridge", "hf-loss", "hf-decoder", "hf-eager", "loop-adamw", "forea
 class PlainLoop:
     """The ``plain`` variant: what a user would write without rbridge (LlamaForCausalLM and its own loss,
     AdamW with torch's defaults, bf16 autocast when asked, no accelerate, clipping or schedule), with the
-    two methods ``measure`` calls."""
+    two methods ``measure`` calls. On the GPU when there is one, as ProxyTrainer (through accelerate)."""
 
     def __init__(self, preset: str, precision: str, batch_size: int):
         torch.manual_seed(0)
-        self.model = LlamaForCausalLM(proxy_config({"preset": preset}, VOCAB, SEQ_LEN))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = LlamaForCausalLM(proxy_config({"preset": preset}, VOCAB, SEQ_LEN)).to(self.device)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-        self.x = torch.from_numpy(np.random.default_rng(0).integers(0, VOCAB, size=(batch_size, SEQ_LEN)))
+        self.x = torch.from_numpy(np.random.default_rng(0).integers(0, VOCAB, size=(batch_size, SEQ_LEN))).to(self.device)
         self.bf16 = precision == "bf16"
         self.tokens_per_step, self.tokens_seen = batch_size * SEQ_LEN, 0
 
     def train_to(self, tokens: int) -> None:
         while self.tokens_seen < tokens:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.model(input_ids=self.x, labels=self.x).loss
             loss.backward()
             self.opt.step()

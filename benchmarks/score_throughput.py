@@ -226,7 +226,10 @@ def whole_process(args) -> None:
         lines = Path(args.traces).read_text().splitlines()
         lines = unique_traces(lines, args.unique) if args.unique else lines[:args.limit]
         traces.write_text("\n".join(lines) + "\n")
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+        # USE_HUB_KERNELS=0: transformers 5 otherwise has lm-eval's model fetch layer kernels from the Hugging Face
+        # Hub, which on a GPU without network fails ("kernels-community/rotary ... not available in the local
+        # cache", an H200, 2026-12-04); rbridge loads models without them (rbridge.scoring.api._no_hub_kernels)
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", USE_HUB_KERNELS="0")
         rb_cmd = [sys.executable, "-m", "rbridge.cli", "score", "--model", model_dir, "--traces", str(traces),
                   "--no-baselines", "--no-cache", "--json", "--per-trace", "--batch-size", str(args.batch_size)]
         le_cmd = [sys.executable, __file__, "--lmeval-process", model_dir, str(traces),
@@ -243,7 +246,9 @@ def whole_process(args) -> None:
         for _ in range(args.repeats):
             for name, cmd in variants.items():
                 t0 = time.perf_counter()
-                res = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if res.returncode != 0:  # its own error, not only an exit status
+                    sys.exit(f"{name} exited with {res.returncode}: {' '.join(cmd)}\n{res.stderr[-4000:]}")
                 times[name].append(time.perf_counter() - t0)
                 out[name] = res.stdout
         nll, computed, n_tok = {}, {}, None

@@ -52,6 +52,23 @@ def test_the_rule_on_injected_rates(monkeypatch, bf16, want):
     assert len(calls) == 3
 
 
+def test_a_gpu_is_timed_on_the_runs_own_micro_batch(monkeypatch):
+    """A CPU's rate per token levels off within a few hundred tokens, so it is timed on a small shape; a GPU's
+    keeps growing with the work (an H200 timed at 2x512 tokens put bf16 at 0.91x fp32 for an 8M proxy that it
+    trains 1.22x faster in bf16 at 32x256), so there the run's own micro-batch is timed, up to GPU_TOKENS.
+    No GPU here: the device only names the work (the measurement itself is replaced)."""
+    seen = []
+    monkeypatch.setattr(P, "_step_rates", lambda c, rows, seq, d: seen.append(("steps", d.type, rows, seq)) or (1, 2, ""))
+    monkeypatch.setattr(P, "_matmul_rates", lambda c, tokens, d: seen.append(("products", d.type, tokens)) or (1, 2, ""))
+    monkeypatch.setattr(P, "machine_name", lambda device_type="cpu": f"a {device_type} machine")
+    for device in ("cpu", "cuda"):
+        P.training_rates(tiny(), 32, 256, torch.device(device), threads=1)                 # 0.5M: training steps
+        P.training_rates(tiny("20M", vocab=256), 32, 512, torch.device(device), threads=1)  # matrix products
+    assert seen == [("steps", "cpu", P.STEP_TOKENS // 256, 256), ("products", "cpu", P.MATMUL_TOKENS),
+                    ("steps", "cuda", 32, 256), ("products", "cuda", P.GPU_TOKENS)]
+    assert P.GPU_TOKENS == 32 * 256 < 32 * 512
+
+
 @pytest.mark.parametrize("speedup, want", [("0.5", "fp32"), ("1", "fp32"), ("1.15", "bf16"), ("4", "bf16")])
 def test_the_override_injects_rates_for_training_and_scoring(monkeypatch, model, speedup, want):
     from rbridge.scoring.requests import auto_scoring_precision

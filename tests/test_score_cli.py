@@ -120,3 +120,16 @@ def test_auto_upcasts_a_bf16_checkpoint_where_bf16_does_not_pay(files, model, to
     monkeypatch.setenv("RBRIDGE_BF16_SPEEDUP", "2")
     fast, hit = score_file(tmp_path / "half", traces, device="cpu", cache_file=db, baselines=False)
     assert not hit and fast["precision"] == "bf16"
+
+
+def test_a_loaded_model_runs_no_hub_kernels(files):
+    """transformers 5 replaces layers with kernels fetched from the Hugging Face Hub unless told not to
+    (offline on a GPU the load fails outright); rbridge loads every model without them."""
+    from transformers import PreTrainedModel
+
+    from rbridge.scoring.api import load_model
+
+    d, _ = files
+    model, _, _ = load_model(d / "tiny", device="cpu")
+    if hasattr(PreTrainedModel, "use_kernels"):
+        assert model.use_kernels is False

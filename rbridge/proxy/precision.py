@@ -13,7 +13,9 @@ the less accurate precision):
   :data:`STEPS_MAX_PARAMS` non-embedding parameters are timed on the matrix products of their
   sizes instead (forward and both backward products of every linear layer and the output layer,
   the weights cast to bf16 as autocast casts them), which dominate their steps and need no
-  second copy of a large model and its optimizer state in memory;
+  second copy of a large model and its optimizer state in memory. A CPU is timed on at most
+  :data:`STEP_TOKENS` (:data:`MATMUL_TOKENS`) tokens, where its rate per token has levelled off; a
+  GPU, whose rate keeps growing with the work, on the run's own micro-batch up to :data:`GPU_TOKENS`;
 - scoring (:func:`scoring_rates`): forward passes of the model itself over a batch of random
   tokens, fp32 against its parameters cast to bf16, as the scorer computes
   (rbridge.scoring.requests).
@@ -50,10 +52,17 @@ __all__ = ["THRESHOLD", "Rates", "bf16_possible", "machine_name", "onednn_cap", 
 STEPS_MAX_PARAMS = 10e6    # larger training shapes are timed on their matrix products (seconds a step)
 BUDGET_S = 1.0             # seconds of timing per precision after the warm-up (at least MIN_ROUNDS rounds)
 MIN_ROUNDS = 2
-STEP_TOKENS = 1024         # tokens per timed training step at most: rates per token hold from here on
-MATMUL_TOKENS = 512        # rows of the timed matrix products
+STEP_TOKENS = 1024         # a CPU: tokens per timed training step at most: rates per token hold from here on
+MATMUL_TOKENS = 512        # a CPU: rows of the timed matrix products
+# A GPU's rate per token keeps growing with the work until the GPU is full, so a small shape measures
+# kernel launches, not arithmetic. On an H200 (benchmarks/gpu_check.sh, 2026-12-04), timed at 2x512
+# tokens bf16 trained an 8M proxy at 0.91x fp32 and matrix products of 512 rows put a 60M at 1.21-1.45x,
+# while at 32x256 tokens bf16 trained them at 1.22x and 3.6x (an auto chose fp32 for that 60M there: 0.28x
+# its bf16 speed). A GPU is timed at the run's own micro-batch, up to this many tokens, which is still cheap.
+GPU_TOKENS = 8192
+GPU_SCORE_TOKENS = 4096    # a GPU's scoring forward passes: 16 rows of 256, the scorer's default batch
 CACHE_FILE = "precision.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2          # 2: GPUs timed at GPU_TOKENS (version 1's GPU figures measured launches)
 OVERRIDE_ENV = "RBRIDGE_BF16_SPEEDUP"
 _FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni")
 
@@ -233,10 +242,16 @@ def training_rates(config, micro_batch: int, seq_len: int, device: torch.device 
     non_embedding = param_counts(config)[1]
     shape = {**_shape(config), "micro_batch": micro_batch, "seq_len": seq_len}
     if non_embedding > STEPS_MAX_PARAMS:
-        return _measure_cached("train-mm", device, threads, shape,
-                               lambda: _matmul_rates(config, micro_batch * seq_len, device))
-    return _measure_cached("train", device, threads, shape,
-                           lambda: _step_rates(config, micro_batch, seq_len, device))
+        tokens = min(micro_batch * seq_len, token_cap(device.type, MATMUL_TOKENS))
+        return _measure_cached("train-mm", device, threads, shape, lambda: _matmul_rates(config, tokens, device))
+    rows = max(1, min(micro_batch, token_cap(device.type, STEP_TOKENS) // seq_len))
+    return _measure_cached("train", device, threads, shape, lambda: _step_rates(config, rows, seq_len, device))
+
+
+def token_cap(device_type: str, cpu_tokens: int) -> int:
+    """Tokens a measurement on ``device_type`` is timed on at most: ``cpu_tokens`` on a CPU, where the rate
+    per token has levelled off by then; :data:`GPU_TOKENS` elsewhere (module docstring)."""
+    return cpu_tokens if device_type == "cpu" else GPU_TOKENS
 
 
 def _step_rates(config, micro_batch: int, seq_len: int, device: torch.device) -> tuple[float, float, str]:
@@ -250,7 +265,6 @@ def _step_rates(config, micro_batch: int, seq_len: int, device: torch.device) ->
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     except (RuntimeError, ValueError):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    micro_batch = max(1, min(micro_batch, STEP_TOKENS // seq_len))
     rows = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=gen).to(device)
 
     def step(bf16: bool):
@@ -278,8 +292,8 @@ def _linear_shapes(config) -> list[tuple[int, int, int]]:
 
 def _matmul_rates(config, tokens: int, device: torch.device) -> tuple[float, float, str]:
     """Forward (x W^T) and backward (dy W, dy^T x) products of every distinct linear shape, weighted
-    by how often a step computes it; bf16 casts the fp32 weight first, as autocast does."""
-    tokens = min(tokens, MATMUL_TOKENS)
+    by how often a step computes it, over ``tokens`` rows; bf16 casts the fp32 weight first, as
+    autocast does."""
     gen = torch.Generator().manual_seed(0)
     mats = []
     for n_in, n_out, count in _linear_shapes(config):
@@ -319,9 +333,12 @@ def _matmul_rates(config, tokens: int, device: torch.device) -> tuple[float, flo
 def scoring_rates(model, cast, threads: int | None = None, tokens: int = 512) -> Rates:
     """Scoring tokens/s of ``model`` (a float32 or bfloat16 causal LM) with its parameters in fp32 and in
     bf16, cast by ``cast(model, dtype)``, the scorer's context manager (rbridge.scoring.requests): forward passes over
-    ``tokens`` random tokens in rows of at most 256 (cached; module docstring)."""
+    ``tokens`` random tokens in rows of at most 256, on a GPU at least :data:`GPU_SCORE_TOKENS` (cached; module
+    docstring)."""
     param = next(model.parameters())
     device = param.device
+    if device.type != "cpu":
+        tokens = max(tokens, GPU_SCORE_TOKENS)
     threads = threads or torch.get_num_threads()
     config = model.config
     seq = min(256, tokens, getattr(config, "max_position_embeddings", 256) or 256)

@@ -48,6 +48,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
     if not path.exists():
         raise InputError("model path not found", file=path)
     kwargs: dict[str, Any] = {"local_files_only": True}
+    model_kwargs = _no_hub_kernels()
     if path.is_file():
         if path.suffix != ".gguf":
             raise InputError("a model file must be .gguf; otherwise pass a directory", file=path)
@@ -72,7 +73,7 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            directory, **kwargs, **({"dtype": dtype} if dtype is not None else {}))
+            directory, **kwargs, **model_kwargs, **({"dtype": dtype} if dtype is not None else {}))
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load a causal LM and tokenizer from it: {e}", file=path) from None
     finally:
@@ -83,6 +84,17 @@ def load_model(path: str | Path, *, device: str = "auto", dtype: torch.dtype | N
     model.to(device)
     model.eval()
     return model, tokenizer, name
+
+
+def _no_hub_kernels() -> dict[str, Any]:
+    """``use_kernels=False`` where transformers has hub kernels: from transformers 5 on, ``from_pretrained``
+    defaults to replacing layers with kernels downloaded from the Hugging Face Hub (the ``kernels`` package),
+    code fetched at run time that rbridge does not run (nothing is downloaded at run time), and offline it
+    fails outright on a GPU ("Version 2 of 'kernels-community/rotary' is not available in the local cache",
+    seen on an H200). Older versions have no such argument (nor default), so nothing is passed there."""
+    from transformers import PreTrainedModel
+
+    return {"use_kernels": False} if hasattr(PreTrainedModel, "use_kernels") else {}
 
 
 def display_name(path: str | Path) -> str:
