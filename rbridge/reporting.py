@@ -13,6 +13,14 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+def si(n: float) -> str:
+    """1234567 -> '1.2M': compact counts for tables and messages."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 class Progress:
     """A running unit of work; ``update`` may be called as often as the work likes."""
 

@@ -243,3 +243,41 @@ def test_a_failed_attempt_is_retried_then_recorded_failed_and_never_pruned(store
     rows = [plan_ops.DecisionRow(cands["a"].id, run.id, False, None, 3, "failed")]
     assert plan_ops.decide(store, plan.id, "s1", 1, rows)
     assert _run(store, run.id).status == "failed"  # a decision to drop it does not make it "pruned"
+
+
+def test_one_stage_trains_in_one_precision_whoever_measures_first(store):
+    """Processes starting a stage's runs together each measure `precision: auto`, and two measurements near
+    the threshold can disagree; the first to record fixes the stage's precision and the others take it
+    (with no rates of their own), also when they record at the same moment (threads with their own
+    connections, released together by a barrier)."""
+    import threading
+
+    plan, cands = _plan(store)
+    runs = _open_stage(store, plan, cands)
+    leases = {n: run_ops.claim(store, runs[n], ME, 0.5, "") for n in ("a", "b")}
+    assert run_ops.set_compute(store, runs["a"].id, leases["a"], ME, 1, "bf16", '{"bf16": 1.2}') == "bf16"
+    assert run_ops.set_compute(store, runs["b"].id, leases["b"], ME, 1, "fp32", '{"bf16": 1.1}') == "bf16"
+    assert [(_run(store, runs[n].id).precision, _run(store, runs[n].id).precision_rates) for n in "ab"] == \
+        [("bf16", '{"bf16": 1.2}'), ("bf16", "")]
+    assert run_ops.set_compute(store, runs["a"].id, leases["a"], ME, 1, "fp32") == "bf16"  # a run keeps its own
+
+    for i in range(6):  # racing processes: each stage ends with one precision
+        stage = f"race{i}"
+        runs = _open_stage(store, plan, cands, stage=stage)
+        mine = {n: (open_store(store.url), run_ops.claim(store, runs[n], ME, 0.5, "")) for n in runs}
+        barrier, got = threading.Barrier(len(runs)), {}
+
+        def decide(n, precision):
+            st, lease = mine[n]
+            barrier.wait()
+            got[n] = run_ops.set_compute(st, runs[n].id, lease, ME, 1, precision)
+
+        threads = [threading.Thread(target=decide, args=(n, ("bf16", "fp32")[k % 2])) for k, n in enumerate(runs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for st, _ in mine.values():
+            st.close()
+        recorded = {_run(store, r.id).precision for r in runs.values()}
+        assert len(recorded) == 1 and set(got.values()) == recorded, (stage, got, recorded)

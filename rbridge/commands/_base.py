@@ -167,11 +167,3 @@ def open_for_reading(store: str):
     return open_store(store, create=False, read_only=True)
 
 
-def si(n: float) -> str:
-    """1234567 -> '1.2M': compact counts for tables."""
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
-    return f"{n:.0f}"
-
-

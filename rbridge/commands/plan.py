@@ -10,9 +10,10 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from rbridge.commands._base import (RichReporter, console, err_console, guard, main, open_for_reading, si,
+from rbridge.commands._base import (RichReporter, console, err_console, guard, main, open_for_reading,
                                    store_or_latest)
 from rbridge.errors import InputError
+from rbridge.reporting import si
 
 
 # ---------------------------------------------------------------------------- plan / resume / validate

@@ -42,7 +42,7 @@ from rbridge.planner.disk import reduce_to_model
 from rbridge.planner.local import threads_for
 from rbridge.planner.steps import RunContext, score_run, train_run
 from rbridge.proxy.rates import Rates
-from rbridge.reporting import SILENT, Reporter
+from rbridge.reporting import SILENT, Reporter, si
 from rbridge.store import open_store
 from rbridge.store import plans as plan_ops
 from rbridge.store import runs as run_ops
@@ -62,8 +62,8 @@ class PlanWorker:
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S, stages: list[str] | None = None,
                  ranks: Ranks | None = None, changed: Callable[[], None] | None = None):
         self.state = state
-        # Called when this process sees the plan move (a rung done or decided, a run recorded): rbridge
-        # plan wakes its waiting local processes with it (LocalWorkers.nudge) instead of their next poll.
+        # Called when this process sees the plan move (a rung done or decided, a run recorded): rbridge plan
+        # wakes its waiting local processes with it (LocalWorkers.nudge) instead of their next poll.
         self.changed = changed
         self._seen: tuple | None = None
         self.store = state.store
@@ -77,7 +77,7 @@ class PlanWorker:
         self.trained = 0  # (run, rung) steps this process trained and recorded
         self.claimed = 0  # runs this process claimed (a stop before any has nothing to give back)
         self._announced: set[tuple[str, int]] = set()
-        self._told_threads: set[str] = set()
+        self._told_threads: set[str] = set()  # stages whose threads (precision) this process has reported
         self._told_precision: set[str] = set()
         self._stage_compute: dict[str, tuple[int, str]] = {}  # stage -> (threads, precision) its first run fixed
 
@@ -126,11 +126,10 @@ class PlanWorker:
             self._announced.add((stage.name, 0))
             threads = self.threads_of(task)
             preset = stage.proxy.root.get("preset")
-            # A preset is named by its non-embedding parameters (as `rbridge presets` lists them); the
-            # total adds the (tied) embedding, which dominates small proxies.
+            # named by non-embedding parameters (as `rbridge presets`); the (tied) embedding dominates small ones
             size = (f"preset {preset}: " if preset else "") + (
-                f"{_fmt_params(task.run.non_embedding_params)} non-embedding params "
-                f"({_fmt_params(task.run.params)} with the embedding)")
+                f"{si(task.run.non_embedding_params)} non-embedding params "
+                f"({si(task.run.params)} with the embedding)")
             self.report.say(f"[bold]stage {stage.name}[/]: {task.n_entrants} candidates, proxy {size}, "
                             f"{stage.training.tokens:,} tokens each, {stage.pruning.evals} rungs, "
                             f"{threads} CPU thread{'s' if threads > 1 else ''}")
@@ -180,10 +179,9 @@ class PlanWorker:
         acc = Accelerator()
         launched = acc.mixed_precision != "no"  # accelerate launch --mixed_precision: the launcher decides
         if asked == "auto" and stage.role == "target" and not launched:
-            # Targets stand for the large run whose accuracy the proxies must predict: never traded for
-            # speed. bf16 autocast took the ladder's clean-80 target (specs/ladder.yaml, lr 1e-2, same
-            # seed and data) from 87.8% to 8.8% greedy accuracy; fp32 learned it. (A launcher's own mixed
-            # precision, accelerate launch --mixed_precision, still rules: it was asked for explicitly.)
+            # Targets stand for the large run the proxies must predict: never traded for speed. bf16 autocast
+            # took the ladder's clean-80 target (specs/ladder.yaml) from 87.8% to 8.8% greedy accuracy.
+            # (accelerate launch --mixed_precision still rules: it was asked for explicitly.)
             if stage.name not in self._told_precision:
                 self._told_precision.add(stage.name)
                 self.report.say(f"  stage {stage.name} trains in fp32 (precision auto on a target stage; "
@@ -208,14 +206,18 @@ class PlanWorker:
         n_params = task.run.non_embedding_params
         threads = self.threads_of(task)
         precision, rates = self.precision_of(task, threads)
+        # one stage, one precision: where a run of the stage recorded one first (another process), it rules
+        chosen = run_ops.set_compute(self.store, task.run.id, claim.lease, self.me, threads, precision,
+                                     rates.to_json() if rates is not None else "")
+        if chosen != precision:
+            self.report.say(f"  {stage.name}/{name} trains in {chosen}, as its stage's first run recorded")
+            precision = chosen
         ctx = RunContext(state.spec, stage, name, json.loads(task.candidate.mix), state.data, state.traces,
                          checkpoint_dir(self.store.url, state.name, stage.name, name),
                          seed=derive_seed(state.spec.seed, stage.name, name, *seeded),
                          model_seed=derive_seed(state.spec.seed, stage.name, *seeded), run_key=task.run.fingerprint,
                          precision=precision)
         torch.set_num_threads(threads)
-        run_ops.set_compute(self.store, task.run.id, claim.lease, self.me, threads, precision,
-                            rates.to_json() if rates is not None else "")
         try:
             distributed = self.ranks is not None and self.ranks.distributed
             if distributed:  # every rank trains this run with us
@@ -291,13 +293,6 @@ class PlanWorker:
             self.advance(task, claim)
             return "worked"
         return "waiting"
-
-
-def _fmt_params(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f}{unit}"
-    return str(n)
 
 
 class Worker:

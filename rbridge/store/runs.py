@@ -106,14 +106,45 @@ def stage_compute(store: Store, plan_id: int, stage: str) -> tuple[int, str]:
 
 
 def set_compute(store: Store, run_id: int, lease: int, worker: str, threads: int, precision: str,
-                rates: str = "") -> None:
+                rates: str = "") -> str:
     """Record the CPU threads and precision of a held run that has none yet (a run keeps its first ones),
-    with ``rates``, the JSON of the measurement that chose the precision ('' where none did)."""
+    with ``rates``, the JSON of the measurement that chose the precision ('' where none did). Returns the
+    precision the run trains in: its own if it had one; else that of a run of its stage that recorded one
+    first, which it takes instead of ``precision``; else ``precision``.
+
+    One stage, one precision: processes that start a stage's runs at the same moment each measure
+    ``precision: auto`` (rbridge.proxy.precision), and two measurements near the threshold can fall on
+    either side of it (an H200 measured one stage at 1.21x and 1.45x in two processes), which would train
+    candidates of one stage in different precisions. The decision is one transaction that no other decision
+    can interleave with: PostgreSQL takes a transaction-level advisory lock on the stage; SQLite takes its
+    write lock (a write that changes nothing) before reading."""
+    from sqlalchemy import text
+
+    from rbridge.store.db import advisory_key
+
     with store.session() as s:
+        row = s.exec(select(Run.plan_id, Run.stage).where(Run.id == run_id)).first()
+        if row is None:
+            return precision
+        plan_id, stage = row
+        if store.dialect == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                      {"k": advisory_key(f"rbridge-stage-precision:{plan_id}:{stage}")})
+        else:
+            s.execute(update(Run).where(Run.id == run_id).values(threads=Run.threads))  # the write lock
         held = _held(run_id, lease, worker)
+        own = s.exec(select(Run.precision).where(Run.id == run_id)).one()
+        if own:
+            chosen = own
+        else:
+            live = (Run.plan_id == plan_id) & (Run.stage == stage) & (Run.superseded_by == 0)
+            first = s.exec(select(Run.precision).where(live & (Run.precision != "") & (Run.id != run_id))
+                           .order_by(Run.started_at, Run.id).limit(1)).first()
+            chosen = first or precision
+            s.execute(update(Run).where(held & (Run.precision == "")).values(
+                precision=chosen, precision_rates=rates if chosen == precision else ""))
         s.execute(update(Run).where(held & (Run.threads == 0)).values(threads=threads))
-        s.execute(update(Run).where(held & (Run.precision == "")).values(precision=precision,
-                                                                         precision_rates=rates))
+    return chosen
 
 
 def record(store: Store, run_id: int, lease: int, worker: str, *, rung: int, done: bool, tokens_seen: int,
