@@ -99,7 +99,7 @@ def test_the_real_measurement_on_this_machine(model):
     from rbridge.scoring.requests import _parameters_in
 
     scoring = P.scoring_rates(model, _parameters_in, threads=1)
-    assert scoring.how.startswith("forward passes") and scoring.fp32 > 0 and scoring.bf16 > 0
+    assert scoring.how.startswith("scoring passes") and scoring.fp32 > 0 and scoring.bf16 > 0
     cached = json.loads(P._cache_path().read_text())
     assert len(cached) == 3 and {Rates.from_json(json.dumps(v)) for v in cached.values()} == {small, big, scoring}
     # the model the scorer measured is untouched

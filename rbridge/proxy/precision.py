@@ -330,11 +330,20 @@ def _matmul_rates(config, tokens: int, device: torch.device) -> tuple[float, flo
 
 # ---- scoring ---------------------------------------------------------------------------------
 
-def scoring_rates(model, cast, threads: int | None = None, tokens: int = 512) -> Rates:
+def scoring_rates(model, cast, threads: int | None = None, tokens: int = 256) -> Rates:
     """Scoring tokens/s of ``model`` (a float32 or bfloat16 causal LM) with its parameters in fp32 and in
-    bf16, cast by ``cast(model, dtype)``, the scorer's context manager (rbridge.scoring.requests): forward passes over
-    ``tokens`` random tokens in rows of at most 256, on a GPU at least :data:`GPU_SCORE_TOKENS` (cached; module
-    docstring)."""
+    bf16, cast by ``cast(model, dtype)``, the scorer's context manager (rbridge.scoring.requests): the
+    scorer's own pass (its decoder, then the output layer on the scored half of each row, in vocabulary
+    blocks on a CPU) over ``tokens`` random tokens in rows of at most 256, on a GPU at least
+    :data:`GPU_SCORE_TOKENS` (cached; module docstring).
+
+    Why the scorer's own pass: it is the work being chosen for, and it is cheaper than a whole forward
+    with a full-vocabulary log-softmax, which the scorer never computes. On a CPU bf16 is timed where it
+    is slow, so this cost is paid mostly in bf16: SmolLM2-135M as a CPU without fast bf16 (the 2-core AMD
+    EPYC with oneDNN capped at AVX512_CORE) took 10-11 s to measure on 2 x 256 tokens with the full
+    output layer; one row of 256 with the scorer's own pass takes a few seconds."""
+    from rbridge.scoring.requests import Request, _decoder_and_head, _forward, _Row
+
     param = next(model.parameters())
     device = param.device
     if device.type != "cpu":
@@ -343,19 +352,21 @@ def scoring_rates(model, cast, threads: int | None = None, tokens: int = 512) ->
     config = model.config
     seq = min(256, tokens, getattr(config, "max_position_embeddings", 256) or 256)
     rows = max(1, tokens // seq)
-    shape = {**_shape(config), "arch": type(model).__name__, "rows": rows, "seq_len": seq}
+    shape = {**_shape(config), "arch": type(model).__name__, "rows": rows, "seq_len": seq, "work": "scorer"}
 
     def measure():
         gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, config.vocab_size, (rows, seq), generator=gen).to(device)
+        ids = torch.randint(0, config.vocab_size, (rows, seq), generator=gen).tolist()
+        batch = [_Row(Request([0], [0]), row, seq // 2) for row in ids]
+        head = _decoder_and_head(model)
 
         def forward(dtype):
             def run():
                 with cast(model, dtype), torch.inference_mode():
-                    model(input_ids=ids).logits.float().log_softmax(-1)
+                    _forward(model, batch, 0, device, head)
             return run
 
         t = _interleaved({"fp32": forward(torch.float32), "bf16": forward(torch.bfloat16)}, device)
-        return rows * seq / t["fp32"], rows * seq / t["bf16"], f"forward passes of {rows}x{seq} tokens"
+        return rows * seq / t["fp32"], rows * seq / t["bf16"], f"scoring passes of {rows}x{seq} tokens"
 
     return _measure_cached("score", device, threads, shape, measure)
