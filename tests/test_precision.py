@@ -96,9 +96,9 @@ def test_the_real_measurement_on_this_machine(model):
     assert torch.get_num_threads() == threads  # the measurement's threads are put back
     big = P.training_rates(tiny("20M", vocab=256), 16, 64, threads=1)  # 19M non-embedding: matrix products
     assert big.how.startswith("matrix products") and big.fp32 > 0 and big.bf16 > 0
-    from rbridge.scoring.requests import _parameters_in
+    from rbridge.scoring.requests import measured_pass
 
-    scoring = P.scoring_rates(model, _parameters_in, threads=1)
+    scoring = P.scoring_rates(model, measured_pass(model), threads=1)
     assert scoring.how.startswith("scoring passes") and scoring.fp32 > 0 and scoring.bf16 > 0
     cached = json.loads(P._cache_path().read_text())
     assert len(cached) == 3 and {Rates.from_json(json.dumps(v)) for v in cached.values()} == {small, big, scoring}

@@ -330,20 +330,18 @@ def _matmul_rates(config, tokens: int, device: torch.device) -> tuple[float, flo
 
 # ---- scoring ---------------------------------------------------------------------------------
 
-def scoring_rates(model, cast, threads: int | None = None, tokens: int = 256) -> Rates:
+def scoring_rates(model, scoring_pass, threads: int | None = None, tokens: int = 256) -> Rates:
     """Scoring tokens/s of ``model`` (a float32 or bfloat16 causal LM) with its parameters in fp32 and in
-    bf16, cast by ``cast(model, dtype)``, the scorer's context manager (rbridge.scoring.requests): the
-    scorer's own pass (its decoder, then the output layer on the scored half of each row, in vocabulary
-    blocks on a CPU) over ``tokens`` random tokens in rows of at most 256, on a GPU at least
-    :data:`GPU_SCORE_TOKENS` (cached; module docstring).
+    bf16: ``scoring_pass(ids, dtype)`` is the scorer's own pass over the token rows ``ids`` with the
+    parameters in ``dtype`` (rbridge.scoring.requests.measured_pass: its decoder, then the output layer on
+    the scored half of each row, in vocabulary blocks on a CPU), timed over ``tokens`` random tokens in
+    rows of at most 256, on a GPU at least :data:`GPU_SCORE_TOKENS` (cached; module docstring).
 
     Why the scorer's own pass: it is the work being chosen for, and it is cheaper than a whole forward
     with a full-vocabulary log-softmax, which the scorer never computes. On a CPU bf16 is timed where it
     is slow, so this cost is paid mostly in bf16: SmolLM2-135M as a CPU without fast bf16 (the 2-core AMD
-    EPYC with oneDNN capped at AVX512_CORE) took 10-11 s to measure on 2 x 256 tokens with the full
-    output layer; one row of 256 with the scorer's own pass takes a few seconds."""
-    from rbridge.scoring.requests import Request, _decoder_and_head, _forward, _Row
-
+    EPYC with oneDNN capped at AVX512_CORE) took 9.8-10.7 s to measure on 2 x 256 tokens with the full
+    output layer, and takes 4.7-5.5 s on one row of 256 with the scorer's own pass."""
     param = next(model.parameters())
     device = param.device
     if device.type != "cpu":
@@ -357,16 +355,8 @@ def scoring_rates(model, cast, threads: int | None = None, tokens: int = 256) ->
     def measure():
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (rows, seq), generator=gen).tolist()
-        batch = [_Row(Request([0], [0]), row, seq // 2) for row in ids]
-        head = _decoder_and_head(model)
-
-        def forward(dtype):
-            def run():
-                with cast(model, dtype), torch.inference_mode():
-                    _forward(model, batch, 0, device, head)
-            return run
-
-        t = _interleaved({"fp32": forward(torch.float32), "bf16": forward(torch.bfloat16)}, device)
+        t = _interleaved({"fp32": lambda: scoring_pass(ids, torch.float32),
+                          "bf16": lambda: scoring_pass(ids, torch.bfloat16)}, device)
         return rows * seq / t["fp32"], rows * seq / t["bf16"], f"scoring passes of {rows}x{seq} tokens"
 
     return _measure_cached("score", device, threads, shape, measure)

@@ -159,7 +159,19 @@ def auto_scoring_precision(model) -> str:
 
     if not bf16_possible(next(model.parameters()).device.type):
         return "fp32"
-    return scoring_rates(model, _parameters_in).choice
+    return scoring_rates(model, measured_pass(model)).choice
+
+
+def measured_pass(model):
+    """``run(ids, dtype)``: the scorer's own pass (:func:`_forward`, scoring the second half of each row of
+    token ids) with ``model``'s parameters in ``dtype``, as ``auto``'s measurement times it."""
+    device, head = next(model.parameters()).device, _decoder_and_head(model)
+
+    def run(ids: list[list[int]], dtype: torch.dtype) -> None:
+        batch = [_Row(Request([0], [0]), row, max(1, len(row) // 2)) for row in ids]
+        with _parameters_in(model, dtype), torch.inference_mode():
+            _forward(model, batch, 0, device, head)
+    return run
 
 
 def precision_name(dtype: torch.dtype) -> str:
