@@ -16,9 +16,9 @@ the less accurate precision):
   second copy of a large model and its optimizer state in memory. A CPU is timed on at most
   :data:`STEP_TOKENS` (:data:`MATMUL_TOKENS`) tokens, where its rate per token has levelled off; a
   GPU, whose rate keeps growing with the work, on the run's own micro-batch up to :data:`GPU_TOKENS`;
-- scoring (:func:`scoring_rates`): forward passes of the model itself over a batch of random
-  tokens, fp32 against its parameters cast to bf16, as the scorer computes
-  (rbridge.scoring.requests).
+- scoring (:func:`scoring_rates`): the scorer's own pass of the model itself over random tokens
+  (one row of 256 on a CPU), fp32 against its parameters cast to bf16, as the scorer computes
+  (rbridge.scoring.requests.measured_pass).
 
 Each measurement is made once per machine and cached in ``<cache>/precision.json`` (``$RBRIDGE_CACHE``
 or ``~/.cache/rbridge``), keyed by the CPU's model name and flags (or the GPU's name), torch's
