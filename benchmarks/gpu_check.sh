@@ -21,9 +21,8 @@
 # accelerate and huggingface_hub that match a CPU install's, come from wheels in .whl/ when that
 # folder exists (a machine without network access), installed with --no-deps into /tmp/site, which
 # goes first on PYTHONPATH: a python3 that is itself a virtual environment (as on some GPU images)
-# would not pass its torch to a `venv --system-site-packages`. Make .whl elsewhere with
-# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl ...`
-# for each package `python3 -c 'import rbridge.cli, lm_eval.models.huggingface'` lacks there.
+# would not pass its torch to a `venv --system-site-packages`. Make .whl where pip has network access with
+# `bash benchmarks/gpu_wheels.sh` (the packages that image lacked; 29 wheels, 43 MB).
 # Every phase has its own time limit, so one that fails or hangs leaves the others their time.
 # Everything printed is also written to $OUT/gpu_check.log.
 set -uo pipefail
