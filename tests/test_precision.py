@@ -124,3 +124,32 @@ def test_rates_text_round_trips():
     r = Rates(100.0, 250.0, "training steps of 8x256 tokens", "some cpu", 2)
     assert Rates.from_json(r.to_json()) == r and Rates.from_json("") is None and Rates.from_json("{bad") is None
     assert r.describe().startswith("bf16 2.50x fp32 (training steps of 8x256 tokens, 2 threads")
+
+
+def test_processes_measuring_the_same_work_measure_it_once(monkeypatch):
+    """A plan's local processes start a stage together; the second to ask waits for the first's measurement
+    (a lock on the cache folder) and reads it instead of measuring again. Two threads with their own lock
+    files stand for the two processes (flock locks conflict between separate opens)."""
+    import threading
+    import time
+
+    measured = []
+
+    def slow(config, rows, seq, device):
+        measured.append(threading.current_thread().name)
+        time.sleep(0.5)
+        return 100.0, 150.0, "training steps (injected)"
+
+    monkeypatch.setattr(P, "_step_rates", slow)
+    got = {}
+
+    def ask(name):
+        got[name] = P.training_rates(tiny(), 4, 64, threads=1)
+
+    threads = [threading.Thread(target=ask, args=(n,), name=n) for n in ("plan", "w1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(measured) == 1 and got["plan"] == got["w1"] and got["plan"].choice == "bf16"
+    assert P._cache_path().with_suffix(".lock").exists()

@@ -31,6 +31,7 @@ first run recorded whatever a later machine measures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -183,18 +184,45 @@ def _measure_cached(kind: str, device: torch.device, threads: int, shape: dict, 
         return given
     key = _key(kind, device.type, threads, shape)
     hit = _MEMO.get(key) or _cached(key)
-    if hit is not None:
-        _MEMO[key] = hit
-        return hit
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if hit is None:
+        with _measuring():  # another process measuring the same work: wait for its result instead
+            hit = _cached(key)
+            if hit is None:
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    fp32, bf16, how = measure()
+                finally:
+                    torch.set_num_threads(before)
+                hit = Rates(fp32, bf16, how, machine_name(device.type), threads)
+                _store(key, hit)
+    _MEMO[key] = hit
+    return hit
+
+
+@contextlib.contextmanager
+def _measuring():
+    """One measurement at a time on this machine: an exclusive lock on ``<cache>/precision.lock``.
+
+    A plan's local processes start a stage together, and each measured it (the default plan's two stages
+    were measured four times on a 2-core machine, each measurement sharing the cores with the other); the
+    second now waits and reads the first's result from the cache. Where the cache folder cannot be
+    written, or flock does not exist (Windows), nothing is locked."""
     try:
-        fp32, bf16, how = measure()
-    finally:
-        torch.set_num_threads(before)
-    rates = _MEMO[key] = Rates(fp32, bf16, how, machine_name(device.type), threads)
-    _store(key, rates)
-    return rates
+        import fcntl
+
+        path = _cache_path().with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sync(device: torch.device) -> None:
