@@ -362,14 +362,14 @@ def scoring_rates(model, scoring_pass, threads: int | None = None, tokens: int =
     """Scoring tokens/s of ``model`` (a float32 or bfloat16 causal LM) with its parameters in fp32 and in
     bf16: ``scoring_pass(ids, dtype)`` is the scorer's own pass over the token rows ``ids`` with the
     parameters in ``dtype`` (rbridge.scoring.requests.measured_pass: its decoder, then the output layer on
-    the scored half of each row, in vocabulary blocks on a CPU), timed over ``tokens`` random tokens in
+    the scored half of each row, as the scorer takes it), timed over ``tokens`` random tokens in
     rows of at most 256, on a GPU at least :data:`GPU_SCORE_TOKENS` (cached; module docstring).
 
     Why the scorer's own pass: it is the work being chosen for, and it is cheaper than a whole forward
     with a full-vocabulary log-softmax, which the scorer never computes. On a CPU bf16 is timed where it
     is slow, so this cost is paid mostly in bf16: SmolLM2-135M as a CPU without fast bf16 (the 2-core AMD
     EPYC with oneDNN capped at AVX512_CORE) took 9.8-10.7 s to measure on 2 x 256 tokens with the full
-    output layer, and takes 4.7-5.5 s on one row of 256 with the scorer's own pass."""
+    output layer, and takes 4.6-5.5 s on one row of 256 with the scorer's own pass."""
     param = next(model.parameters())
     device = param.device
     if device.type != "cpu":
