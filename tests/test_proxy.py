@@ -421,6 +421,31 @@ def test_fused_decoder_equals_transformers_forward_and_gradients(kv_heads, rope)
     assert 1e-4 < err(fu16) <= 1.5 * err(hf16)  # bf16 really ran, and no worse than transformers'
 
 
+def test_fused_loss_under_bf16_autocast_is_as_close_to_fp32_as_transformers_own():
+    """The chunked loss casts each chunk's rows and logits' gradient once under autocast and takes the
+    output layer's weight gradient as a bf16 product, as autocast does for a Linear: its loss and every
+    gradient no further from fp32's than LlamaForCausalLM's own loss and decoder under the same autocast."""
+    from transformers import LlamaForCausalLM
+
+    from rbridge.proxy import ProxyLlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = ProxyLlamaForCausalLM(tiny_config(num_attention_heads=4, num_key_value_heads=4))
+    x = torch.randint(0, VOCAB, (3, SEQ))
+    ref_loss, ref = _grads(model, x, fused=True)
+    fu_loss, fu16 = _grads(model, x, fused=True, bf16=True)
+    model.__class__ = LlamaForCausalLM  # the same modules and weights; transformers' forward and loss
+    hf_loss, hf16 = _grads(model, x, fused=False, bf16=True)
+
+    def err(grads, name):
+        return ((grads[name] - ref[name]).norm() / ref[name].norm()).item()
+    assert abs(fu_loss - ref_loss) <= 2 * abs(hf_loss - ref_loss) + 1e-3
+    for name in ref:
+        assert err(fu16, name) <= 1.5 * err(hf16, name) + 1e-6, name
+    head = "lm_head.weight" if "lm_head.weight" in ref else "model.embed_tokens.weight"
+    assert err(fu16, head) > 1e-5  # the output layer's products really ran in bf16
+
+
 def test_fused_decoder_steps_aside_where_it_would_differ():
     """A padding mask, position ids, an attention bias or activation checkpointing: transformers' forward."""
     from rbridge.proxy import ProxyLlamaForCausalLM
