@@ -215,3 +215,29 @@ def test_precision_rules_and_the_callers_parameters_come_back_bit_for_bit(model,
     assert rq.scoring_dtype("auto", type(model)(model.config).to(torch.float16)) == torch.float16
     loglikelihood(half, make(pairs), precision="fp32", pad_id=2)
     assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_the_pass_keeps_no_key_value_cache(model, pairs, monkeypatch):
+    """A config that says ``use_cache: true`` (the fixture's, SmolLM2's) builds no cache in a scoring pass, on the
+    gathered-rows path or the full one: it would keep every layer's keys and values until the pass ends."""
+    import rbridge.scoring.requests as rq
+
+    assert model.config.use_cache
+    seen = []
+
+    def cache_of(out):
+        return getattr(out, "cache", None) if hasattr(type(out), "cache") else getattr(out, "past_key_values", None)
+
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(cache_of(out)))
+             for m in (model, model.get_decoder())]
+    try:
+        with torch.inference_mode():
+            assert cache_of(model.get_decoder()(input_ids=torch.tensor([pairs[0][0]]))) is not None  # the hook sees one
+        seen.clear()
+        loglikelihood(model, make(pairs), batch_size=2, precision="fp32")
+        monkeypatch.setattr(rq, "_decoder_and_head", lambda m: None)  # the full pass
+        loglikelihood(model, make(pairs), batch_size=2, precision="fp32")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) >= 6 and all(c is None for c in seen)
