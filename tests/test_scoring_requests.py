@@ -241,3 +241,32 @@ def test_the_pass_keeps_no_key_value_cache(model, pairs, monkeypatch):
         for h in hooks:
             h.remove()
     assert len(seen) >= 6 and all(c is None for c in seen)
+
+
+def test_nll_without_blocks_has_no_log_softmax_bias():
+    """The unblocked path computes max + log(sum(exp(x - max))) - x_t, as the blocked one does: torch's CPU
+    log_softmax comes out low on average (its faster exp), which summed over a trace's tokens exceeds the 1e-4
+    nats per trace rbridge's float32 keeps to float64; this form is unbiased to float rounding."""
+    from rbridge.scoring.requests import _nll_and_greedy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 49152, generator=g) * 3
+    t = torch.randint(0, 49152, (400,), generator=g)
+    ref = (-torch.log_softmax(x.double(), -1).gather(-1, t[:, None])[:, 0]).numpy()
+    got, _ = _nll_and_greedy(x, t)
+    torch_bias = float((-torch.log_softmax(x, -1).gather(-1, t[:, None])[:, 0].double().numpy() - ref).mean())
+    assert abs(float((got - ref).mean())) < 2e-7 and np.abs(got - ref).max() < 5e-6
+    print(f"mean signed error per token: rbridge {float((got - ref).mean()):+.1e}, torch.log_softmax {torch_bias:+.1e}")
+
+
+def test_cpu_batches_end_before_a_row_with_more_than_a_tenth_of_padding(model, pairs):
+    from rbridge.scoring.requests import _batches, _Row
+
+    rows = [_Row(Request([0], [1]), [0] * n, 1) for n in (100, 95, 91, 90, 89, 50, 50, 50, 10)]
+    cpu = _batches(rows, 3, torch.device("cpu"))
+    assert [[len(r.ids) for r in b] for b in cpu] == [[100, 95, 91], [90, 89], [50, 50, 50], [10]]
+    fixed = _batches(rows, 3, torch.device("cuda"))  # a device object only: nothing runs on it
+    assert [len(b) for b in fixed] == [3, 3, 3]
+    seen = []
+    loglikelihood(model, make(pairs), batch_size=16, precision="fp32", on_progress=lambda d, n: seen.append((d, n)))
+    assert seen[-1] == (len(pairs), len(pairs)) and [d for d, _ in seen] == sorted(d for d, _ in seen)

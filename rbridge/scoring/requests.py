@@ -15,8 +15,9 @@ so no token straddles the boundary. Every continuation token is scored by
 teacher forcing: NLL_i = -log p(token_i | context, tokens before i).
 
 Batching: requests are cut into window rows (below), the rows sorted by length
-(longest first; equal lengths keep request order), cut into batches of
-``batch_size`` and right-padded with ``pad_id``. No attention mask: in a causal
+(longest first; equal lengths keep request order), cut into batches of at most
+``batch_size`` (on a CPU also before a row shorter than 0.9 of its batch's first:
+:func:`_batches`) and right-padded with ``pad_id``. No attention mask: in a causal
 LM a real token attends only to earlier positions, all real, and without a mask
 attention takes the fused causal kernel (as lm-evaluation-harness does). One
 forward pass per batch under ``torch.inference_mode`` on the model's own
@@ -239,19 +240,41 @@ def loglikelihood(model, requests: Sequence[Request], *, batch_size: int = 16, p
     try:
         with _parameters_in(model, dtype), torch.inference_mode():
             head = _decoder_and_head(model)
-            for b in range(0, len(order), batch_size):
-                batch = order[b:b + batch_size]
-                if b == 0 and head is not None and not _same_as_full_pass(model, head, batch[-1:], pad_id, device):
+            done = 0
+            for batch in _batches(order, batch_size, device):
+                if done == 0 and head is not None and not _same_as_full_pass(model, head, batch[-1:], pad_id, device):
                     head = None
                 _forward(model, batch, pad_id, device, head)
+                done += len(batch)
                 if on_progress is not None:
-                    on_progress(min(b + batch_size, len(order)), len(order))
+                    on_progress(done, len(order))
     finally:
         model.train(was_training)
     for req, rows in zip(requests, per_request):
         req.nll = np.concatenate([r.nll for r in rows]) if rows else np.zeros(0)   # no continuation
         req.is_greedy = all(r.greedy for r in rows)
     return requests
+
+
+# On a CPU a batch ends early where its next row is shorter than this fraction of the batch's first (longest) row
+PAD_SPLIT = 0.9
+
+
+def _batches(order: list[_Row], batch_size: int, device: torch.device) -> list[list[_Row]]:
+    """``order`` (longest first) cut into batches of at most ``batch_size`` rows. On a CPU a batch also ends
+    before a row shorter than ``PAD_SPLIT`` of its first row, so no row carries more than a tenth of padding:
+    a CPU's products compute every padding position at full cost, and they run as fast on a few hundred rows
+    as on thousands, so smaller batches cost nothing there. On an accelerator, where a batch's rows are
+    computed in parallel and small batches leave it idle, fixed batches."""
+    out: list[list[_Row]] = []
+    for row in order:
+        cur = out[-1] if out else None
+        if cur is None or len(cur) == batch_size or (
+                device.type == "cpu" and len(row.ids) < PAD_SPLIT * len(cur[0].ids)):
+            out.append([row])
+        else:
+            cur.append(row)
+    return out
 
 
 def _decoder_and_head(model):
@@ -329,7 +352,7 @@ def _nll_and_greedy(logits: torch.Tensor, targets: torch.Tensor,
                     chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-log_softmax(logits)[target] (float64) and whether the target is the argmax, per row.
 
-    The same numbers as ``log_softmax``, ``gather`` and ``argmax == target``, but ``argmax``
+    The numbers of ``log_softmax``, ``gather`` and ``argmax == target`` (log-softmax to float rounding, below), but ``argmax``
     (unvectorised on CPUs: 5x the time of ``amax``) runs only on rows whose target logit
     equals the row's maximum, to find whether an earlier class ties it (``argmax`` returns
     the first maximum). Rows go in chunks (``chunk`` rows; default :func:`_chunk_rows`): on a
@@ -340,8 +363,12 @@ def _nll_and_greedy(logits: torch.Tensor, targets: torch.Tensor,
     for start in range(0, logits.shape[0], chunk):
         lg = logits[start:start + chunk].float()
         t = targets[start:start + chunk, None]
-        nll.append(-torch.log_softmax(lg, -1).gather(-1, t)[:, 0])
-        best = lg.gather(-1, t)[:, 0] == lg.amax(-1)
+        top, picked = lg.amax(-1, keepdim=True), lg.gather(-1, t)
+        # max + log(sum(exp(x - max))) - x_t, not log_softmax: torch's CPU log_softmax kernel comes out low by
+        # about 1e-5 nats a token on SmolLM2's logits (its vectorised exp is the less exact one); this form
+        # has the blocked output layer's accuracy (_head_nll_and_greedy), whichever of the two a batch takes
+        nll.append((top + (lg - top).exp_().sum(-1, keepdim=True).log_() - picked)[:, 0])
+        best = picked[:, 0] == top[:, 0]
         rows = best.nonzero()[:, 0]
         if len(rows):
             best[rows] = lg[rows].argmax(-1) == t[rows, 0]
