@@ -352,8 +352,8 @@ def _nll_and_greedy(logits: torch.Tensor, targets: torch.Tensor,
                     chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """-log_softmax(logits)[target] (float64) and whether the target is the argmax, per row.
 
-    The numbers of ``log_softmax``, ``gather`` and ``argmax == target`` (log-softmax to float rounding, below), but ``argmax``
-    (unvectorised on CPUs: 5x the time of ``amax``) runs only on rows whose target logit
+    The numbers of ``log_softmax``, ``gather`` and ``argmax == target`` (log-softmax to float rounding,
+    below), but ``argmax`` (unvectorised on CPUs: 5x the time of ``amax``) runs only on rows whose target logit
     equals the row's maximum, to find whether an earlier class ties it (``argmax`` returns
     the first maximum). Rows go in chunks (``chunk`` rows; default :func:`_chunk_rows`): on a
     CPU a chunk's float32 copy and log-softmax stay in cache, and the result does not depend
@@ -365,8 +365,8 @@ def _nll_and_greedy(logits: torch.Tensor, targets: torch.Tensor,
         t = targets[start:start + chunk, None]
         top, picked = lg.amax(-1, keepdim=True), lg.gather(-1, t)
         # max + log(sum(exp(x - max))) - x_t, not log_softmax: torch's CPU log_softmax kernel comes out low by
-        # about 1e-5 nats a token on SmolLM2's logits (-8.5e-7 on random ones, tests/test_scoring_requests.py); this form
-        # has the blocked output layer's accuracy (_head_nll_and_greedy), whichever of the two a batch takes
+        # about 1e-5 nats a token on SmolLM2's logits (-8.5e-7 on random ones, tests/test_scoring_requests.py);
+        # this form has the blocked output layer's accuracy (_head_nll_and_greedy), whichever of the two a batch takes
         nll.append((top + (lg - top).exp_().sum(-1, keepdim=True).log_() - picked)[:, 0])
         best = picked[:, 0] == top[:, 0]
         rows = best.nonzero()[:, 0]
