@@ -323,6 +323,9 @@ def main() -> None:
     ap.add_argument("--proxy", default=None, help="with --whole-process: score a proxy of this preset (random "
                     "weights) with --model's tokenizer instead of --model")
     args = ap.parse_args()
+    if not args.other_dtype and args.save_dtype != "float32":
+        ap.error("--no-other-dtype: only with a float32 checkpoint (a bfloat16 one needs lm-eval's fp32 run for "
+                 "fp32 against fp32)")
     from _machine import print_machine
 
     print_machine(None if args.whole_process else args.threads)  # --whole-process: every core

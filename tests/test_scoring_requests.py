@@ -259,12 +259,17 @@ def test_nll_without_blocks_has_no_log_softmax_bias():
     print(f"mean signed error per token: rbridge {float((got - ref).mean()):+.1e}, torch.log_softmax {torch_bias:+.1e}")
 
 
-def test_cpu_batches_end_before_a_row_with_more_than_a_tenth_of_padding(model, pairs):
+def test_cpu_batches_end_before_a_row_with_more_than_a_tenth_of_padding(model, pairs, monkeypatch):
+    import rbridge.scoring.requests as rq
     from rbridge.scoring.requests import _batches, _Row
 
     rows = [_Row(Request([0], [1]), [0] * n, 1) for n in (100, 95, 91, 90, 89, 50, 50, 50, 10)]
+    monkeypatch.setattr(rq, "SPLIT_FROM_POSITIONS", 150)   # 150: one row of 100 is too few to end a batch
     cpu = _batches(rows, 3, torch.device("cpu"))
     assert [[len(r.ids) for r in b] for b in cpu] == [[100, 95, 91], [90, 89], [50, 50, 50], [10]]
+    monkeypatch.setattr(rq, "SPLIT_FROM_POSITIONS", 200)
+    assert [[len(r.ids) for r in b] for b in _batches(rows, 3, torch.device("cpu"))] == \
+        [[100, 95, 91], [90, 89, 50], [50, 50, 10]]
     fixed = _batches(rows, 3, torch.device("cuda"))  # a device object only: nothing runs on it
     assert [len(b) for b in fixed] == [3, 3, 3]
     seen = []
