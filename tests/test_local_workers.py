@@ -168,3 +168,17 @@ def test_a_plan_too_small_to_pay_for_a_second_process_starts_none(tmp_path, monk
     default = load_spec(Path(__file__).resolve().parents[1] / "specs/mix.yaml")
     big = plan_work_flops(default.resolved_stages(), len(default.candidates), 4096, scored)
     assert big > 100 * LOCAL_WORKERS_FROM_FLOPS and layout(None, [1, 1], 1, big).processes == 4
+
+
+def test_processes_sharing_a_gpu_host_divide_its_cores(monkeypatch):
+    """runs_per_gpu > 1: every local process on a GPU host gets cores / processes CPU threads, not torch's
+    default of all the cores each (oversubscription); on a CPU host the per-stage rule stays (None)."""
+    from rbridge.planner import local
+    from rbridge.planner.local import Layout
+
+    monkeypatch.setattr(local, "_DEFAULT_THREADS", 16)
+    assert Layout(processes=4, gpus=1, runs_per_gpu=4, threads=None).shared_threads() == 4
+    assert Layout(processes=16, gpus=8, runs_per_gpu=2, threads=None).shared_threads() == 1
+    assert Layout(processes=32, gpus=8, runs_per_gpu=4, threads=None).shared_threads() == 1  # never 0
+    assert Layout(processes=1, gpus=1, runs_per_gpu=1, threads=None).shared_threads() is None
+    assert Layout(processes=2, gpus=0, runs_per_gpu=1, threads=1).shared_threads() is None

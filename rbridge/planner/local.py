@@ -71,6 +71,17 @@ class Layout:
     runs_per_gpu: int
     threads: int | None  # CPU threads per run when fixed for every stage; None: per stage (threads_for)
 
+    def shared_threads(self) -> int | None:
+        """CPU threads for each process where several share one GPU host, else None (the per-stage rule).
+
+        On a GPU a run's CPU work is the Python that launches kernels, the data and the host side of
+        scoring; torch's default gives every process all the cores, so ``runs_per_gpu: 4`` on one GPU
+        would run four times as many threads as cores, each process's spinning OpenMP threads taking
+        the cores the others' kernel launches wait for. The cores are divided instead."""
+        if not self.gpus or self.processes <= 1:
+            return None
+        return max(1, _DEFAULT_THREADS // self.processes)
+
     def child_env(self, index: int) -> dict[str, str]:
         """Environment of local process ``index`` (1-based; 0 is the plan's own worker)."""
         env = dict(os.environ, RBRIDGE_LOCAL_WORKER=str(index))
