@@ -25,6 +25,11 @@ Variants, each the trainer as rbridge runs it with one thing changed:
 rbridge at ``auto`` (which measures fp32 against bf16, rbridge.proxy.precision) against the
 faster of the plain loop's fp32 and bf16.
 
+``--repeats N`` runs the whole grid N times, one round after another (so the machine's slow and
+fast minutes fall on every variant alike), and ends with each figure's median over the rounds: per
+preset, threads and precision, rbridge's tokens/s and its ratio to the plain loop's (each round's
+ratio, then their median), and rbridge at ``auto`` against the faster plain loop.
+
 Ratios are against the ``rbridge`` variant at the same preset, threads and
 precision, measured in the same process. MFU is model FLOPs (PaLM's 6N + 12LdT,
 rbridge.proxy.peak) per second over the device's peak (data sheet on NVIDIA
@@ -128,7 +133,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement, at least")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the whole grid; medians at the end")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     from _machine import print_machine
 
     print_machine()
@@ -138,6 +146,22 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'preset':>6} {'non-emb':>8} {'threads':>7} {'precision':>9} {'variant':>13} {'1st step':>8} "
           f"{'tokens/s':>10} {'vs rbridge':>10} {'MFU':>6} {'cpu/wall':>8}")
+    rounds: list[dict[tuple, tuple[float, str]]] = []
+    for r in range(args.repeats):
+        if args.repeats > 1:
+            print(f"round {r + 1} of {args.repeats}", flush=True)
+        rounds.append(run_grid(args, device))
+    for k, rates in enumerate(rounds):
+        if args.repeats > 1:
+            print(f"round {k + 1}:")
+        print_auto(rates)
+    if args.repeats > 1:
+        print_medians(rounds)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def run_grid(args, device) -> dict[tuple, tuple[float, str]]:
+    """One round: every (preset, threads, precision, variant) measured and printed; their (tokens/s, precision)."""
     rates: dict[tuple, tuple[float, str]] = {}
     for preset in args.presets:
         config = proxy_config({"preset": preset}, VOCAB, SEQ_LEN)
@@ -162,13 +186,46 @@ def main() -> None:
                     print(f"{preset:>6} {non_emb / 1e6:7.2f}M {threads:>7} {precision:>9} {variant:>13} "
                           f"{first:7.2f}s {tps:10.0f} {ratio} {per_token * tps / peak:6.1%} {cpu_per_wall:8.2f}",
                           flush=True)
-    # rbridge's auto against the faster plain loop at the same threads (issue 24: >= 0.95x)
+    return rates
+
+
+def faster_plain(rates: dict, preset: str, threads: int) -> float | None:
+    plain = [rates[k][0] for k in ((preset, threads, p, "plain") for p in ("fp32", "bf16")) if k in rates]
+    return max(plain) if plain else None
+
+
+def print_auto(rates: dict) -> None:
+    """rbridge's auto against the faster plain loop at the same threads (issue 24: >= 0.95x)."""
     for (preset, threads, precision, variant), (tps, computed) in rates.items():
-        plain = [rates[k][0] for k in ((preset, threads, p, "plain") for p in ("fp32", "bf16")) if k in rates]
+        plain = faster_plain(rates, preset, threads)
         if precision == "auto" and variant == "rbridge" and plain:
             print(f"{preset:>6} {threads} thread(s): rbridge auto (computed in {computed}) {tps:,.0f} tokens/s = "
-                  f"{tps / max(plain):.2f}x the faster plain loop ({max(plain):,.0f} tokens/s)")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+                  f"{tps / plain:.2f}x the faster plain loop ({plain:,.0f} tokens/s)")
+
+
+def print_medians(rounds: list[dict]) -> None:
+    """Per preset, threads and precision: rbridge's median tokens/s and its ratio to the plain loop's in the
+    same round (each round's ratio and their median); rbridge at auto against the faster plain loop."""
+    import statistics
+
+    print(f"medians of {len(rounds)} rounds (ratios: rbridge / plain in the same round):")
+    for key in rounds[0]:
+        preset, threads, precision, variant = key
+        if variant != "rbridge":
+            continue
+        tps = statistics.median(r[key][0] for r in rounds)
+        if precision == "auto":
+            ratios = [r[key][0] / p for r in rounds if (p := faster_plain(r, preset, threads))]
+            against = "the faster plain loop (fp32 or bf16)"
+        else:
+            ratios = [r[key][0] / r[k][0] for r in rounds if (k := (preset, threads, precision, "plain")) in r]
+            against = f"the plain loop in {precision}"
+        computed = "/".join(sorted({r[key][1] for r in rounds}))
+        line = f"{preset:>6} {threads} thread(s) {precision:>5} (computed in {computed}): rbridge {tps:,.0f} tokens/s"
+        if ratios:
+            line += (f", {statistics.median(ratios):.2f}x {against} "
+                     f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -275,3 +275,29 @@ def test_cpu_batches_end_before_a_row_with_more_than_a_tenth_of_padding(model, p
     seen = []
     loglikelihood(model, make(pairs), batch_size=16, precision="fp32", on_progress=lambda d, n: seen.append((d, n)))
     assert seen[-1] == (len(pairs), len(pairs)) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_the_pass_feeds_no_position_that_predicts_nothing_and_skips_empty_continuations(model, pairs, monkeypatch):
+    """A batch's longest row's last token predicts nothing scored: the decoder sees one position less than the
+    longest row, with the same NLLs as a naive pass over the whole sequence. A batch whose rows score nothing
+    (empty continuations, a BOS-only context among them) runs no pass and gives empty NLLs."""
+    decoder = model.get_decoder()
+    widths = []
+    original = decoder.forward
+
+    def recording(*args, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return original(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", recording)
+    reqs = make(pairs)
+    loglikelihood(model, reqs, batch_size=16, precision="fp32", pad_id=2)
+    longest = max(len(c) + len(x) for c, x in pairs)
+    assert widths and max(widths) == longest - 1
+    for (ctx, cont), req in zip(pairs, reqs):
+        np.testing.assert_allclose(req.nll, naive(model, ctx, cont)[0], atol=1e-5)
+    widths.clear()
+    bos = pairs[0][0][0]
+    empty = [Request([bos], []), Request(pairs[0][0], [])]
+    loglikelihood(model, empty, precision="fp32", pad_id=2)
+    assert widths == [] and all(r.nll.shape == (0,) and r.is_greedy for r in empty)

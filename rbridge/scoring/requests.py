@@ -324,6 +324,13 @@ def _forward(model, batch: list[_Row], pad_id: int, device: torch.device, head=N
     # position t's logits predict token t+1: a row scores positions first-1 .. n-2
     spans = [(j, row.first - 1, len(row.ids) - 1) for j, row in enumerate(batch)]
     targets = torch.cat([ids[j, a + 1:b + 1] for j, a, b in spans])
+    if targets.numel() == 0:  # nothing to score (empty continuations): no pass
+        for row in batch:
+            row.nll, row.greedy = np.zeros(0, dtype=np.float64), True
+        return
+    # the longest row's last token predicts nothing scored, and in every other row that column is padding:
+    # the pass feeds width - 1 positions (a causal model's earlier positions do not see later ones)
+    ids = ids[:, :-1]
     if head is not None:
         decoder, out = head
         hidden = decoder(input_ids=ids, **_no_cache(decoder)).last_hidden_state
