@@ -59,7 +59,7 @@ def _slurm_options(f):
 @click.option("--force", is_flag=True, help="Accept a spec that changed since the plan began.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_THREADS",
               help="CPU threads for torch (default: 1 for proxies under 10M non-embedding parameters, "
-                   "else torch's default).")
+                   "else torch's default; on a GPU host, its cores divided among the local processes).")
 @click.option("--no-local", "no_local", is_flag=True,
               help="Only coordinate: record the plan and wait while `rbridge worker` processes do the runs.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, envvar="RBRIDGE_WORKERS",
