@@ -43,10 +43,13 @@ import torch
 from rbridge.reporting import SILENT, Reporter
 
 _DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it
-# Below this many non-embedding parameters a CPU proxy trains fastest on one thread:
-# its matmuls are too small to amortise the threads' synchronisation. Measured on a
-# 2-core machine (benchmarks/proxy_throughput.py): 0.5M preset 5.9k tok/s on 1 thread
-# vs 3.4k on 2; 2M preset 2.9k vs 0.7k.
+# Below this many non-embedding parameters CPU proxies train one thread a run, as many runs at once as
+# there are cores: a second thread speeds one small run up by less than a second run side by side does,
+# whose products run at the core's own rate. benchmarks/proxy_throughput.py on a 2-core AMD EPYC (family 25
+# model 17, 2026-12-05, fp32, medians of 3 rounds), one run at 1 thread / at 2 threads: 0.5M 10.0k / 18.5k
+# tokens/s, 2M 4.1k / 7.1k, 8M 1.36k / 2.44k; two one-thread runs side by side each train at the one-thread
+# rate (0.5M bf16: 13.1k and 12.7k against 12.7k alone, the same minute). (An older machine and torch
+# gave 0.5M 5.9k on 1 thread against 3.4k on 2.) benchmarks/plan_throughput.py has the whole plans.
 SMALL_PROXY_PARAMS = 10_000_000
 
 
