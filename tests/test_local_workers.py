@@ -172,13 +172,20 @@ def test_a_plan_too_small_to_pay_for_a_second_process_starts_none(tmp_path, monk
 
 def test_processes_sharing_a_gpu_host_divide_its_cores(monkeypatch):
     """runs_per_gpu > 1: every local process on a GPU host gets cores / processes CPU threads, not torch's
-    default of all the cores each (oversubscription); on a CPU host the per-stage rule stays (None)."""
+    default of all the cores each (oversubscription): the plan's own worker through ``host_processes``, the
+    processes it starts through their environment. --threads still wins; a CPU host keeps its rule."""
     from rbridge.planner import local
-    from rbridge.planner.local import Layout
+    from rbridge.planner.local import HOST_PROCESSES_ENV, Layout, threads_for
 
     monkeypatch.setattr(local, "_DEFAULT_THREADS", 16)
-    assert Layout(processes=4, gpus=1, runs_per_gpu=4, threads=None).shared_threads() == 4
-    assert Layout(processes=16, gpus=8, runs_per_gpu=2, threads=None).shared_threads() == 1
-    assert Layout(processes=32, gpus=8, runs_per_gpu=4, threads=None).shared_threads() == 1  # never 0
-    assert Layout(processes=1, gpus=1, runs_per_gpu=1, threads=None).shared_threads() is None
-    assert Layout(processes=2, gpus=0, runs_per_gpu=1, threads=1).shared_threads() is None
+    monkeypatch.delenv(HOST_PROCESSES_ENV, raising=False)
+    assert threads_for(10**6) == 1 and threads_for(10**8) == 16              # CPU host: one thread for small
+    monkeypatch.setattr(local.torch.cuda, "is_available", lambda: True)
+    assert threads_for(10**6) == 16                                          # a GPU host alone: every core
+    assert threads_for(10**6, None, 4) == 4 and threads_for(10**8, None, 32) == 1   # never 0
+    assert threads_for(10**6, 3, 4) == 3                                     # --threads wins
+    env = Layout(processes=4, gpus=1, runs_per_gpu=4, threads=None).child_env(2)
+    assert env[HOST_PROCESSES_ENV] == "4" and env["CUDA_VISIBLE_DEVICES"] == "0"
+    assert HOST_PROCESSES_ENV not in Layout(processes=2, gpus=0, runs_per_gpu=1, threads=1).child_env(1)
+    monkeypatch.setenv(HOST_PROCESSES_ENV, env[HOST_PROCESSES_ENV])           # a local process on that host
+    assert threads_for(10**6) == 4

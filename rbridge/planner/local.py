@@ -53,14 +53,28 @@ _DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it
 SMALL_PROXY_PARAMS = 10_000_000
 
 
-def threads_for(non_embedding_params: int, requested: int | None = None) -> int:
+# The number of rbridge processes sharing this GPU host's cores, set by `rbridge plan` for its local processes
+HOST_PROCESSES_ENV = "RBRIDGE_HOST_PROCESSES"
+
+
+def threads_for(non_embedding_params: int, requested: int | None = None, host_processes: int | None = None) -> int:
     """CPU threads one run of a stage's proxies uses: ``requested`` (the CLI's --threads) wins;
     otherwise one thread for small proxies on a CPU-only machine (the other cores run other runs
-    in other local processes), else torch's default. Fixed per stage, so a resumed stage computes
-    with the same thread count."""
+    in other local processes). On a GPU host, torch's default divided among the ``host_processes``
+    processes sharing it (default: ``RBRIDGE_HOST_PROCESSES``, which `rbridge plan` gives its local
+    processes, else 1): there a run's CPU work is the Python that launches kernels, the data and the
+    host side of scoring, and with ``runs_per_gpu: 4`` four processes at torch's default would run four
+    times as many threads as cores, each one's spinning OpenMP threads taking the cores the others'
+    kernel launches wait for. Else torch's default. Fixed per stage, so a resumed stage computes with
+    the same thread count."""
     if requested:
         return requested
-    if not torch.cuda.is_available() and non_embedding_params < SMALL_PROXY_PARAMS:
+    if torch.cuda.is_available():
+        if host_processes is None:
+            value = os.environ.get(HOST_PROCESSES_ENV, "")
+            host_processes = int(value) if value.isdigit() else 1
+        return max(1, _DEFAULT_THREADS // max(1, host_processes))
+    if non_embedding_params < SMALL_PROXY_PARAMS:
         return 1
     return _DEFAULT_THREADS
 
@@ -74,21 +88,11 @@ class Layout:
     runs_per_gpu: int
     threads: int | None  # CPU threads per run when fixed for every stage; None: per stage (threads_for)
 
-    def shared_threads(self) -> int | None:
-        """CPU threads for each process where several share one GPU host, else None (the per-stage rule).
-
-        On a GPU a run's CPU work is the Python that launches kernels, the data and the host side of
-        scoring; torch's default gives every process all the cores, so ``runs_per_gpu: 4`` on one GPU
-        would run four times as many threads as cores, each process's spinning OpenMP threads taking
-        the cores the others' kernel launches wait for. The cores are divided instead."""
-        if not self.gpus or self.processes <= 1:
-            return None
-        return max(1, _DEFAULT_THREADS // self.processes)
-
     def child_env(self, index: int) -> dict[str, str]:
         """Environment of local process ``index`` (1-based; 0 is the plan's own worker)."""
         env = dict(os.environ, RBRIDGE_LOCAL_WORKER=str(index))
         if self.gpus:
+            env[HOST_PROCESSES_ENV] = str(self.processes)  # their CPU threads: threads_for
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(self.gpus)]
             env["CUDA_VISIBLE_DEVICES"] = ids[index % self.gpus]

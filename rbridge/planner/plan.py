@@ -269,7 +269,7 @@ class Planner:
                 self.report.say(f"local workers: none; the whole plan computes at most {flops / 1e9:.1f} GFLOP, "
                                 "too little to pay for starting a second process (--workers N starts them anyway)")
         return LocalWorkers(store_url(self.store_arg), self.spec.name, plan_layout, self.heartbeat_timeout,
-                            self.threads or plan_layout.shared_threads(), self.report)
+                            self.threads, self.report)
 
     def _run_locked(self, data, traces, t0: float, local) -> PlanResult:
         from rbridge.planner.worker import PlanWorker, serve_plan, wait_for_plan
@@ -284,8 +284,8 @@ class Planner:
         if self.record_only:
             return PlanResult(plan.id, self.store.url, time.perf_counter() - t0)
         if self.local:
-            worker = PlanWorker(state, threads=local.threads, heartbeat_timeout=self.heartbeat_timeout,
-                                changed=local.nudge)
+            worker = PlanWorker(state, threads=self.threads, heartbeat_timeout=self.heartbeat_timeout,
+                                changed=local.nudge, host_processes=local.layout.processes)
             started = utcnow()
             local.release()
             serve_plan(worker, self.poll_s, wait=local.wait_for_news)

@@ -60,8 +60,10 @@ class PlanWorker:
 
     def __init__(self, state: PlanState, threads: int | None = None,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S, stages: list[str] | None = None,
-                 ranks: Ranks | None = None, changed: Callable[[], None] | None = None):
+                 ranks: Ranks | None = None, changed: Callable[[], None] | None = None,
+                 host_processes: int | None = None):
         self.state = state
+        self.host_processes = host_processes  # rbridge plan's own worker: its local processes (threads_for)
         # Called when this process sees the plan move (a rung done or decided, a run recorded): rbridge plan
         # wakes its waiting local processes with it (LocalWorkers.nudge) instead of their next poll.
         self.changed = changed
@@ -156,7 +158,7 @@ class PlanWorker:
             self._told_threads.add(task.stage.name)
             self.report.say(f"  stage {task.stage.name} trains with {fixed} CPU thread(s), as its first runs did "
                             f"(--threads {self.threads} applies to stages not yet started)")
-        return fixed or threads_for(task.run.non_embedding_params, self.threads)
+        return fixed or threads_for(task.run.non_embedding_params, self.threads, self.host_processes)
 
     def precision_of(self, task: Task, threads: int) -> tuple[str, Rates | None]:
         """The precision a run trains in, and the measured rates that chose it (None where none did):
